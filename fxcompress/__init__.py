@@ -1,0 +1,12 @@
+"""fxcompress: torch.fx passes that compress PyTorch models, and backends that deploy them."""
+from .capture import CaptureError, capture
+from .passes import LayerReport, PassResult, Pipeline, Report, RTNConfig, as_fx_pass, quantize_rtn, report
+from .quant import QuantSpec, QuantWeight
+from .runtime import ArtifactError, load, save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "capture", "CaptureError", "report", "Report", "LayerReport", "PassResult", "Pipeline", "as_fx_pass",
+    "QuantSpec", "QuantWeight", "save", "load", "ArtifactError", "RTNConfig", "quantize_rtn", "__version__",
+]

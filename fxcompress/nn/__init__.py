@@ -1,0 +1,4 @@
+"""Modules that the passes insert into graphs."""
+from .quant_linear import QuantConv2d, QuantLinear
+
+__all__ = ["QuantLinear", "QuantConv2d"]
