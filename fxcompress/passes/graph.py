@@ -73,13 +73,33 @@ def _free_name(gm: fx.GraphModule, name: str) -> str:
     return cand
 
 
+def _plain_holder(gm: fx.GraphModule, site: LinearSite) -> bool:
+    """True if ``site.name`` is a weight/bias-only module that nothing but this site reads."""
+    try:
+        holder = gm.get_submodule(site.name)
+    except AttributeError:
+        return False
+    names = set(holder._parameters) | set(holder._buffers)
+    if list(holder.children()) or not names <= {"weight", "bias"}:
+        return False
+    args = {a for a in site.node.all_input_nodes if a.op == "get_attr"}
+    return not any(n.op == "get_attr" and n.target.startswith(site.name + ".") and n not in args
+                   for n in gm.graph.nodes)
+
+
 def replace_site(gm: fx.GraphModule, site: LinearSite, new_module: nn.Module) -> str:
-    """Make ``site`` a ``call_module`` of ``new_module`` taking the same input; returns the module's path."""
+    """Make ``site`` a ``call_module`` of ``new_module`` taking the same input; returns the module's path.
+
+    A function site (``F.linear`` on get_attr weights, as torch.export leaves them) takes the
+    place of its weight's owner module when that owner holds nothing else, so names stay.
+    """
     if site.module is not None:
         gm.add_submodule(site.name, new_module)
         return site.name
-    path = _free_name(gm, site.name)
-    gm.add_submodule(path, new_module)
+    in_place = _plain_holder(gm, site)
+    path = site.name if in_place else _free_name(gm, site.name)
+    if not in_place:
+        gm.add_submodule(path, new_module)
     node = site.node
     x = node.args[0] if node.args else node.kwargs["input"]
     with gm.graph.inserting_before(node):
@@ -87,6 +107,11 @@ def replace_site(gm: fx.GraphModule, site: LinearSite, new_module: nn.Module) ->
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+    if in_place:
+        for a in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith(path + ".")]:
+            if not a.users:
+                gm.graph.erase_node(a)
+        gm.add_submodule(path, new_module)
     return path
 
 
