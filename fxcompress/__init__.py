@@ -4,12 +4,15 @@ from .passes import (L4QConfig, LayerReport, PassResult, Pipeline, Report, RTNCo
                      l4q_param_groups, l4q_trainable_parameters, prepare_l4q, quantize_rtn, report)
 from .passes.udfc import UDFCConfig, udfc, udfc_pass
 from .quant import QuantSpec, QuantWeight
-from .runtime import ArtifactError, load, save
+from . import runtime
+from .backends.onnx_qdq import ExportError, export_onnx
+from .runtime.artifact import ArtifactError, load, save
 
 __version__ = "0.1.0"
 
 __all__ = [
     "capture", "CaptureError", "report", "Report", "LayerReport", "PassResult", "Pipeline", "as_fx_pass",
     "QuantSpec", "QuantWeight", "save", "load", "ArtifactError", "RTNConfig", "quantize_rtn", "L4QConfig", "prepare_l4q", "convert_l4q",
-    "l4q_trainable_parameters", "l4q_param_groups", "UDFCConfig", "udfc", "udfc_pass", "__version__",
+    "l4q_trainable_parameters", "l4q_param_groups", "UDFCConfig", "udfc", "udfc_pass",
+    "export_onnx", "ExportError", "runtime", "__version__",
 ]

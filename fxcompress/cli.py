@@ -118,14 +118,6 @@ def _cmd_l4q(args) -> int:
     return 0
 
 
-def _not_yet(name: str):
-    def run(args) -> int:
-        print(f"fxcompress {name}: not available in this version yet", file=sys.stderr)
-        return 2
-
-    return run
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxcompress", description="Compress PyTorch models with torch.fx passes "
                                 "(L4Q, UDFC) and deploy them (ONNX Runtime, TVM).")
@@ -175,10 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_udfc_arguments(u)
     u.set_defaults(fn=cli_udfc)
 
-    for name, helptext in [("export", "export a saved model to ONNX (QDQ) or TVM"),
-                           ("bench", "benchmark a deployed model")]:
-        s = sub.add_parser(name, help=helptext)
-        s.set_defaults(fn=_not_yet(name))
+    from fxcompress.backends.onnx_qdq import add_export_args, cli_export
+    from fxcompress.runtime.ort import add_bench_args, cli_bench
+
+    e = sub.add_parser("export", help="export a saved model to ONNX (QDQ / MatMulNBits)")
+    add_export_args(e)
+    e.set_defaults(fn=cli_export)
+    b = sub.add_parser("bench", help="benchmark a deployed model (ONNX Runtime)")
+    add_bench_args(b)
+    b.set_defaults(fn=cli_bench)
     return p
 
 

@@ -1,0 +1,1 @@
+"""Lowering of compressed graphs to deployable formats: ``onnx_qdq`` (ONNX with DequantizeLinear / MatMulNBits)."""

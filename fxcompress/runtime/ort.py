@@ -1,0 +1,207 @@
+"""ONNX Runtime runner: an InferenceSession behind the :class:`~fxcompress.runtime.runner.Runner` interface.
+
+``load_ort(path, device="cpu" | "cuda" | "cuda:N")`` opens the model with graph optimization level
+``ORT_ENABLE_ALL`` (so blocked int4 DequantizeLinear + MatMul fuse into MatMulNBits), checks inputs
+(count, dtype, rank, static dims) before ONNX Runtime sees them, and reports which op types ORT's
+optimized graph holds (:meth:`OrtRunner.optimized_op_types`).  The CUDA path needs onnxruntime-gpu.
+
+``matmulnbits_accuracy_level`` sets the compute precision of the MatMulNBits kernels that ORT fuses from
+DequantizeLinear + MatMul (session config ``session.qdq_matmulnbits_accuracy_level``): 0 (the default
+here) computes in fp32 and matches torch to ~1e-6; 4 (ORT's own default, ``None`` leaves it) quantizes
+activations to int8 inside the kernel: faster on CPU, ~1e-3 relative error.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .runner import Runner, RunnerInputError
+
+__all__ = ["OrtRunner", "OrtLoadError", "load_ort", "cli_bench", "add_bench_args"]
+
+_ORT_DTYPES = {
+    "tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
+    "tensor(bfloat16)": torch.bfloat16, "tensor(int64)": torch.int64, "tensor(int32)": torch.int32,
+    "tensor(int16)": torch.int16, "tensor(int8)": torch.int8, "tensor(uint8)": torch.uint8,
+    "tensor(bool)": torch.bool,
+}
+_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED",
+           "all": "ORT_ENABLE_ALL"}
+
+
+class OrtLoadError(ValueError):
+    """The .onnx file is missing, corrupt / truncated, or ONNX Runtime cannot build a session for it."""
+
+
+def _providers(device: str):
+    import onnxruntime as ort
+
+    dev = str(device)
+    if dev == "cpu":
+        return ["CPUExecutionProvider"]
+    if dev == "cuda" or dev.startswith("cuda:"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise OrtLoadError(f"device={dev!r} needs onnxruntime-gpu (CUDAExecutionProvider); this onnxruntime "
+                               f"{ort.__version__} has {ort.get_available_providers()}")
+        idx = int(dev.split(":")[1]) if ":" in dev else 0
+        return [("CUDAExecutionProvider", {"device_id": idx}), "CPUExecutionProvider"]
+    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+class OrtRunner(Runner):
+    backend = "ort"
+
+    def __init__(self, path, device: str = "cpu", *, optimization: str = "all", intra_op_num_threads: int | None = None,
+                 matmulnbits_accuracy_level: int | None = 0, log_severity_level: int = 3):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise OrtLoadError(f"no ONNX model at {self.path}")
+        if optimization not in _LEVELS:
+            raise ValueError(f"optimization must be one of {tuple(_LEVELS)}, got {optimization!r}")
+        self._providers = _providers(device)
+        self._opt = optimization
+        self._threads = intra_op_num_threads
+        if matmulnbits_accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise ValueError(f"matmulnbits_accuracy_level must be None or 0..4, got {matmulnbits_accuracy_level!r}")
+        self._acc = matmulnbits_accuracy_level
+        self._log = log_severity_level
+        try:
+            self.session = ort.InferenceSession(str(self.path), self._options(), providers=self._providers)
+        except Exception as e:  # noqa: BLE001 - every ORT load failure becomes one clear error
+            text = str(e).strip()
+            hint = ""
+            if "protobuf" in text.lower() or "parsing" in text.lower() or "ModelProto" in text:
+                hint = " (the file is corrupt or truncated: not a readable ONNX protobuf)"
+            raise OrtLoadError(f"onnxruntime could not load {self.path}{hint}: {text}") from None
+        self._inputs = self.session.get_inputs()
+        super().__init__(str(device), [i.name for i in self._inputs], [o.name for o in self.session.get_outputs()])
+
+    def _options(self, optimized_path: str | None = None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[self._opt])
+        so.log_severity_level = self._log
+        if self._threads:
+            so.intra_op_num_threads = self._threads
+        if self._acc is not None:
+            so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(self._acc))
+        if optimized_path:
+            so.optimized_model_filepath = optimized_path
+        return so
+
+    # ---- inputs ---------------------------------------------------------------------------------------------
+    def check_inputs(self, inputs) -> list[np.ndarray]:
+        """Validate count, dtype, rank and static dims; returns numpy arrays for ORT."""
+        if len(inputs) != len(self._inputs):
+            raise RunnerInputError(f"{self.path.name} takes {len(self._inputs)} input(s) "
+                                   f"{[i.name for i in self._inputs]}, got {len(inputs)}")
+        arrays = []
+        for meta, x in zip(self._inputs, inputs):
+            if isinstance(x, np.ndarray):
+                x = torch.from_numpy(x)
+            if not isinstance(x, torch.Tensor):
+                raise RunnerInputError(f"input {meta.name!r} must be a torch.Tensor, got {type(x).__name__}")
+            want = _ORT_DTYPES.get(meta.type)
+            if want is not None and x.dtype != want:
+                raise RunnerInputError(f"input {meta.name!r} must have dtype {want} ({meta.type}), got {x.dtype}")
+            shape = list(meta.shape)
+            if x.dim() != len(shape):
+                raise RunnerInputError(f"input {meta.name!r} must have {len(shape)} dims {_fmt(shape)}, got shape "
+                                       f"{tuple(x.shape)}")
+            bad = [i for i, (d, s) in enumerate(zip(shape, x.shape)) if isinstance(d, int) and d >= 0 and d != s]
+            if bad:
+                raise RunnerInputError(f"input {meta.name!r} must have shape {_fmt(shape)}, got {tuple(x.shape)} "
+                                       f"(dim {bad[0]} differs)")
+            x = x.detach()
+            if x.device.type != "cpu":
+                x = x.cpu()
+            arrays.append(x.contiguous().numpy() if x.dtype != torch.bfloat16 else x.float().numpy())
+        return arrays
+
+    def run(self, *inputs) -> list[torch.Tensor]:
+        feeds = dict(zip(self.input_names, self.check_inputs(inputs)))
+        outs = self.session.run(None, feeds)
+        res = [torch.from_numpy(np.ascontiguousarray(o)) for o in outs]
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            res = [t.to(self.device) for t in res]
+        return res
+
+    # ---- what ORT made of the graph --------------------------------------------------------------------------
+    def optimized_model(self):
+        """The graph after ORT's optimizations for this device (an ``onnx.ModelProto``, weights not loaded)."""
+        import onnx
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "optimized.onnx")
+            so = self._options(out)
+            so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "weights.bin")
+            so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            ort.InferenceSession(str(self.path), so, providers=self._providers)
+            return onnx.load(out, load_external_data=False)
+
+    def optimized_op_types(self) -> collections.Counter:
+        """Counter of op types in ORT's optimized graph, e.g. ``{"MatMulNBits": 7, ...}``."""
+        return collections.Counter(n.op_type for n in self.optimized_model().graph.node)
+
+    def op_types(self) -> collections.Counter:
+        """Counter of op types in the model as written (before ORT's optimizations)."""
+        import onnx
+
+        return collections.Counter(n.op_type for n in onnx.load(str(self.path), load_external_data=False).graph.node)
+
+
+def _fmt(shape) -> str:
+    return "(" + ", ".join(str(d) if isinstance(d, int) else str(d or "?") for d in shape) + ")"
+
+
+def load_ort(path, device: str = "cpu", **kwargs) -> OrtRunner:
+    """Open an .onnx file with ONNX Runtime on ``device`` ("cpu", "cuda", "cuda:N")."""
+    return OrtRunner(path, device, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+def add_bench_args(p) -> None:
+    """Arguments of ``fxcompress bench model.onnx --backend ort --device cpu``."""
+    p.add_argument("model", help=".onnx file")
+    p.add_argument("--backend", default="ort", choices=["ort"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--input-shape", action="append", default=None,
+                   help="shape for a dynamic input, e.g. 1,1,8,8 (repeat per input; static dims are read from the model)")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--iters", type=int, default=100)
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ORT's choice)")
+
+
+def cli_bench(args) -> int:
+    from .runner import benchmark
+
+    r = load_ort(args.model, device=args.device, intra_op_num_threads=args.threads)
+    given = [tuple(int(v) for v in s.replace("x", ",").split(",") if v) for s in (args.input_shape or [])]
+    inputs = []
+    for i, meta in enumerate(r._inputs):
+        if i < len(given):
+            shape = given[i]
+        else:
+            shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in meta.shape)
+        dt = _ORT_DTYPES.get(meta.type, torch.float32)
+        inputs.append(torch.randn(*shape).to(dt) if dt.is_floating_point else torch.zeros(*shape, dtype=dt))
+    stats = benchmark(r, inputs, warmup=args.warmup, iters=args.iters)
+    size = r.path.stat().st_size
+    print(f"{r.path} on ort/{args.device}: inputs {[tuple(x.shape) for x in inputs]}, file {size} bytes")
+    print(f"latency: median {stats['median_ms']:.3f} ms, mean {stats['mean_ms']:.3f} ms, "
+          f"p10 {stats['p10_ms']:.3f} ms, p90 {stats['p90_ms']:.3f} ms over {stats['iters']} runs")
+    ops = r.optimized_op_types()
+    print("optimized graph ops: " + ", ".join(f"{k}x{v}" for k, v in sorted(ops.items())))
+    return 0
