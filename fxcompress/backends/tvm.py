@@ -1,0 +1,621 @@
+"""Lower an integer-weight graph to Apache TVM (Relax) and build it for CUDA or CPU.
+
+    runner = compile_tvm(gm, example_inputs, target="cuda", tune="dlight")   # or "meta_schedule", target="llvm"
+    y = runner(x)                                                            # torch in, torch out
+    runner.export_library("model.so")                                        # + model.so.json (inputs, outputs)
+    runner2 = fxcompress.runtime.load("model.so", backend="tvm", device="cuda")
+
+How it works
+------------
+1. **Import.**  A deep copy of the model is made in which every ``QuantLinear`` becomes a stub that calls
+   the opaque custom op ``fxc_tvm::quant_linear(x, site, out_features)`` (a ``torch.library`` op with a
+   fake implementation, so ``torch.export`` keeps it as one node), and every ``QuantConv2d`` becomes a
+   float ``conv2d`` whose weight is the dequantized integer weight (**convolutions are dequantized to a
+   constant float weight at import**: only linears keep packed integer weights).  The float parts go
+   through ``torch.export`` and ``tvm.relax.frontend.torch.from_exported_program``; the custom op is
+   converted by a ``custom_convert_map`` entry (TVM 0.27 signature ``fn(node, importer) -> relax.Var``).
+2. **Packed weights.**  Each quantized linear is emitted as ONE TIR PrimFunc (``fused_decode_matmul``)
+   built with ``te``: a ``dequantize`` block that decodes ``(q - zero_point) * scale`` from the packed
+   ``uint32`` words, and a ``matmul`` reduction block that reads it (accumulating in float32, then a
+   cast block when activations are fp16).  Codes are repacked along the input dim into ``uint32`` words,
+   ``32 // bits`` codes a word, low bits first (MLC-LLM's group-quantization layout):
+   int8 -> 4/word, int4 -> 8/word, int3 -> 10/word (30 of 32 bits used: 3.2 bits/weight, no code
+   straddles a word), int2 -> 16/word.  Scales and zero points stay ``(rows, groups)`` in the activation
+   dtype; zero points may be fractional (L4Q) and are applied exactly as ``(q - zp) * scale`` (signed
+   codes are decoded as ``(u + qmin) - zp``, the same float operations as the torch reference).
+   Symmetric layers with an all-zero zero point carry no zero-point tensor.  ``FuseOps``/``FuseTIR``
+   then fuse elementwise epilogues (bias add, activations) into that PrimFunc; on CUDA the dlight rules
+   inline the ``dequantize`` block into the GEMV / matmul reduction, so each quantized linear is one
+   kernel that reads the packed words (``TVMRunner.kernel_names()`` / ``primfunc_names()`` show it).
+   ``FoldConstant`` is deliberately left out of the pipeline: it would evaluate the decode of the
+   constant packed weight at build time and store a float weight again.
+3. **Schedules.**  ``target="cuda"``: ``tvm.s_tir.dlight`` GPU rules (Matmul, GEMV, LowBatchGEMV,
+   Reduction, GeneralReduction, Fallback).  ``target="llvm"``: TVM's default CPU lowering.
+   ``tune="meta_schedule"``: tasks are tuned with MetaSchedule for ``trials`` trials into a JSON database
+   in ``work_dir``; a later build with the same ``work_dir`` reuses records for the same workload and
+   target (only untuned tasks are tuned) and warns about records for another target or shape, which it
+   ignores.  Anything MetaSchedule did not schedule falls back to dlight (CUDA).
+
+Errors: :class:`TVMBackendError` (a ``ValueError``) names the op / layer / device that cannot be handled.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import QuantConv2d, QuantLinear
+from ..quant import QuantWeight
+
+__all__ = ["compile_tvm", "build_tvm", "lower_to_relax", "TVMBackendError", "pack_words", "TUNERS",
+           "add_export_tvm_args", "cli_export_tvm"]
+
+TUNERS = ("dlight", "meta_schedule", "none")
+FORMAT_VERSION = 1
+
+
+class TVMBackendError(ValueError):
+    """The model cannot be lowered / built / run with TVM as asked; the message says what and why."""
+
+
+def _tvm():
+    try:
+        import tvm  # noqa: F401
+        from tvm import relax  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise TVMBackendError("the TVM backend needs apache-tvm (pip install 'fxcompress[tvm]')") from e
+    import tvm
+
+    return tvm
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the opaque custom op that stands for a quantized linear during torch.export
+
+_ACTIVE: dict[int, QuantLinear] = {}
+
+
+@torch.library.custom_op("fxc_tvm::quant_linear", mutates_args=())
+def _quant_linear_op(x: torch.Tensor, site: int, out_features: int) -> torch.Tensor:
+    mod = _ACTIVE.get(site)
+    if mod is None:
+        raise RuntimeError(f"fxc_tvm::quant_linear site {site} is not registered (only used during lowering)")
+    return mod(x).clone()
+
+
+@_quant_linear_op.register_fake
+def _(x, site, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+_OP_NAME = "quant_linear.default"
+
+
+class _QuantLinearStub(nn.Module):
+    def __init__(self, site: int, q: QuantLinear):
+        super().__init__()
+        self.site, self.out_features = site, q.out_features
+
+    def forward(self, x):
+        return torch.ops.fxc_tvm.quant_linear(x, self.site, self.out_features)
+
+
+class _ConvStandIn(nn.Module):
+    def __init__(self, q: QuantConv2d):
+        super().__init__()
+        self.weight = nn.Parameter(q.dequantized_weight(torch.float32), requires_grad=False)
+        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().float().clone(), requires_grad=False)
+        self.stride, self.padding, self.dilation, self.groups = q.stride, q.padding, q.dilation, q.groups
+
+    def forward(self, x):
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, self.weight.to(x.dtype), b, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, attr, new)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# packing
+
+
+def pack_words(codes: np.ndarray, bits: int, qmin: int) -> np.ndarray:
+    """Pack integer codes ``(N, K)`` into ``uint32`` words ``(N, ceil(K / (32 // bits)))`` along K.
+
+    Code ``k`` of a row sits in word ``k // P`` at bits ``[(k % P) * bits, (k % P + 1) * bits)`` with
+    ``P = 32 // bits`` (10 for 3-bit: the top 2 bits of each word are unused).  Codes are stored
+    offset-binary (``code - qmin``); padding codes are 0.
+    """
+    per = 32 // bits
+    u = (np.asarray(codes, dtype=np.int64) - qmin)
+    if u.size and (u.min() < 0 or u.max() >= 2**bits):
+        raise TVMBackendError(f"codes out of range for {bits}-bit packing")
+    n, k = u.shape
+    kp = -(-k // per) * per
+    if kp != k:
+        u = np.concatenate([u, np.zeros((n, kp - k), np.int64)], axis=1)
+    u = u.reshape(n, kp // per, per).astype(np.uint64)
+    shifts = (np.arange(per, dtype=np.uint64) * np.uint64(bits))
+    return (u << shifts).sum(axis=-1).astype(np.uint32)
+
+
+def unpack_words(words: np.ndarray, bits: int, k: int, qmin: int) -> np.ndarray:
+    """Inverse of :func:`pack_words` (for tests)."""
+    per = 32 // bits
+    w = np.asarray(words, dtype=np.uint64)
+    shifts = (np.arange(per, dtype=np.uint64) * np.uint64(bits))
+    u = (w[..., None] >> shifts) & np.uint64(2**bits - 1)
+    return u.reshape(w.shape[0], -1)[:, :k].astype(np.int64) + qmin
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Relax emission of one quantized linear
+
+
+@dataclass
+class _LayerInfo:
+    name: str
+    bits: int
+    granularity: str
+    group_size: int | None
+    shape: tuple
+    zero_point: str  # "none" | "integer" | "fractional"
+    packed_bytes: int
+    primfunc: str = ""
+
+
+def _emit_quant_linear(bb, x, q: QuantLinear, name: str, accum_dtype: str = "float32"):
+    """Emit ``y = x @ dequant(W)^T (+ bias)`` for ``q`` as one ``fused_decode_matmul`` PrimFunc call."""
+    tvm = _tvm()
+    from tvm import relax, te, tirx
+
+    qw: QuantWeight = q.quant_weight
+    spec = qw.spec
+    n_out, k_in = qw.shape
+    dtype = str(x.ty.dtype)
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise TVMBackendError(f"layer {name!r}: activations of dtype {dtype} are not supported "
+                              "(float32 / float16 / bfloat16)")
+    xshape = [int(d) if isinstance(d, tirx.IntImm) else d for d in x.ty.shape]
+    if not isinstance(xshape[-1], int) or xshape[-1] != k_in:
+        raise TVMBackendError(f"layer {name!r}: input last dim {xshape[-1]} != in_features {k_in}")
+    bits, qmin = spec.bits, spec.qmin
+    per = 32 // bits
+    words = pack_words(qw.codes().numpy(), bits, qmin)
+    rows, groups = tuple(qw.scale.shape)
+    gs = k_in // groups
+    np_dt = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}[dtype]
+    scale = qw.scale.numpy().astype(np_dt)
+    zp = qw.zero_point.numpy().astype(np.float32)
+    has_zp = bool(np.any(zp != 0))
+    zkind = "none" if not has_zp else ("integer" if qw.zero_point_is_integer else "fractional")
+    mask = tirx.const(2**bits - 1, "uint32")
+    acc = accum_dtype if dtype != "float32" else "float32"
+
+    def f(xt, wt, st, *rest):
+        zt = rest[0] if has_zp else None
+
+        def deq(n, k):
+            r = n if rows > 1 else 0
+            g = k // gs if groups > 1 else 0
+            word = wt[n, k // per]
+            u = ((word >> ((k % per) * bits).astype("uint32")) & mask).astype(dtype)
+            if qmin != 0:
+                u = u + tirx.const(qmin, dtype)
+            if zt is not None:
+                u = u - zt[r, g]
+            return u * st[r, g]
+
+        d = te.compute((n_out, k_in), deq, name="dequantize")
+        rk = te.reduce_axis((0, k_in), name="k")
+        out_shape = (*xshape[:-1], n_out)
+
+        def mm(*idx):
+            a, b = xt[(*idx[:-1], rk)], d[idx[-1], rk]
+            if acc != dtype:
+                a, b = a.astype(acc), b.astype(acc)
+            return te.sum(a * b, axis=rk)
+
+        y = te.compute(out_shape, mm, name="matmul")
+        if acc != dtype:
+            y = te.compute(out_shape, lambda *i: y(*i).astype(dtype), name="cast")
+        return y
+
+    args = [x, relax.const(words), relax.const(scale.astype(np_dt) if dtype != "bfloat16" else scale, dtype)]
+    if has_zp:
+        args.append(relax.const(zp.astype(np_dt) if dtype != "bfloat16" else zp, dtype))
+    y = bb.emit_te(f, *args, primfunc_name_hint="fused_decode_matmul")
+    if q.bias is not None:
+        b = q.bias.detach().float().numpy()
+        y = bb.emit(relax.op.add(y, relax.const(b.astype(np_dt) if dtype != "bfloat16" else b, dtype)))
+    info = _LayerInfo(name, bits, spec.granularity, spec.group_size, tuple(qw.shape), zkind, int(words.nbytes))
+    return y, info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# import
+
+
+def _as_tuple(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def _prepare(model: nn.Module, base_site: int):
+    """A copy of ``model`` with QuantLinear -> stub, QuantConv2d -> float conv.  Returns (copy, sites)."""
+    m = copy.deepcopy(model).eval()
+    sites: dict[int, tuple[str, QuantLinear]] = {}
+    for name, mod in list(m.named_modules()):
+        if isinstance(mod, QuantLinear):
+            site = base_site + len(sites)
+            sites[site] = (name, mod)
+            _set_submodule(m, name, _QuantLinearStub(site, mod))
+        elif isinstance(mod, QuantConv2d):
+            _set_submodule(m, name, _ConvStandIn(mod))
+        elif hasattr(type(mod), "quant_weight") or "qweight" in getattr(mod, "_buffers", {}):
+            raise TVMBackendError(f"layer {name!r} ({type(mod).__name__}) holds an integer weight but the TVM "
+                                  "backend only lowers QuantLinear and QuantConv2d; convert it first (e.g. convert_l4q)")
+    return m, sites
+
+
+_SITE_COUNTER = [0]
+
+
+def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | None = None,
+                   accum_dtype: str = "float32"):
+    """Import ``model`` into a Relax ``IRModule`` (``main``) with packed integer linears.
+
+    Returns ``(mod, info)`` where ``info`` holds input / output names and per-layer details.
+    ``dtype`` (e.g. ``torch.float16``) casts the model's float parameters and the example inputs first.
+    """
+    tvm = _tvm()
+    from tvm.relax.frontend.torch import from_exported_program
+
+    args = _as_tuple(example_inputs)
+    if dtype is not None:
+        args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
+    base = _SITE_COUNTER[0]
+    m, sites = _prepare(model, base)
+    _SITE_COUNTER[0] += len(sites) + 1
+    if dtype is not None:
+        for _, q in sites.values():
+            pass  # QuantLinear casts its dequantized weight to x.dtype itself
+        m = m.to(dtype)
+    layers: list[_LayerInfo] = []
+    for s, (_, q) in sites.items():
+        _ACTIVE[s] = q
+    try:
+        try:
+            ep = torch.export.export(m, args)
+        except Exception as e:  # noqa: BLE001
+            raise TVMBackendError(f"torch.export could not capture the model for TVM: {type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+
+        def convert(node, importer):
+            x = importer.env[node.args[0]]
+            site = int(node.args[1])
+            name, q = sites[site]
+            y, info = _emit_quant_linear(importer.block_builder, x, q, name, accum_dtype)
+            layers.append(info)
+            return y
+
+        try:
+            mod = from_exported_program(ep, custom_convert_map={_OP_NAME: convert})
+        except AssertionError as e:
+            msg = str(e)
+            found = re.search(r"Unsupported function types? (\[.*\])", msg)
+            if found:
+                raise TVMBackendError(f"TVM's PyTorch importer (tvm {tvm.__version__}) does not support "
+                                      f"op(s) {found.group(1)}; rewrite or remove them before lowering") from None
+            raise TVMBackendError(f"TVM import failed: {msg}") from e
+        except (KeyError, NotImplementedError, tvm.error.InternalError, TypeError) as e:
+            raise TVMBackendError(f"TVM import failed: {type(e).__name__}: {e}") from e
+    finally:
+        for s in sites:
+            _ACTIVE.pop(s, None)
+    in_names = [s.arg.name for s in ep.graph_signature.input_specs
+                if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    n_out = len([s for s in ep.graph_signature.output_specs
+                 if s.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT])
+    info = {
+        "inputs": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype).replace("torch.", "")}
+                   for n, a in zip(in_names, args)],
+        "outputs": [f"output_{i}" for i in range(n_out)],
+        "layers": [vars(layer) for layer in layers],
+    }
+    return mod, info
+
+
+# ----------------------------------------------------------------------------------------------------------
+# targets, pipelines
+
+
+def _cuda_available(tvm) -> bool:
+    try:
+        return bool(tvm.cuda(0).exist)
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def make_target(target):
+    """A ``tvm.target.Target`` for ``"llvm"``, ``"cuda"`` (the local GPU's if there is one, else sm_90)
+    or a dict / Target given as is."""
+    tvm = _tvm()
+    from tvm.target import Target
+
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, dict):
+        return Target(target)
+    if target in ("llvm", "cpu"):
+        return Target("llvm")
+    if target == "cuda" or (isinstance(target, str) and target.startswith("cuda")):
+        if _cuda_available(tvm):
+            return Target.from_device(tvm.cuda(0))
+        return Target({"kind": "cuda", "arch": "sm_90", "max_shared_memory_per_block": 49152,
+                       "max_threads_per_block": 1024, "thread_warp_size": 32, "max_num_threads": 1024})
+    raise TVMBackendError(f"target must be 'llvm', 'cuda', a dict or a tvm Target, got {target!r}")
+
+
+def _backend_module(target):
+    from tvm.relax.backend import cpu_generic, cuda
+
+    return cuda.pipeline if target.kind.name == "cuda" else cpu_generic.pipeline
+
+
+def _fuse_passes():
+    from tvm import relax
+
+    # no FoldConstant: it would decode the constant packed weights at build time (back to float)
+    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+            relax.transform.DeadCodeElimination(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+
+
+def _dlight_pass(target):
+    from tvm.s_tir import dlight as dl
+
+    return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
+                                   dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+
+
+def _fused(mod, target):
+    tvm = _tvm()
+    with target:
+        return tvm.transform.Sequential(_fuse_passes())(mod)
+
+
+def _shash(obj) -> int:
+    try:
+        from tvm_ffi import structural_hash
+    except ImportError:  # pragma: no cover - older TVM
+        from tvm.ir import structural_hash
+    return int(structural_hash(obj))
+
+
+def _meta_schedule(mod, target, trials: int, work_dir):
+    """Tune the untuned tasks of ``mod`` (already fused) into ``work_dir``; return the scheduled module."""
+    tvm = _tvm()
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    tasks = ms.relax_integration.extract_tasks(mod, target)
+    db = ms.database.JSONDatabase(work_dir=str(work_dir))
+    ours = {_shash(t.dispatched[0]) for t in tasks}
+    tkey = str(target.kind.name) + ":" + str(target.attrs.get("arch", target.attrs.get("mcpu", "")))
+    other_target = other_shape = 0
+    for rec in db.get_all_tuning_records():
+        rkey = str(rec.target.kind.name) + ":" + str(rec.target.attrs.get("arch", rec.target.attrs.get("mcpu", "")))
+        if rkey != tkey:
+            other_target += 1
+        elif _shash(rec.workload.mod) not in ours:
+            other_shape += 1
+    if other_target:
+        warnings.warn(f"meta_schedule: {other_target} record(s) in {work_dir} are for another target (this build: "
+                      f"{tkey}); they are ignored", stacklevel=3)
+    if other_shape:
+        warnings.warn(f"meta_schedule: {other_shape} record(s) in {work_dir} are for other workloads (another "
+                      "model or shape); they are ignored", stacklevel=3)
+    todo = [t for t in tasks if db.query_tuning_record(t.dispatched[0], target, "main") is None]
+    reused = len(tasks) - len(todo)
+    if todo and trials > 0:
+        import importlib.util
+
+        ncpu = os.cpu_count() or 1  # explicit counts: MetaSchedule's own default needs psutil
+        if importlib.util.find_spec("psutil") is None:  # MetaSchedule asks C++-side too: answer without psutil
+            import tvm_ffi
+
+            tvm_ffi.register_global_func("meta_schedule.cpu_count", lambda logical=True: ncpu, override=True)
+        ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, str(work_dir), num_threads=ncpu)
+        per_task = max(1, int(trials) // max(1, len(todo)))
+        cost_model = "xgb" if importlib.util.find_spec("xgboost") else "random"
+        ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=str(work_dir), max_trials_global=int(trials),
+                      max_trials_per_task=per_task, num_trials_per_iter=min(64, per_task), database=db,
+                      builder=ms.builder.LocalBuilder(max_workers=ncpu), cost_model=cost_model)
+    with target, db:
+        mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+    return mod, {"tasks": len(tasks), "reused": reused, "tuned": len(todo) if trials > 0 else 0,
+                 "work_dir": str(work_dir)}
+
+
+def _schedule(mod, target, tune: str, trials: int, work_dir):
+    tvm = _tvm()
+    stats = {}
+    mod = _fused(mod, target)
+    if tune == "meta_schedule":
+        mod, stats = _meta_schedule(mod, target, trials, work_dir)
+    if target.kind.name == "cuda" and tune in ("dlight", "meta_schedule"):
+        with target:
+            mod = _dlight_pass(target)(mod)
+    elif target.kind.name == "cuda":  # tune="none": still needs thread bindings to run on a GPU
+        from tvm.s_tir import dlight as dl
+
+        with target:
+            mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod)
+    return mod, stats
+
+
+def _finalize(mod, target):
+    tvm = _tvm()
+    be = _backend_module(target)
+    with target:
+        return tvm.transform.Sequential(be.dataflow_lower_passes(target) + be.finalize_passes(target))(mod)
+
+
+@dataclass
+class TVMBuild:
+    """The result of :func:`build_tvm`: the executable, the scheduled Relax/TIR module and metadata."""
+
+    executable: object
+    scheduled: object  # IRModule after fusion + scheduling (before VM lowering)
+    target: object
+    info: dict = field(default_factory=dict)
+
+    def primfunc_names(self) -> list[str]:
+        tvm = _tvm()
+        return sorted(gv.name_hint for gv, f in self.scheduled.functions.items()
+                      if isinstance(f, tvm.tirx.PrimFunc))
+
+    def primfunc_script(self, name_contains: str = "") -> str:
+        """TVMScript of the scheduled PrimFuncs whose name contains ``name_contains``."""
+        tvm = _tvm()
+        return "\n".join(f.script() for gv, f in self.scheduled.functions.items()
+                         if isinstance(f, tvm.tirx.PrimFunc) and name_contains in gv.name_hint)
+
+    def device_source(self) -> str:
+        """Generated device source (CUDA C for target cuda; empty for llvm)."""
+        srcs = []
+
+        def walk(m):
+            for i in m.imports:
+                try:
+                    if i.kind in ("cuda",):
+                        srcs.append(i.inspect_source())
+                except Exception:  # noqa: BLE001
+                    pass
+                walk(i)
+
+        walk(self.executable.mod)
+        return "\n".join(srcs)
+
+    def kernel_names(self) -> list[str]:
+        """CUDA kernels in the built module (one per fused PrimFunc launch site)."""
+        return sorted(set(re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)\(", self.device_source())))
+
+
+def build_tvm(model, example_inputs, target="cuda", tune: str = "dlight", *, trials: int = 64,
+              work_dir=None, dtype: torch.dtype | None = None, accum_dtype: str = "float32") -> TVMBuild:
+    """Import, fuse, schedule and compile (no device needed: ``target="cuda"`` builds on a machine
+    without a GPU when nvcc / NVRTC is there)."""
+    tvm = _tvm()
+    if tune not in TUNERS:
+        raise TVMBackendError(f"tune must be one of {TUNERS}, got {tune!r}")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
+        raise TVMBackendError(f"trials must be an int >= 0, got {trials!r}")
+    if tune == "meta_schedule" and work_dir is None:
+        raise TVMBackendError("tune='meta_schedule' needs work_dir (the records database, reused next time)")
+    tgt = make_target(target)
+    if isinstance(model, tvm.IRModule):
+        mod, info = model, {"inputs": [], "outputs": ["output_0"], "layers": []}
+    else:
+        mod, info = lower_to_relax(model, example_inputs, dtype=dtype, accum_dtype=accum_dtype)
+    sched, stats = _schedule(mod, tgt, tune, trials, work_dir)
+    final = _finalize(sched, tgt)
+    try:
+        ex = tvm.compile(final, target=tgt, relax_pipeline=None)
+    except Exception as e:  # noqa: BLE001
+        raise TVMBackendError(f"tvm.compile for target {tgt.kind.name} failed: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
+    info = dict(info, target=tgt.kind.name, target_str=str(tgt), tune=tune, tuning=stats)
+    names = [gv.name_hint for gv, f in sched.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
+    info["fused_decode_primfuncs"] = sorted(n for n in names if "decode" in n)
+    return TVMBuild(ex, sched, tgt, info)
+
+
+def compile_tvm(gm: nn.Module, example_inputs, target="cuda", tune: str = "dlight", *, device: str | None = None,
+                trials: int = 64, work_dir=None, dtype: torch.dtype | None = None,
+                accum_dtype: str = "float32"):
+    """Lower ``gm`` (a model with QuantLinear / QuantConv2d layers) to TVM and return a runner.
+
+    ``target``: ``"cuda"`` or ``"llvm"``; ``tune``: ``"dlight"`` (rule-based GPU schedules; the default
+    CPU lowering on llvm), ``"meta_schedule"`` (``trials`` trials, records in ``work_dir`` reused next
+    time) or ``"none"``.  ``dtype`` (e.g. ``torch.float16``) runs the float parts and activations in that
+    dtype.  Raises :class:`TVMBackendError` for a CUDA target when TVM sees no GPU (use
+    :func:`build_tvm` to only compile).
+    """
+    tvm = _tvm()
+    from ..runtime.tvm_runner import TVMRunner
+
+    tgt_name = target.get("kind") if isinstance(target, dict) else getattr(getattr(target, "kind", None), "name",
+                                                                          target)
+    if device is None:
+        device = "cuda" if str(tgt_name).startswith("cuda") else "cpu"
+    if str(device).startswith("cuda") and not _cuda_available(tvm):
+        raise TVMBackendError(f"target={tgt_name!r} / device={device!r} needs a CUDA GPU visible to TVM, and none "
+                              "was found (tvm.cuda(0).exist is False). Use target='llvm' on this machine, or "
+                              "build_tvm(..., target='cuda') to only compile.")
+    b = build_tvm(gm, example_inputs, target, tune, trials=trials, work_dir=work_dir, dtype=dtype,
+                  accum_dtype=accum_dtype)
+    return TVMRunner(b.executable, device, b.info, build=b)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line: fxcompress export DIR --format tvm --target llvm|cuda --out model.so
+
+
+def add_export_tvm_args(p) -> None:
+    p.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
+    p.add_argument("--tune", default="dlight", choices=list(TUNERS))
+    p.add_argument("--trials", type=int, default=64)
+    p.add_argument("--work-dir", default=None, help="MetaSchedule records (reused on the next build)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise TVMBackendError(f"--input-shape must look like 1,1,8,8, got {text!r}") from None
+
+
+def cli_export_tvm(args) -> int:
+    """``fxcompress export DIR --format tvm --target llvm|cuda --out model.so [--input-shape 1,1,8,8]``.
+
+    Reads a saved model directory, builds it (no GPU needed for ``--target cuda``) and writes the library
+    plus ``model.so.json``.  Expects ``args.model`` (the saved dir), ``args.out`` and ``args.input_shape``
+    (a list of shapes, as the ONNX export command takes).
+    """
+    from ..runtime.artifact import load as load_artifact
+    from ..runtime.artifact import read_manifest
+
+    gm = load_artifact(args.model)
+    shapes = [_parse_shape(s) for s in (getattr(args, "input_shape", None) or [])]
+    if not shapes:
+        man = read_manifest(args.model)
+        shapes = [tuple(s) for s in (man.get("extra", {}) or {}).get("input_shapes", [])] or None
+    if not shapes:
+        raise TVMBackendError("--input-shape is needed (e.g. --input-shape 1,1,8,8): TVM builds for static shapes")
+    dt = torch.float16 if getattr(args, "dtype", "float32") == "float16" else None
+    inputs = [torch.randn(*s) for s in shapes]
+    b = build_tvm(gm, inputs, args.target, getattr(args, "tune", "dlight"), trials=getattr(args, "trials", 64),
+                  work_dir=getattr(args, "work_dir", None), dtype=dt)
+    from ..runtime.tvm_runner import export_build
+
+    out = export_build(b, args.out)
+    print(f"wrote {out} ({Path(out).stat().st_size} bytes) and {out}.json for target {args.target}; "
+          f"{len(b.info['layers'])} packed integer linear(s), PrimFuncs: {len(b.primfunc_names())}")
+    return 0
