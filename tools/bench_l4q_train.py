@@ -33,9 +33,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.lora_A = nn.Parameter(torch.empty(rank, weight.shape[1], dtype=weight.dtype))
+        self.lora_A = nn.Parameter(torch.empty(rank, weight.shape[1], dtype=weight.dtype, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_B = nn.Parameter(torch.zeros(weight.shape[0], rank, dtype=weight.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(weight.shape[0], rank, dtype=weight.dtype, device=weight.device))
         self.scaling = alpha / rank
 
     def forward(self, x):

@@ -32,10 +32,10 @@ class L4QLinear(nn.Module):
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         if self.rank > 0:
-            a = torch.empty(self.rank, in_f, dtype=weight.dtype)
+            a = torch.empty(self.rank, in_f, dtype=weight.dtype, device=weight.device)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_A = nn.Parameter(a)
-            self.lora_B = nn.Parameter(torch.zeros(out_f, self.rank, dtype=weight.dtype))
+            self.lora_B = nn.Parameter(torch.zeros(out_f, self.rank, dtype=weight.dtype, device=weight.device))
         else:
             self.lora_A = self.lora_B = None
         scale, zp = minmax_params(weight, spec)

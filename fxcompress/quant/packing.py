@@ -26,12 +26,12 @@ def pack(codes: torch.Tensor, bits: int, qmin: int = 0) -> torch.Tensor:
                          f"[{int(u.min()) + qmin}, {int(u.max()) + qmin}]")
     if bits == 8:
         return u.to(torch.uint8)
-    shifts = torch.arange(bits, dtype=torch.int32)
+    shifts = torch.arange(bits, dtype=torch.int32, device=u.device)
     stream = ((u.unsqueeze(1) >> shifts) & 1).reshape(-1)
     pad = (-stream.numel()) % 8
     if pad:
         stream = torch.cat([stream, stream.new_zeros(pad)])
-    weights = (1 << torch.arange(8, dtype=torch.int32))
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=u.device)
     return (stream.reshape(-1, 8) * weights).sum(dim=1).to(torch.uint8)
 
 
@@ -47,6 +47,6 @@ def unpack(packed: torch.Tensor, bits: int, numel: int, qmin: int = 0) -> torch.
     if bits == 8:
         return packed.to(torch.int32) + qmin
     b = packed.to(torch.int32)
-    stream = ((b.unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1).reshape(-1)[: numel * bits]
-    vals = (stream.reshape(numel, bits) << torch.arange(bits, dtype=torch.int32)).sum(dim=1)
+    stream = ((b.unsqueeze(1) >> torch.arange(8, dtype=torch.int32, device=b.device)) & 1).reshape(-1)[: numel * bits]
+    vals = (stream.reshape(numel, bits) << torch.arange(bits, dtype=torch.int32, device=b.device)).sum(dim=1)
     return vals.to(torch.int32) + qmin
