@@ -168,11 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(fn=cli_udfc)
 
     from fxcompress.backends.onnx_qdq import add_export_args, cli_export
+    from fxcompress.backends.tvm import add_export_tvm_args, cli_export_tvm
     from fxcompress.runtime.ort import add_bench_args, cli_bench
 
-    e = sub.add_parser("export", help="export a saved model to ONNX (QDQ / MatMulNBits)")
+    e = sub.add_parser("export", help="export a saved model to ONNX (QDQ / MatMulNBits) or a TVM library")
     add_export_args(e)
-    e.set_defaults(fn=cli_export)
+    add_export_tvm_args(e)
+    e.set_defaults(fn=lambda a: cli_export_tvm(a) if a.format == "tvm" else cli_export(a))
     b = sub.add_parser("bench", help="benchmark a deployed model (ONNX Runtime)")
     add_bench_args(b)
     b.set_defaults(fn=cli_bench)

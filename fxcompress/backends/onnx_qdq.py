@@ -521,8 +521,8 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 def add_export_args(p) -> None:
     """Arguments of ``fxcompress export DIR --format onnx --out model.onnx``."""
     p.add_argument("dir", help="artifact directory written by fxcompress (save / quantize)")
-    p.add_argument("--format", default="onnx", choices=["onnx"], help="target format")
-    p.add_argument("--out", required=True, help="output .onnx path")
+    p.add_argument("--format", default="onnx", choices=["onnx", "tvm"], help="target format")
+    p.add_argument("--out", required=True, help="output path (.onnx, or .so for --format tvm)")
     p.add_argument("--input-shape", action="append", default=None,
                    help="shape of an example input, e.g. 1,1,8,8 (repeat for several inputs; default: the "
                         "artifact's manifest extra.input_shapes)")

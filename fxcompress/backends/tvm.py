@@ -44,6 +44,7 @@ import copy
 import json
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,29 +179,42 @@ class _LayerInfo:
 
 def _emit_quant_linear(bb, x, q: QuantLinear, name: str, accum_dtype: str = "float32"):
     """Emit ``y = x @ dequant(W)^T (+ bias)`` for ``q`` as one ``fused_decode_matmul`` PrimFunc call."""
-    tvm = _tvm()
-    from tvm import relax, te, tirx
-
     qw: QuantWeight = q.quant_weight
     spec = qw.spec
-    n_out, k_in = qw.shape
+    words = pack_words(qw.codes().numpy(), spec.bits, spec.qmin)
+    zp = qw.zero_point.numpy().astype(np.float32)
+    zkind = "none" if not np.any(zp != 0) else ("integer" if qw.zero_point_is_integer else "fractional")
+    bias = None if q.bias is None else q.bias.detach().float().numpy()
+    y = emit_packed_linear(bb, x, words, qw.scale.numpy(), zp, bits=spec.bits, qmin=spec.qmin,
+                           out_features=qw.shape[0], in_features=qw.shape[1], bias=bias, accum_dtype=accum_dtype,
+                           name=name)
+    info = _LayerInfo(name, spec.bits, spec.granularity, spec.group_size, tuple(qw.shape), zkind, int(words.nbytes))
+    return y, info
+
+
+def emit_packed_linear(bb, x, words: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, *, bits: int,
+                       qmin: int, out_features: int, in_features: int, bias: np.ndarray | None = None,
+                       accum_dtype: str = "float32", name: str = "linear"):
+    """Emit one ``fused_decode_matmul`` PrimFunc call: ``x @ ((u + qmin - zp) * scale)^T (+ bias)``.
+
+    ``words``: ``uint32 (N, ceil(K / (32 // bits)))`` from :func:`pack_words`; ``scale`` / ``zero_point``:
+    ``(rows, groups)`` with rows 1 or N (``zero_point`` None or all zero: no zero-point tensor).
+    """
+    _tvm()
+    from tvm import relax, te, tirx
+
+    n_out, k_in = out_features, in_features
     dtype = str(x.ty.dtype)
-    if dtype not in ("float32", "float16", "bfloat16"):
-        raise TVMBackendError(f"layer {name!r}: activations of dtype {dtype} are not supported "
-                              "(float32 / float16 / bfloat16)")
+    if dtype not in ("float32", "float16"):
+        raise TVMBackendError(f"layer {name!r}: activations of dtype {dtype} are not supported (float32 / float16)")
     xshape = [int(d) if isinstance(d, tirx.IntImm) else d for d in x.ty.shape]
     if not isinstance(xshape[-1], int) or xshape[-1] != k_in:
         raise TVMBackendError(f"layer {name!r}: input last dim {xshape[-1]} != in_features {k_in}")
-    bits, qmin = spec.bits, spec.qmin
     per = 32 // bits
-    words = pack_words(qw.codes().numpy(), bits, qmin)
-    rows, groups = tuple(qw.scale.shape)
+    rows, groups = tuple(scale.shape)
     gs = k_in // groups
-    np_dt = {"float32": np.float32, "float16": np.float16, "bfloat16": np.float32}[dtype]
-    scale = qw.scale.numpy().astype(np_dt)
-    zp = qw.zero_point.numpy().astype(np.float32)
-    has_zp = bool(np.any(zp != 0))
-    zkind = "none" if not has_zp else ("integer" if qw.zero_point_is_integer else "fractional")
+    np_dt = {"float32": np.float32, "float16": np.float16}[dtype]
+    has_zp = zero_point is not None and bool(np.any(np.asarray(zero_point) != 0))
     mask = tirx.const(2**bits - 1, "uint32")
     acc = accum_dtype if dtype != "float32" else "float32"
 
@@ -233,15 +247,13 @@ def _emit_quant_linear(bb, x, q: QuantLinear, name: str, accum_dtype: str = "flo
             y = te.compute(out_shape, lambda *i: y(*i).astype(dtype), name="cast")
         return y
 
-    args = [x, relax.const(words), relax.const(scale.astype(np_dt) if dtype != "bfloat16" else scale, dtype)]
+    args = [x, relax.const(np.ascontiguousarray(words, dtype=np.uint32)), relax.const(scale.astype(np_dt))]
     if has_zp:
-        args.append(relax.const(zp.astype(np_dt) if dtype != "bfloat16" else zp, dtype))
+        args.append(relax.const(np.asarray(zero_point).astype(np_dt)))
     y = bb.emit_te(f, *args, primfunc_name_hint="fused_decode_matmul")
-    if q.bias is not None:
-        b = q.bias.detach().float().numpy()
-        y = bb.emit(relax.op.add(y, relax.const(b.astype(np_dt) if dtype != "bfloat16" else b, dtype)))
-    info = _LayerInfo(name, bits, spec.granularity, spec.group_size, tuple(qw.shape), zkind, int(words.nbytes))
-    return y, info
+    if bias is not None:
+        y = bb.emit(relax.op.add(y, relax.const(np.asarray(bias).astype(np_dt))))
+    return y
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -387,8 +399,26 @@ def _fuse_passes():
 def _dlight_pass(target):
     from tvm.s_tir import dlight as dl
 
-    return dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
-                                   dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+             dl.gpu.Fallback()]
+    for r in rules[:-1]:
+        _guard(r)
+    return dl.ApplyDefaultSchedule(*rules)
+
+
+def _guard(rule):
+    """A dlight rule that trips on a function it does not fit (an assert inside the rule) declines it instead,
+    so the next rule (finally Fallback) schedules it."""
+    inner = rule.apply
+
+    def apply(func, target, tunable):
+        try:
+            return inner(func, target, tunable)
+        except (AssertionError, ValueError, IndexError, Exception):  # noqa: BLE001
+            return None
+
+    rule.apply = apply
+    return rule
 
 
 def _fused(mod, target):
@@ -405,9 +435,43 @@ def _shash(obj) -> int:
     return int(structural_hash(obj))
 
 
+_MS_PROBE: list = []
+_PROBE_SRC = """
+import tvm, tvm_ffi
+from tvm import te
+A = te.placeholder((8, 8), "float32", name="A")
+C = te.compute((8, 8), lambda i, j: A[i, j] * 2.0, name="C")
+tvm_ffi.serialization.to_json_graph_str(tvm.IRModule({"main": te.create_prim_func([A, C])}))
+"""
+
+
+def meta_schedule_usable() -> tuple[bool, str]:
+    """MetaSchedule's JSON database and builder serialize TIR modules; some TVM wheels crash doing that.
+
+    Probed once, in a subprocess (a segfault there cannot take this process down).
+    """
+    if not _MS_PROBE:
+        import subprocess
+
+        try:
+            r = subprocess.run([sys.executable, "-c", _PROBE_SRC], capture_output=True, timeout=120,
+                               env=dict(os.environ))
+            ok = r.returncode == 0
+            why = "" if ok else (f"serializing a TIR module crashes this TVM build (exit {r.returncode}: "
+                                 f"{(r.stderr.decode(errors='replace').strip().splitlines() or [''])[0][:120]})")
+        except subprocess.TimeoutExpired:
+            ok, why = False, "serializing a TIR module hangs in this TVM build"
+        _MS_PROBE.append((ok, why))
+    return _MS_PROBE[0]
+
+
 def _meta_schedule(mod, target, trials: int, work_dir):
     """Tune the untuned tasks of ``mod`` (already fused) into ``work_dir``; return the scheduled module."""
     tvm = _tvm()
+    ok, why = meta_schedule_usable()
+    if not ok:
+        raise TVMBackendError(f"tune='meta_schedule' is not usable with tvm {tvm.__version__}: {why} "
+                              "(MetaSchedule stores workloads as JSON). Use tune='dlight'.")
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
@@ -439,7 +503,7 @@ def _meta_schedule(mod, target, trials: int, work_dir):
         if importlib.util.find_spec("psutil") is None:  # MetaSchedule asks C++-side too: answer without psutil
             import tvm_ffi
 
-            tvm_ffi.register_global_func("meta_schedule.cpu_count", lambda logical=True: ncpu, override=True)
+            tvm_ffi.register_global_func("s_tir.meta_schedule.cpu_count", lambda logical=True: ncpu, override=True)
         ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, str(work_dir), num_threads=ncpu)
         per_task = max(1, int(trials) // max(1, len(todo)))
         cost_model = "xgb" if importlib.util.find_spec("xgboost") else "random"
@@ -529,6 +593,10 @@ def build_tvm(model, example_inputs, target="cuda", tune: str = "dlight", *, tri
     if tune == "meta_schedule" and work_dir is None:
         raise TVMBackendError("tune='meta_schedule' needs work_dir (the records database, reused next time)")
     tgt = make_target(target)
+    if tune == "meta_schedule" and tgt.kind.name == "llvm" and "num-cores" not in tgt.attrs:
+        from tvm.target import Target
+
+        tgt = Target({"kind": "llvm", "num-cores": os.cpu_count() or 1})  # MetaSchedule needs it
     if isinstance(model, tvm.IRModule):
         mod, info = model, {"inputs": [], "outputs": ["output_0"], "layers": []}
     else:
@@ -602,10 +670,11 @@ def cli_export_tvm(args) -> int:
     from ..runtime.artifact import load as load_artifact
     from ..runtime.artifact import read_manifest
 
-    gm = load_artifact(args.model)
+    src = getattr(args, "dir", None) or getattr(args, "model", None)
+    gm = load_artifact(src)
     shapes = [_parse_shape(s) for s in (getattr(args, "input_shape", None) or [])]
     if not shapes:
-        man = read_manifest(args.model)
+        man = read_manifest(src)
         shapes = [tuple(s) for s in (man.get("extra", {}) or {}).get("input_shapes", [])] or None
     if not shapes:
         raise TVMBackendError("--input-shape is needed (e.g. --input-shape 1,1,8,8): TVM builds for static shapes")

@@ -1,0 +1,249 @@
+"""Integer-weight GEMV / low-batch GEMM on the GPU: TVM (dlight, packed uint32 + fused decode) vs torch fp16
+(cuBLAS) vs ONNX Runtime CUDA MatMulNBits, in one run.
+
+    PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/bench_gemv.py --out tools/results/gemv_bench.md
+
+Weights are symmetric per-group (g128) codes (no zero-point tensor, as MLC-LLM's q4f16_1), fp16 scales and
+activations, fp32 accumulation.  TVM time: ``time_evaluator`` over the fused decode+matmul kernel alone
+("kernel") and over the whole Relax VM call ("vm").  torch / ORT: CUDA events / wall clock around many
+calls.  Bytes moved = packed weight + scales + activations in + outputs; % of HBM peak from the GPU name.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = [(4096, 4096), (4096, 11008), (8192, 8192)]  # (K in, N out)
+BATCHES = [1, 4, 16]
+GROUP = 128
+
+
+def hbm_peak(name: str) -> float | None:
+    n = name.upper()
+    if "H200" in n:
+        return 4.8e12
+    if "H100" in n:
+        return 3.35e12
+    if "A100" in n:
+        return 2.0e12
+    return None
+
+
+def torch_time_us(fn, iters=100, reps=15) -> float:
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    res = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(iters):
+            fn()
+        e.record()
+        torch.cuda.synchronize()
+        res.append(s.elapsed_time(e) * 1e3 / iters)
+    return statistics.median(res)
+
+
+def make_weights(k, n, bits, rng):
+    from fxcompress.backends.tvm import pack_words
+
+    qmin = -(2 ** (bits - 1))
+    codes = rng.integers(qmin, 2 ** (bits - 1), size=(n, k), dtype=np.int64)
+    scale = (rng.random((n, k // GROUP), dtype=np.float32) * 0.02 + 0.001).astype(np.float16)
+    return codes, pack_words(codes, bits, qmin), scale, qmin
+
+
+def build_tvm(k, n, m, bits, words, scale, qmin, target):
+    import tvm
+    from tvm import relax
+
+    from fxcompress.backends import tvm as B
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, m, k), "float16"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = B.emit_packed_linear(bb, x, words, scale.astype(np.float32), None, bits=bits, qmin=qmin,
+                                     out_features=n, in_features=k)
+            o = bb.emit_output(y)
+        bb.emit_func_output(o)
+    build = B.build_tvm(bb.get(), None, target, "dlight")
+    kern = [gv for gv, f in build.scheduled.functions.items()
+            if isinstance(f, tvm.tirx.PrimFunc) and "decode" in gv.name_hint]
+    kmod = tvm.compile(tvm.IRModule({"main": build.scheduled[kern[0]].with_attr("global_symbol", "main")}),
+                       target=build.target)
+    return build, kmod
+
+
+def rule_used(build) -> str:
+    src = build.device_source()
+    return "gemv" if "rf_local" in src else "matmul"
+
+
+def ort_session(k, n, m, codes, scale, bits):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None, "no CUDAExecutionProvider"
+    blocks = k // GROUP
+    u = (codes + 2 ** (bits - 1)).astype(np.uint8)  # offset binary, zero point 2^(b-1) (ORT's default)
+    if bits == 4:
+        packed = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8).reshape(n, blocks, GROUP // 2)
+    elif bits == 8:
+        packed = u.reshape(n, blocks, GROUP)
+    else:
+        return None, f"MatMulNBits bits={bits} not benchmarked"
+    node = helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft", K=k, N=n,
+                            bits=bits, block_size=GROUP, accuracy_level=0)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT16, [m, k])],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, [m, n])],
+                          [onnx.numpy_helper.from_array(packed, "B"),
+                           onnx.numpy_helper.from_array(scale.reshape(-1).astype(np.float16), "scales")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider"])
+    except Exception as e:  # noqa: BLE001
+        return None, f"ORT: {str(e).splitlines()[0][:80]}"
+    return sess, ""
+
+
+def ort_time_us(sess, x_np, iters=200, reps=10):
+    import onnxruntime as ort
+
+    io = sess.io_binding()
+    xv = ort.OrtValue.ortvalue_from_numpy(x_np, "cuda", 0)
+    io.bind_ortvalue_input("A", xv)
+    io.bind_output("Y", "cuda", 0)
+    for _ in range(10):
+        sess.run_with_iobinding(io)
+    res = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(iters):
+            sess.run_with_iobinding(io)
+        res.append((time.perf_counter() - t) * 1e6 / iters)
+    out = io.copy_outputs_to_cpu()[0]
+    return statistics.median(res), out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="tools/results/gemv_bench.md")
+    ap.add_argument("--bits", default="4,8,3", help="comma list of 2/3/4/8")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--quick", action="store_true", help="4096x4096 only")
+    args = ap.parse_args(argv)
+    import tvm
+
+    if not torch.cuda.is_available() or not tvm.cuda(0).exist:
+        print("bench_gemv needs a CUDA GPU visible to torch and TVM", file=sys.stderr)
+        return 2
+    t_start = time.time()
+    gpu = torch.cuda.get_device_name(0)
+    peak = hbm_peak(gpu)
+    dev = tvm.cuda(0)
+    rng = np.random.default_rng(0)
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    bits_list = [int(b) for b in args.bits.split(",")]
+    batches = [int(b) for b in args.batches.split(",")]
+    try:
+        import onnxruntime as ort
+        ort_ver = ort.__version__
+    except ImportError:
+        ort_ver = None
+    rows = []
+    for k, n in shapes:
+        w16 = None
+        for bits in bits_list:
+            codes, words, scale, qmin = make_weights(k, n, bits, rng)
+            wref = torch.from_numpy((codes.reshape(n, k // GROUP, GROUP).astype(np.float32)
+                                     * scale.astype(np.float32)[..., None]).reshape(n, k)).to("cuda", torch.float16)
+            if w16 is None:
+                w16 = wref.clone()
+            for m in batches:
+                x = torch.randn(1, m, k, device="cuda", dtype=torch.float16) * 0.5
+                ref = torch.nn.functional.linear(x.float(), wref.float())
+                t_torch = torch_time_us(lambda: torch.nn.functional.linear(x, w16))  # noqa: B023
+                act = m * k * 2 + m * n * 2
+                fp16_bytes = n * k * 2 + act
+                build, kmod = build_tvm(k, n, m, bits, words, scale, qmin, "cuda")
+                xt = tvm.runtime.from_dlpack(x)
+                from tvm import relax
+
+                vm = relax.VirtualMachine(build.executable, dev)
+                y = torch.from_dlpack(vm["main"](xt)).float()
+                err = ((y - ref).abs().max() / ref.abs().max()).item()
+                yk = tvm.runtime.empty((1, m, n), "float16", dev)
+                fk = kmod.time_evaluator("main", dev, number=100, repeat=15)
+                t_kern = fk(xt, tvm.runtime.tensor(words, dev), tvm.runtime.tensor(scale, dev), yk).median * 1e6
+                t_vm = vm.time_evaluator("main", dev, number=100, repeat=15)(xt).median * 1e6
+                q_bytes = words.nbytes + scale.nbytes + act
+                t_ort, ort_note = None, ""
+                if ort_ver is not None and bits in (4, 8):
+                    sess, ort_note = ort_session(k, n, m, codes, scale, bits)
+                    if sess is not None:
+                        try:
+                            t_ort, yo = ort_time_us(sess, x.reshape(m, k).cpu().numpy())
+                            oerr = float(np.abs(yo.astype(np.float32) - ref.reshape(m, n).cpu().numpy()).max()
+                                         / ref.abs().max().item())
+                            ort_note = f"err {oerr:.1e}"
+                        except Exception as e:  # noqa: BLE001
+                            ort_note = f"ORT run: {str(e).splitlines()[0][:60]}"
+                    ort_bytes = q_bytes
+                rows.append(dict(shape=f"{k}x{n}", m=m, bits=bits, torch=t_torch, kern=t_kern, vm=t_vm, ort=t_ort,
+                                 err=err, rule=rule_used(build), gbs=q_bytes / t_kern / 1e3,
+                                 pct=(q_bytes / (t_kern * 1e-6) / peak * 100) if peak else None,
+                                 torch_gbs=fp16_bytes / t_torch / 1e3, ort_note=ort_note,
+                                 ort_gbs=(q_bytes / t_ort / 1e3) if t_ort else None))
+                r = rows[-1]
+                print(f"{r['shape']:>10} M={m:<3} int{bits}: tvm kernel {t_kern:8.2f} us (vm {t_vm:8.2f}) "
+                      f"{r['gbs']:7.0f} GB/s | torch fp16 {t_torch:8.2f} us | ort {t_ort if t_ort else float('nan'):8.2f} us"
+                      f" | speedup {t_torch / t_kern:5.2f}x | err {err:.1e} [{r['rule']}] {ort_note}", flush=True)
+                del vm, build, kmod
+            torch.cuda.empty_cache()
+    total = time.time() - t_start
+    lines = [
+        "# Integer-weight GEMV / low-batch GEMM: TVM (dlight) vs torch fp16 vs ORT MatMulNBits", "",
+        f"GPU: **{gpu}**; HBM peak used for %: {peak / 1e12 if peak else 'unknown'} TB/s; torch {torch.__version__}; "
+        f"tvm {tvm.__version__}; onnxruntime {ort_ver or 'not importable'}; total bench time {total:.0f} s.", "",
+        "Command: `PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/bench_gemv.py --out " + args.out + "`", "",
+        "Weights: symmetric per-group g128 codes packed into uint32 words along K (int4: 8/word, int8: 4/word, "
+        "int3: 10/word), fp16 scales, fp16 activations, fp32 accumulation; shape is K(in) x N(out), batch M. "
+        "TVM kernel = `time_evaluator` of the one fused decode+matmul kernel; TVM vm = the whole Relax VM call "
+        "(adds host dispatch). torch fp16 = `F.linear` (cuBLAS), CUDA events. ORT = MatMulNBits on the CUDA EP "
+        "through io_binding, wall clock (includes host overhead). GB/s = (packed weight + scales + activations "
+        "in/out) / TVM kernel time. Speedup = torch fp16 / TVM kernel. err = max|y - ref| / max|ref| vs an fp32 "
+        "reference of the dequantized weight. rule = the dlight rule that scheduled the kernel.", "",
+        "| K x N | M | bits | TVM kernel µs | TVM vm µs | TVM GB/s | % HBM peak | torch fp16 µs | torch GB/s | "
+        "ORT µs | speedup vs torch | err | rule | ORT note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        pct = f"{r['pct']:.0f}%" if r["pct"] is not None else "n/a"
+        t_ort = f"{r['ort']:.2f}" if r["ort"] else "-"
+        lines.append(f"| {r['shape']} | {r['m']} | int{r['bits']} | {r['kern']:.2f} | {r['vm']:.2f} | {r['gbs']:.0f} | "
+                     f"{pct} | {r['torch']:.2f} | {r['torch_gbs']:.0f} | {t_ort} | {r['torch'] / r['kern']:.2f}x | "
+                     f"{r['err']:.1e} | {r['rule']} | {r['ort_note']} |")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out} in {total:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
