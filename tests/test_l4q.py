@@ -40,6 +40,15 @@ def test_fused_equals_naive_autograd(group, symmetric, bits):
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("rank", [4, 0])
+def test_frozen_weight_never_changes(rank):
+    x, w0, a, b, s, off, bi, ls, qmin, qmax, group = _params(group=16, bits=3)
+    w0_before = w0.clone()
+    a, b = (a, b) if rank else (None, None)
+    l4q_linear(x, w0, a, b, s, off, bi, ls, qmin, qmax, group).sum().backward()
+    assert torch.equal(w0, w0_before)
+
+
 def test_gradients_match_hand_derivation():
     x, w0, a, b, s, off, bi, ls, qmin, qmax, group = _params(group=16, bits=3)
     g = torch.randn(3, 5, 24, dtype=torch.float64)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .lsq import _lsq_grads, lsq_forward
+from .lsq import lsq_forward
 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -27,12 +27,11 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def merged_weight(w0, lora_a, lora_b, lora_scale):
-    """W0 + s·B·A in the accumulation dtype (W0 as is when there is no adapter)."""
+    """A new tensor W0 + s·B·A in the accumulation dtype (callers may modify it in place)."""
     dt = acc_dtype(w0)
-    w = w0.to(dt)
-    if lora_a is not None:
-        w = w + lora_scale * (lora_b.to(dt) @ lora_a.to(dt))
-    return w
+    if lora_a is None:
+        return w0.to(dt, copy=True)
+    return torch.addmm(w0.to(dt), lora_b.to(dt), lora_a.to(dt), alpha=lora_scale)
 
 
 def quantized_weight(w, scale, offset, qmin, qmax, group_size):
@@ -44,11 +43,32 @@ def quantized_weight(w, scale, offset, qmin, qmax, group_size):
     return lsq_forward(wg, scale.to(w.dtype).unsqueeze(-1), off, qmin, qmax).reshape(out_f, in_f)
 
 
+def _grouped_v(w0, lora_a, lora_b, lora_scale, scale, offset, group_size):
+    """v = (W0 + s·B·A - β) / α as a fresh (out, groups, group_len) tensor in the accumulation dtype."""
+    w = merged_weight(w0, lora_a, lora_b, lora_scale)
+    out_f, in_f = w.shape
+    gl = in_f if group_size is None else group_size
+    v = w.reshape(out_f, in_f // gl, gl)
+    s3 = scale.to(w.dtype).unsqueeze(-1)
+    if offset is not None:
+        v.sub_(offset.to(w.dtype).unsqueeze(-1))
+    return v.div_(s3), s3
+
+
+def _dequant_codes(v, s3, offset, qmin, qmax, dtype):
+    """round(clamp(v)) · α + β, cast to the activation dtype, shaped (out, in)."""
+    q = torch.round(v).clamp_(qmin, qmax).mul_(s3)
+    if offset is not None:
+        q.add_(offset.to(q.dtype).unsqueeze(-1))
+    return q.reshape(v.shape[0], -1).to(dtype)
+
+
 class L4QLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w0, lora_a, lora_b, scale, offset, bias, lora_scale, qmin, qmax, group_size, grad_scale):
-        w = merged_weight(w0, lora_a, lora_b, lora_scale)
-        wq = quantized_weight(w, scale, offset, qmin, qmax, group_size).to(x.dtype)
+        v, s3 = _grouped_v(w0, lora_a, lora_b, lora_scale, scale, offset, group_size)
+        wq = _dequant_codes(v, s3, offset, qmin, qmax, x.dtype)
+        del v
         ctx.meta = (lora_scale, qmin, qmax, group_size, grad_scale, lora_a is not None, offset is not None,
                     bias is not None)
         empty = x.new_empty(0)
@@ -64,29 +84,32 @@ class L4QLinearFunction(torch.autograd.Function):
         lora_a = lora_a if has_lora else None
         lora_b = lora_b if has_lora else None
         offset = offset if has_off else None
-        w = merged_weight(w0, lora_a, lora_b, lora_scale)
-        out_f, in_f = w.shape
-        gl = in_f if group_size is None else group_size
-        wg = w.reshape(out_f, in_f // gl, gl)
-        dt = w.dtype
-        s3 = scale.to(dt).unsqueeze(-1)
-        o3 = None if offset is None else offset.to(dt).unsqueeze(-1)
+        v, s3 = _grouped_v(w0, lora_a, lora_b, lora_scale, scale, offset, group_size)
+        out_f, ng, gl = v.shape
+        in_f = ng * gl
         grad_x = None
         if ctx.needs_input_grad[0]:
-            wq = lsq_forward(wg, s3, o3, qmin, qmax).reshape(out_f, in_f).to(g.dtype)
-            grad_x = g @ wq
-            del wq
+            grad_x = g @ _dequant_codes(v, s3, offset, qmin, qmax, g.dtype)
         g2 = g.reshape(-1, out_f)
-        grad_wq = (g2.t().to(dt) @ x.reshape(-1, in_f).to(dt)).reshape(out_f, in_f // gl, gl)
-        grad_w, gs, go = _lsq_grads(grad_wq, wg, s3, o3, qmin, qmax, grad_scale)
-        del grad_wq, wg
+        # dL/dWq = gᵀx in the activation dtype (tensor cores for bf16), then the quantizer math in fp32
+        gw = (g2.t() @ x.reshape(-1, in_f)).to(v.dtype).reshape(out_f, ng, gl)
+        outside = (v < qmin) | (v > qmax)
+        r = torch.round(v).sub_(v)  # round(v) - v inside the clip range ...
+        r = torch.where(v < qmin, float(qmin), r).masked_fill_(v > qmax, float(qmax))  # ... Qn / Qp outside
+        del v
+        grad_scale_p = torch.bmm(gw.reshape(-1, 1, gl), r.reshape(-1, gl, 1)).reshape(out_f, ng)
+        grad_scale_p = (grad_scale_p * grad_scale).to(scale.dtype)
+        del r
+        grad_off_p = None
+        total = gw.sum(-1) if has_off else None
+        gw.masked_fill_(outside, 0.0)  # now dL/dW (straight-through inside the clip range)
+        if has_off:
+            grad_off_p = ((total - gw.sum(-1)) * grad_scale).to(offset.dtype)
         grad_a = grad_b = None
         if has_lora:
-            grad_w = grad_w.reshape(out_f, in_f)
-            grad_a = (lora_scale * (lora_b.to(dt).t() @ grad_w)).to(lora_a.dtype)
-            grad_b = (lora_scale * (grad_w @ lora_a.to(dt).t())).to(lora_b.dtype)
-        grad_scale_p = gs.squeeze(-1).to(scale.dtype)
-        grad_off_p = go.squeeze(-1).to(offset.dtype) if go is not None else None
+            gw = gw.reshape(out_f, in_f)
+            grad_a = (lora_scale * (lora_b.to(gw.dtype).t() @ gw)).to(lora_a.dtype)
+            grad_b = (lora_scale * (gw @ lora_a.to(gw.dtype).t())).to(lora_b.dtype)
         grad_bias = g2.sum(0) if has_bias and ctx.needs_input_grad[6] else None
         return (grad_x, None, grad_a, grad_b, grad_scale_p, grad_off_p, grad_bias, None, None, None, None, None)
 
