@@ -31,6 +31,7 @@ def test_fused_matches_naive_on_cuda():
     x = torch.randn(2, 8, 64, device="cuda")
     outs = []
     for fused in (True, False):
+        torch.manual_seed(0)  # same LoRA A initialisation for both
         qm = fxc.prepare_l4q(m, (x,), fxc.L4QConfig(bits=3, group_size=32, lora_rank=4, fused=fused))
         with torch.no_grad():
             for n, p in qm.named_parameters():

@@ -34,9 +34,9 @@ class RMSNorm(nn.Module):
 
 def rotary(x, base=10000.0):
     t, d = x.shape[-2], x.shape[-1]
-    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
-    ang = torch.arange(t, dtype=torch.float32)[:, None] * inv[None, :]
-    cos, sin = ang.cos(), ang.sin()
+    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))
+    ang = torch.arange(t, dtype=torch.float32, device=x.device)[:, None] * inv[None, :]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 

@@ -188,7 +188,7 @@ def main(argv=None) -> int:
                 y = torch.from_dlpack(vm["main"](xt)).float()
                 err = ((y - ref).abs().max() / ref.abs().max()).item()
                 yk = tvm.runtime.empty((1, m, n), "float16", dev)
-                fk = kmod.time_evaluator("main", dev, number=100, repeat=15)
+                fk = getattr(kmod, "mod", kmod).time_evaluator("main", dev, number=100, repeat=15)
                 t_kern = fk(xt, tvm.runtime.tensor(words, dev), tvm.runtime.tensor(scale, dev), yk).median * 1e6
                 t_vm = vm.time_evaluator("main", dev, number=100, repeat=15)(xt).median * 1e6
                 q_bytes = words.nbytes + scale.nbytes + act

@@ -87,6 +87,19 @@ def measure(method, cfg, args, device):
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     peak = torch.cuda.max_memory_allocated() / 2**20
+    # where the peak is: after the forward (activations saved) vs during backward + optimizer step
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() / 2**20
+    logits = model(ids[:, :-1])
+    loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1))
+    del logits
+    fwd_peak = torch.cuda.max_memory_allocated() / 2**20
+    torch.cuda.reset_peak_memory_stats()
+    loss.backward()
+    bwd_peak = torch.cuda.max_memory_allocated() / 2**20
+    opt.zero_grad(set_to_none=True)
+    print(f"{method}: resident {base:.0f} MiB, forward peak {fwd_peak:.0f} MiB, backward peak {bwd_peak:.0f} MiB",
+          flush=True)
     ntrain = sum(p.numel() for p in del_params)
     del model, opt, ids
     gc.collect()

@@ -58,9 +58,10 @@ class L4QConfig:
         return QuantSpec(self.bits, self.symmetric, "per_group", self.group_size)
 
 
-def l4q_pass(gm: fx.GraphModule, config: L4QConfig) -> PassResult:
-    """The graph rewrite behind :func:`prepare_l4q` (``gm`` is deep-copied, not modified)."""
-    gm = copy.deepcopy(gm)
+def l4q_pass(gm: fx.GraphModule, config: L4QConfig, *, inplace: bool = False) -> PassResult:
+    """The graph rewrite behind :func:`prepare_l4q`; ``gm`` is deep-copied unless ``inplace``."""
+    if not inplace:
+        gm = copy.deepcopy(gm)
     spec = config.spec
     sites = {s.name: s for s in linear_sites(gm)}
     names = match_names(list(sites), config.targets, config.exclude)
@@ -100,8 +101,8 @@ def prepare_l4q(model: nn.Module, example_inputs, config: L4QConfig = L4QConfig(
     """
     if not isinstance(config, L4QConfig):
         raise ValueError(f"config must be an L4QConfig, got {type(config).__name__}")
-    gm = capture(model, example_inputs)
-    return l4q_pass(gm, config).gm
+    gm = capture(model, example_inputs)  # already a private copy: rewrite it in place (no second copy of W0)
+    return l4q_pass(gm, config, inplace=True).gm
 
 
 def l4q_trainable_parameters(gm: nn.Module) -> list[torch.nn.Parameter]:
