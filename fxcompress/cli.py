@@ -118,6 +118,33 @@ def _cmd_l4q(args) -> int:
     return 0
 
 
+def _cmd_udfc(args) -> int:
+    """Run UDFC on a built-in model, print the report and top-1 before/after, optionally save."""
+    import fxcompress as fxc
+    from fxcompress.models import accuracy, load_digits_split, pretrained_digits_resnet
+    from fxcompress.passes.udfc import UDFCConfig, udfc_pass
+
+    cfg = UDFCConfig(prune_ratio=args.prune, weight_bits=args.bits, criterion=args.criterion,
+                     correlation=args.correlation,
+                     compensate=args.compensate, prune=args.prune > 0,
+                     quantize=not args.no_quantize)
+    model = pretrained_digits_resnet()
+    _, _, xte, yte = load_digits_split()
+    gm = fxc.capture(model, (xte[:4],))
+    res = udfc_pass(gm, cfg, progress=True)
+    res.gm.eval()
+    print(res.report)
+    print()
+    print(f"top-1 on {len(yte)} held-out digits: fp32 {accuracy(model, xte, yte):.2f}%  ->  UDFC "
+          f"(prune {cfg.prune_ratio:g}, {cfg.weight_bits}-bit{'' if cfg.compensate else ', no compensation'}) "
+          f"{accuracy(res.gm, xte, yte):.2f}%   (pass took {res.gm.meta['udfc_seconds']:.2f} s)")
+    if args.out:
+        fxc.save(res.gm, args.out, extra={"udfc_config": {k: (list(v) if isinstance(v, tuple) else v)
+                                                          for k, v in cfg.__dict__.items()}})
+        print(f"saved to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxcompress", description="Compress PyTorch models with torch.fx passes "
                                 "(L4Q, UDFC) and deploy them (ONNX Runtime, TVM).")
@@ -161,11 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     lq.add_argument("--out", required=True)
     lq.set_defaults(fn=_cmd_l4q)
 
-    from fxcompress.passes.udfc import add_udfc_arguments, cli_udfc
+    from fxcompress.passes.udfc import CORRELATIONS, CRITERIA
 
     u = sub.add_parser("udfc", help="data-free pruning + quantization with compensation (UDFC)")
-    add_udfc_arguments(u)
-    u.set_defaults(fn=cli_udfc)
+    u.add_argument("--model", default="digits", choices=["digits"], help="built-in model to compress")
+    u.add_argument("--prune", type=float, default=0.3, help="channel prune ratio in [0, 1)")
+    u.add_argument("--bits", type=int, default=6, help="weight bits, 2..8")
+    u.add_argument("--criterion", default="l2", choices=list(CRITERIA))
+    u.add_argument("--correlation", default="weights", choices=list(CORRELATIONS))
+    u.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=True)
+    u.add_argument("--no-quantize", action="store_true", help="prune only")
+    u.add_argument("--out", default=None, help="save the compressed model to this directory")
+    u.set_defaults(fn=_cmd_udfc)
 
     from fxcompress.backends.onnx_qdq import add_export_args, cli_export
     from fxcompress.backends.tvm import add_export_tvm_args, cli_export_tvm

