@@ -85,18 +85,18 @@ def build_tvm(k, n, m, bits, words, scale, qmin, target):
     return build, kmod
 
 
-def rule_used(build) -> str:
+def rule_used(build, m: int = 1) -> str:
     src = build.device_source()
-    return "gemv" if "rf_local" in src else "matmul"
+    if "rf_local" not in src:
+        return "matmul"
+    return "gemv" if m == 1 else "small-batch gemv"
 
 
-def ort_session(k, n, m, codes, scale, bits):
+def ort_model(k, n, m, codes, scale, bits):
+    """MatMulNBits (com.microsoft) model bytes: fp16 A (m, k), packed uint8 B (n, k/g, g*bits/8), fp16 scales."""
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return None, "no CUDAExecutionProvider"
     blocks = k // GROUP
     u = (codes + 2 ** (bits - 1)).astype(np.uint8)  # offset binary, zero point 2^(b-1) (ORT's default)
     if bits == 4:
@@ -104,7 +104,7 @@ def ort_session(k, n, m, codes, scale, bits):
     elif bits == 8:
         packed = u.reshape(n, blocks, GROUP)
     else:
-        return None, f"MatMulNBits bits={bits} not benchmarked"
+        raise ValueError(f"MatMulNBits bits={bits} not benchmarked")
     node = helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft", K=k, N=n,
                             bits=bits, block_size=GROUP, accuracy_level=0)
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT16, [m, k])],
@@ -112,12 +112,25 @@ def ort_session(k, n, m, codes, scale, bits):
                           [onnx.numpy_helper.from_array(packed, "B"),
                            onnx.numpy_helper.from_array(scale.reshape(-1).astype(np.float16), "scales")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    # onnx 1.23 writes IR version 12+, which onnxruntime 1.31 rejects ("model.cc: Unsupported model IR version");
+    # opset 21 needs IR 10 (as fxcompress.backends.onnx_qdq writes it)
+    model.ir_version = 10
+    return model.SerializeToString()
+
+
+def ort_session(k, n, m, codes, scale, bits, providers=("CUDAExecutionProvider",)):
+    import onnxruntime as ort
+
+    if providers[0] not in ort.get_available_providers():
+        return None, f"no {providers[0]}"
+    if bits not in (4, 8):
+        return None, f"MatMulNBits bits={bits} not benchmarked"
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider"])
+        sess = ort.InferenceSession(ort_model(k, n, m, codes, scale, bits), so, providers=list(providers))
     except Exception as e:  # noqa: BLE001
-        return None, f"ORT: {str(e).splitlines()[0][:80]}"
+        return None, "ORT: " + " ".join(str(e).split())[-120:]
     return sess, ""
 
 
@@ -205,7 +218,7 @@ def main(argv=None) -> int:
                             ort_note = f"ORT run: {str(e).splitlines()[0][:60]}"
                     ort_bytes = q_bytes
                 rows.append(dict(shape=f"{k}x{n}", m=m, bits=bits, torch=t_torch, kern=t_kern, vm=t_vm, ort=t_ort,
-                                 err=err, rule=rule_used(build), gbs=q_bytes / t_kern / 1e3,
+                                 err=err, rule=rule_used(build, m), gbs=q_bytes / t_kern / 1e3,
                                  pct=(q_bytes / (t_kern * 1e-6) / peak * 100) if peak else None,
                                  torch_gbs=fp16_bytes / t_torch / 1e3, ort_note=ort_note,
                                  ort_gbs=(q_bytes / t_ort / 1e3) if t_ort else None))

@@ -87,7 +87,7 @@ class UDFCConfig:
 # Expectations of ReLU of Gaussians (the data-free statistics)
 
 _SQRT2 = math.sqrt(2.0)
-_GL_X, _GL_W = (torch.as_tensor(v, dtype=torch.float64) for v in np.polynomial.legendre.leggauss(96))
+_GL_X, _GL_W = (torch.as_tensor(v, dtype=torch.float64) for v in np.polynomial.legendre.leggauss(32))
 
 
 def _pdf(x):
@@ -121,7 +121,7 @@ def relu_cross_moment(mu1, s1, mu2, s2, rho):
 
     Write y1 = mu1 + s1 u with u ~ N(0, 1); then y2 | u ~ N(mu2 + s2 rho u, s2^2 (1 - rho^2)), so
     E[ReLU(y2) | u] is :func:`relu_mean`, and the remaining 1-D integral over the half-line where
-    y1 > 0 is smooth and done with 96-point Gauss-Legendre.  rho = 0 gives E[a1] E[a2].
+    y1 > 0 is smooth and done with 32-point Gauss-Legendre.  rho = 0 gives E[a1] E[a2].
     """
     mu1, s1, mu2, s2, rho = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float64)
                                                       for v in (mu1, s1, mu2, s2, rho)))
