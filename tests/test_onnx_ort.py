@@ -299,3 +299,55 @@ def test_layer_used_twice(tmp_path, fmt):
     inits = [t.name for t in onnx.load(str(path)).graph.initializer]
     assert inits.count("fc.qweight") == 1 and len(layer_formats(path)) == 1
     assert check_parity(q, load_ort(path), (x,)).ok(atol=TOL)
+
+
+def _nbits_fp16(tmp_path, x):
+    from fxcompress.runtime.ort import to_float16
+
+    q = fxc.quantize_rtn(fxc.capture(DecoderBlock().eval(), (x,)),
+                         fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=32)).gm
+    p32 = export_onnx(q, (x,), tmp_path / "b32.onnx", weight_format="matmulnbits")
+    m16 = to_float16(onnx.load(str(p32)))
+    p16 = tmp_path / "b16.onnx"
+    onnx.save(m16, str(p16))
+    return q, m16, p16
+
+
+def test_to_float16_matmulnbits_structure(tmp_path):
+    """fp16 path for GPU benchmarks: float tensors become fp16 (MatMulNBits scales too), codes stay uint8."""
+    x = torch.randn(1, 4, 64)
+    q, m16, p16 = _nbits_fp16(tmp_path, x)
+    onnx.checker.check_model(str(p16))
+    g = m16.graph
+    assert g.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert g.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert not any(t.data_type == onnx.TensorProto.FLOAT for t in g.initializer)
+    inits = {t.name: t for t in g.initializer}
+    nb = [n for n in g.node if n.op_type == "MatMulNBits"]
+    assert len(nb) == 7
+    for n in nb:
+        assert inits[n.input[1]].data_type == onnx.TensorProto.UINT8
+        assert inits[n.input[2]].data_type == onnx.TensorProto.FLOAT16
+    range_in = {i for n in g.node if n.op_type == "Range" for i in n.input}  # Range has no fp16 type
+    assert not any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for n in g.node if n.op_type == "Cast"
+                   and n.output[0] not in range_in for a in n.attribute)
+    # the graph type-checks (ONNX Runtime validates types at load; Range stays fp32 and is cast after)
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(p16), providers=["CPUExecutionProvider"])
+    y = s.run(None, {s.get_inputs()[0].name: x.half().numpy()})[0].astype(np.float32)
+    ref = q(x).detach().numpy()
+    assert np.abs(y - ref).max() <= 2e-2 * np.abs(ref).max()
+
+
+@pytest.mark.gpu
+def test_to_float16_matmulnbits_cuda_ep(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("needs onnxruntime-gpu")
+    x = torch.randn(1, 4, 64)
+    q, _, p16 = _nbits_fp16(tmp_path, x)
+    s = ort.InferenceSession(str(p16), providers=["CUDAExecutionProvider"])
+    y = s.run(None, {s.get_inputs()[0].name: x.half().numpy()})[0].astype(np.float32)
+    ref = q(x).detach().numpy()
+    assert np.abs(y - ref).max() <= 1e-2 * np.abs(ref).max()

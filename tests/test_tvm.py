@@ -221,3 +221,31 @@ def test_cuda_gemv_int4_g128_matches_reference():
     y = r(x.half().cuda()).float().cpu()
     ref = x @ q[0].dequantized_weight().t()
     assert (y - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+
+
+def _small_batch_lin(k=512, n=256):
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n, bias=True)
+    return nn.Sequential(QuantLinear.from_linear(lin, QuantSpec(4, True, "per_group", 128)), nn.SiLU())
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build CUDA code")
+@pytest.mark.parametrize("m", [4, 16])
+def test_cuda_build_small_batch_uses_gemv_schedule(m):
+    """2 <= M <= 16 activation rows: the GEMV-style (rfactor) schedule, one pass over the packed weight."""
+    q = _small_batch_lin()
+    b = build_tvm(q, (torch.randn(1, m, 512),), target="cuda", dtype=torch.float16)
+    src = b.device_source()
+    assert "rf_local" in src and "uint*" in src
+    assert len([k for k in b.kernel_names() if "decode_matmul" in k]) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_cuda_small_batch_matches_reference(m):
+    q = _small_batch_lin()
+    x = torch.randn(1, m, 512)
+    r = compile_tvm(q, (x,), target="cuda", dtype=torch.float16)
+    y = r(x.half().cuda()).float().cpu()
+    ref = q(x)
+    assert (y - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
