@@ -130,7 +130,7 @@ def test_training_improves_over_rtn_then_convert_matches():
     qm = fxc.prepare_l4q(m, (x,), fxc.L4QConfig(bits=3, group_size=32, lora_rank=4, lora_alpha=8.0))
     losses, _ = _train(qm, m, x, 60)
     assert losses[-1] < 0.6 * losses[0]
-    assert any(qm.get_submodule("q_proj").lora_B.detach().abs().max() > 0 for _ in [0])
+    assert qm.get_submodule("q_proj").lora_B.detach().abs().max() > 0  # the adapters trained
     dm = fxc.convert_l4q(qm)
     with torch.no_grad():
         assert torch.allclose(dm(x), qm(x), atol=1e-5)
