@@ -249,3 +249,32 @@ def test_cuda_small_batch_matches_reference(m):
     y = r(x.half().cuda()).float().cpu()
     ref = q(x)
     assert (y - ref).abs().max().item() <= 1e-2 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_magic_decode_matches_convert_decode(bits, monkeypatch):
+    """DECODE_MODE 'magic' (integer ops + bit reinterpret) gives the same outputs as 'convert' (I2F)."""
+    import fxcompress.backends.tvm as B
+
+    torch.manual_seed(bits)
+    m = nn.Sequential(nn.Linear(256, 64)).eval()
+    x = torch.randn(1, 3, 256)
+    q = _rtn(m, x, bits=bits, symmetric=False, granularity="per_group", group_size=64)
+    outs = {}
+    for mode in ("magic", "convert"):
+        monkeypatch.setattr(B, "DECODE_MODE", mode)
+        outs[mode] = compile_tvm(q, (x,), target="llvm")(x)
+    torch.testing.assert_close(outs["magic"], outs["convert"], atol=1e-6, rtol=1e-6)
+
+
+def test_cuda_build_with_gemv_config_override(monkeypatch):
+    """GEMV_CUDA_CONFIG overrides dlight's batch-1 tile sizes (here 4 rows per block) and still builds."""
+    import fxcompress.backends.tvm as B
+
+    monkeypatch.setattr(B, "GEMV_CUDA_CONFIG", {"TS": 4, "TR": 32})
+    m = nn.Sequential(nn.Linear(512, 256)).eval()
+    x = torch.randn(1, 1, 512)
+    q = _rtn(m, x, bits=4, symmetric=True, granularity="per_group", group_size=128)
+    b = build_tvm(q, (x,), target="cuda", dtype=torch.float16)
+    src = b.device_source()
+    assert "__launch_bounds__(128)" in src and "rf_local" in src

@@ -153,18 +153,136 @@ def ort_time_us(sess, x_np, iters=200, reps=10):
     return statistics.median(res), out
 
 
+# batch-1 schedule variants tried by --sweep: (name, decode mode, GEMV_CUDA_CONFIG)
+VARIANTS = [
+    ("dlight, I2F decode", "convert", None),
+    ("dlight, magic decode", "magic", None),
+    ("TS4 TR32", "magic", dict(TS=4, TR=32)),
+    ("TS8 TR32", "magic", dict(TS=8, TR=32)),
+    ("TS16 TR16", "magic", dict(TS=16, TR=16)),
+    ("TS4 TR64", "magic", dict(TS=4, TR=64)),
+    ("TS16 TR32 TILE_R16", "magic", dict(TS=16, TR=32, TILE_R=16, VEC_C=8)),
+    ("TS4 TR32 TILE_R16", "magic", dict(TS=4, TR=32, TILE_R=16, VEC_C=8)),
+]
+SWEEP_CASES = [(4096, 4096, 4), (8192, 8192, 4), (4096, 11008, 4), (4096, 4096, 8), (4096, 4096, 3)]
+
+
+def apply_config(decode: str | None, cfg: dict | None) -> None:
+    from fxcompress.backends import tvm as B
+
+    if decode:
+        B.DECODE_MODE = decode
+    B.GEMV_CUDA_CONFIG = dict(cfg) if cfg else None
+
+
+def load_config(path) -> tuple[str | None, dict | None, str]:
+    """(decode mode, GEMV config, name) from a --sweep JSON file (written by sweep())."""
+    import json
+
+    d = json.loads(Path(path).read_text())
+    return d.get("decode"), d.get("config"), d.get("name", "")
+
+
+def sweep(out_md: str, out_json: str) -> dict:
+    """Time every VARIANTS entry on SWEEP_CASES (batch 1, kernel only); the fastest by geometric mean wins."""
+    import json
+    import math
+
+    import tvm
+
+    dev = tvm.cuda(0)
+    gpu = torch.cuda.get_device_name(0)
+    peak = hbm_peak(gpu)
+    rng = np.random.default_rng(0)
+    cases = []
+    for k, n, bits in SWEEP_CASES:
+        codes, words, scale, qmin = make_weights(k, n, bits, rng)
+        x = torch.randn(1, 1, k, device="cuda", dtype=torch.float16) * 0.5
+        wref = torch.from_numpy((codes.reshape(n, k // GROUP, GROUP).astype(np.float32)
+                                 * scale.astype(np.float32)[..., None]).reshape(n, k)).to("cuda")
+        w16 = wref.half()
+        cases.append(dict(k=k, n=n, bits=bits, words=words, scale=scale, qmin=qmin, x=x,
+                          ref=torch.nn.functional.linear(x.float(), wref),
+                          torch=torch_time_us(lambda: torch.nn.functional.linear(x, w16))))  # noqa: B023
+    res = []
+    for name, decode, cfg in VARIANTS:
+        apply_config(decode, cfg)
+        times, errs = [], []
+        for c in cases:
+            try:
+                build, kmod = build_tvm(c["k"], c["n"], 1, c["bits"], c["words"], c["scale"], c["qmin"], "cuda")
+                xt = tvm.runtime.from_dlpack(c["x"])
+                yk = tvm.runtime.empty((1, 1, c["n"]), "float16", dev)
+                f = getattr(kmod, "mod", kmod)
+                args = (xt, tvm.runtime.tensor(c["words"], dev), tvm.runtime.tensor(c["scale"], dev), yk)
+                f["main"](*args)
+                y = torch.from_dlpack(yk).float()
+                errs.append(((y - c["ref"]).abs().max() / c["ref"].abs().max()).item())
+                times.append(f.time_evaluator("main", dev, number=200, repeat=9)(*args).median * 1e6)
+            except Exception as e:  # noqa: BLE001
+                print(f"  {name}: {c['k']}x{c['n']} int{c['bits']} failed: {str(e).splitlines()[-1][:100]}")
+                times.append(float("inf"))
+                errs.append(float("nan"))
+        ok = all(math.isfinite(t) for t in times) and max(errs) < 5e-3
+        geo = math.exp(sum(math.log(c["torch"] / t) for c, t in zip(cases, times)) / len(times)) if ok else 0.0
+        res.append(dict(name=name, decode=decode, config=cfg, times=times, errs=errs, geo=geo))
+        print(f"{name:>24}: " + "  ".join(f"{t:7.2f}" for t in times) + f"  | geo-mean speedup {geo:.2f}x"
+              f"  max err {max(errs):.1e}", flush=True)
+    best = max(res, key=lambda r: r["geo"])
+    apply_config(best["decode"], best["config"])
+    hdr = " | ".join(f"{c['k']}x{c['n']} int{c['bits']} µs" for c in cases)
+    lines = ["# Batch-1 GEMV schedule sweep (TVM fused decode kernel, `time_evaluator` median)", "",
+             f"GPU: **{gpu}**; torch fp16 (cuBLAS) µs: " + ", ".join(
+                 f"{c['k']}x{c['n']}: {c['torch']:.2f}" for c in cases if c["bits"] == 4 or c is cases[0]), "",
+             f"| variant | decode | config | {hdr} | geo-mean speedup vs torch fp16 | max err |",
+             "|---|---|---|" + "---|" * len(cases) + "---|---|"]
+    for r in res:
+        lines.append(f"| {r['name']}{' (best)' if r is best else ''} | {r['decode']} | {r['config'] or 'dlight'} | "
+                     + " | ".join(f"{t:.2f}" for t in r["times"]) + f" | {r['geo']:.2f}x | {max(r['errs']):.1e} |")
+    pct = []
+    for c, t in zip(cases, best["times"]):
+        q = c["words"].nbytes + c["scale"].nbytes + c["k"] * 2 + c["n"] * 2
+        pct.append(f"{c['k']}x{c['n']} int{c['bits']}: {q / t / 1e3:.0f} GB/s"
+                   + (f" = {q / (t * 1e-6) / peak * 100:.0f}% of HBM peak" if peak else ""))
+    lines += ["", "Best: " + "; ".join(pct)]
+    Path(out_md).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_md).write_text("\n".join(lines) + "\n")
+    Path(out_json).write_text(json.dumps({"name": best["name"], "decode": best["decode"], "config": best["config"],
+                                          "gpu": gpu}))
+    print(f"best: {best['name']} ({best['geo']:.2f}x geo-mean); wrote {out_md} and {out_json}")
+    return best
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="tools/results/gemv_bench.md")
     ap.add_argument("--bits", default="4,8,3", help="comma list of 2/3/4/8")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--quick", action="store_true", help="4096x4096 only")
+    ap.add_argument("--sweep", default=None, metavar="MD",
+                    help="time the batch-1 schedule VARIANTS first (table to MD), then bench with the fastest")
+    ap.add_argument("--sweep-json", default=None, help="where --sweep writes the winning config (MD + .json)")
+    ap.add_argument("--config", default=None, help="a JSON file written by --sweep: decode mode + GEMV config")
+    ap.add_argument("--decode", default=None, choices=["magic", "convert"], help="fxcompress DECODE_MODE")
     args = ap.parse_args(argv)
+    config_note = "fxcompress defaults"
+    if args.config:
+        dec, cfg, name = load_config(args.config)
+        apply_config(dec, cfg)
+        config_note = f"{name}: decode {dec}, GEMV config {cfg}"
+    if args.decode:
+        apply_config(args.decode, __import__("fxcompress.backends.tvm", fromlist=["x"]).GEMV_CUDA_CONFIG)
     import tvm
 
     if not torch.cuda.is_available() or not tvm.cuda(0).exist:
         print("bench_gemv needs a CUDA GPU visible to torch and TVM", file=sys.stderr)
         return 2
+    if args.sweep:
+        best = sweep(args.sweep, args.sweep_json or args.sweep + ".json")
+        config_note = f"sweep winner {best['name']}: decode {best['decode']}, GEMV config {best['config']}"
+    from fxcompress.backends import tvm as B
+
+    config_note += f" (DECODE_MODE={B.DECODE_MODE!r}, GEMV_CUDA_CONFIG={B.GEMV_CUDA_CONFIG})"
     t_start = time.time()
     gpu = torch.cuda.get_device_name(0)
     peak = hbm_peak(gpu)
@@ -233,7 +351,8 @@ def main(argv=None) -> int:
         "# Integer-weight GEMV / low-batch GEMM: TVM (dlight) vs torch fp16 vs ORT MatMulNBits", "",
         f"GPU: **{gpu}**; HBM peak used for %: {peak / 1e12 if peak else 'unknown'} TB/s; torch {torch.__version__}; "
         f"tvm {tvm.__version__}; onnxruntime {ort_ver or 'not importable'}; total bench time {total:.0f} s.", "",
-        "Command: `PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/bench_gemv.py --out " + args.out + "`", "",
+        "Command: `PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/bench_gemv.py " + " ".join(argv or sys.argv[1:])
+        + "`", "", f"Schedule: {config_note}.", "",
         "Weights: symmetric per-group g128 codes packed into uint32 words along K (int4: 8/word, int8: 4/word, "
         "int3: 10/word), fp16 scales, fp16 activations, fp32 accumulation; shape is K(in) x N(out), batch M. "
         "TVM kernel = `time_evaluator` of the one fused decode+matmul kernel; TVM vm = the whole Relax VM call "

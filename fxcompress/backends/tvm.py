@@ -65,6 +65,16 @@ TUNERS = ("dlight", "meta_schedule", "none")
 # packed weight for all rows) instead of dlight's tiled Matmul; 0 turns it off
 SMALL_BATCH_MAX_M = 16
 FORMAT_VERSION = 1
+# how a packed code becomes a float inside the fused kernel (see emit_packed_linear):
+#   "magic": integer ops only -- ``(word >> shift) & mask | exponent`` reinterpreted as a float (2**23 + u for
+#            fp32, 1024 + u for fp16) minus that constant; exact, same values as "convert", and no int->float
+#            conversion instruction (I2F runs at 1/8 of the FMA rate on sm_80/sm_90, the GEMV's bottleneck)
+#   "convert": ``.astype(float)`` of the extracted code (an I2F per weight)
+DECODE_MODE = "magic"
+# overrides of dlight's CUDA GEMV (batch 1) inner-reduction parameters; None / missing keys keep dlight's
+# choice.  Keys: TS (rows per block, threadIdx.y), TR (threads along K, threadIdx.x), TILE_R (K elements per
+# thread per step), VEC_C (vectorized compute width), VEC_LOAD (bytes per weight load), UNROLL, LOAD_V_SHARED
+GEMV_CUDA_CONFIG: dict | None = None
 
 
 class TVMBackendError(ValueError):
@@ -220,6 +230,9 @@ def emit_packed_linear(bb, x, words: np.ndarray, scale: np.ndarray, zero_point: 
     has_zp = zero_point is not None and bool(np.any(np.asarray(zero_point) != 0))
     mask = tirx.const(2**bits - 1, "uint32")
     acc = accum_dtype if dtype != "float32" else "float32"
+    decode = DECODE_MODE if bits <= 8 else "convert"
+    if decode not in ("magic", "convert"):
+        raise TVMBackendError(f"DECODE_MODE must be 'magic' or 'convert', got {decode!r}")
 
     def f(xt, wt, st, *rest):
         zt = rest[0] if has_zp else None
@@ -228,7 +241,15 @@ def emit_packed_linear(bb, x, words: np.ndarray, scale: np.ndarray, zero_point: 
             r = n if rows > 1 else 0
             g = k // gs if groups > 1 else 0
             word = wt[n, k // per]
-            u = ((word >> ((k % per) * bits).astype("uint32")) & mask).astype(dtype)
+            code = (word >> ((k % per) * bits).astype("uint32")) & mask
+            if decode == "magic" and dtype == "float32":  # 2**23 + u as an fp32 bit pattern
+                u = tirx.reinterpret("float32", code | tirx.const(0x4B000000, "uint32")) - tirx.const(8388608.0,
+                                                                                                         dtype)
+            elif decode == "magic":  # 1024 + u as an fp16 bit pattern (u < 1024 for bits <= 8)
+                u = tirx.reinterpret("float16", code.astype("uint16") | tirx.const(0x6400, "uint16")) \
+                    - tirx.const(1024.0, dtype)
+            else:
+                u = code.astype(dtype)
             if qmin != 0:
                 u = u + tirx.const(qmin, dtype)
             if zt is not None:
@@ -446,11 +467,85 @@ def _fuse_passes():
 def _dlight_pass(target):
     from tvm.s_tir import dlight as dl
 
-    rules = [_SmallBatchGEMV(SMALL_BATCH_MAX_M), dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(),
+    rules = [_SmallBatchGEMV(SMALL_BATCH_MAX_M), dl.gpu.Matmul(), _gemv_rule(), dl.gpu.LowBatchGEMV(),
              dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     for r in rules[:-1]:
         _guard(r)
     return dl.ApplyDefaultSchedule(*rules)
+
+
+def _gemv_rule():
+    """dlight's GEMV rule; with :data:`GEMV_CUDA_CONFIG` set, its CUDA inner-reduction parameters overridden."""
+    from tvm.s_tir.dlight import gpu as dlgpu
+
+    cfg = dict(GEMV_CUDA_CONFIG or {})
+    if not cfg:
+        return dlgpu.GEMV()
+    return _TunedGEMV(cfg)
+
+
+def _tuned_gemv_cls():
+    import types
+
+    from tvm.s_tir.dlight import gpu as dlgpu
+    from tvm.s_tir.dlight.base import get_extent
+    from tvm.s_tir.dlight.gpu import gemv as gemv_mod
+
+    code = next(c for c in dlgpu.GEMV.sch_inner_reduction.__code__.co_consts
+                if isinstance(c, types.CodeType) and c.co_name == "apply")
+
+    class TunedGEMV(dlgpu.GEMV):
+        """dlight GEMV whose CUDA inner-reduction schedule takes its tile parameters from a dict; the schedule
+        itself is upstream's (its nested ``apply``, rebound here), only the numbers differ."""
+
+        def __init__(self, cfg):
+            super().__init__()
+            self.cfg = cfg
+
+        def sch_inner_reduction(self, sch, target, block, vector_input_buffers, epilogue_info):
+            if target.kind.name != "cuda":
+                return super().sch_inner_reduction(sch, target, block, vector_input_buffers, epilogue_info)
+
+            def get_max_factor(n, factors):
+                for f in sorted(factors, reverse=True):
+                    if n % f == 0:
+                        return f
+                return 1
+
+            batch, s, r, c = sch.get_loops(block=block)
+            len_r, len_c = get_extent(sch, r), get_extent(sch, c)
+            p = dict(VEC_C=4, LOAD_V_SHARED=True, LOAD_V_VEC=8, VEC_LOAD=4, UNROLL=256, TS=16, TR=32, TILE_R=None)
+            p.update({k: v for k, v in self.cfg.items() if v is not None})
+            ts, tr = int(p["TS"]), int(p["TR"])
+            while ts * tr > int(target.attrs["max_num_threads"]):
+                ts, tr = (ts // 2, tr) if ts > 1 else (ts, tr // 2)
+            if not isinstance(len_r, int) or not isinstance(len_c, int):
+                return super().sch_inner_reduction(sch, target, block, vector_input_buffers, epilogue_info)
+            tile_r = int(p["TILE_R"]) if p["TILE_R"] else None
+            if tile_r is not None and ((len_r * len_c) % (tr * tile_r) or tile_r % len_c):
+                tile_r = None  # does not tile the reduction (or splits a packed word): dlight's choice
+            if tile_r is None:
+                tile_r = len_c if len_c > 1 else max(get_max_factor(len_r, [tr, tr * 2, tr * 4, tr * 8]) // tr, 1)
+            vec_c = min(get_max_factor(tile_r, [1, 2, 4, 8, 16, 32]), int(p["VEC_C"]))
+            cells = {"block": block, "epilogue_info": epilogue_info, "get_max_factor": get_max_factor,
+                     "target": target, "vector_input_buffers": vector_input_buffers}
+            fn = types.FunctionType(code, gemv_mod.__dict__, "apply", None,
+                                    tuple(types.CellType(cells[n]) for n in code.co_freevars))
+            return fn(sch, gemv=block, TAG_S="threadIdx.y", TAG_R="threadIdx.x", TS=ts, TR=tr, TILE_S=1,
+                      TILE_R=tile_r, VEC_LOAD=int(p["VEC_LOAD"]), VEC_C=vec_c,
+                      LOAD_V_SHARED=bool(p["LOAD_V_SHARED"]), LOAD_V_VEC=int(p["LOAD_V_VEC"]),
+                      UNROLL=int(p["UNROLL"]), SUPPORT_WARP_SHUFFLE=True)
+
+    return TunedGEMV
+
+
+def _TunedGEMV(cfg):  # noqa: N802 - a class factory (TVM is imported lazily)
+    if not _TUNED_GEMV:
+        _TUNED_GEMV.append(_tuned_gemv_cls())
+    return _TUNED_GEMV[0](cfg)
+
+
+_TUNED_GEMV: list = []
 
 
 class _SmallBatchGEMV:
