@@ -22,12 +22,12 @@ Parity: max|y - ref| / max|ref| of the logits vs the torch module of the integer
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from gpu_timing import cuda_time_us, hbm_peak
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -35,27 +35,6 @@ FULL = dict(hidden_size=2048, intermediate_size=5632, num_layers=4, num_heads=16
             tie_word_embeddings=False)
 SMALL = dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=4, vocab_size=1000,
              tie_word_embeddings=False)
-
-
-def hbm_peak(name: str) -> float | None:
-    n = name.upper()
-    return 4.8e12 if "H200" in n else 3.35e12 if "H100" in n else 2.0e12 if "A100" in n else None
-
-
-def cuda_time_us(fn, iters=50, reps=15) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    res = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(iters):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        res.append(s.elapsed_time(e) * 1e3 / iters)
-    return statistics.median(res)
 
 
 def rel_err(y, ref) -> float:

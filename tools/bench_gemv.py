@@ -11,47 +11,19 @@ calls.  Bytes moved = packed weight + scales + activations in + outputs; % of HB
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from gpu_timing import cuda_time_us, hbm_peak, wall_time_us
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = [(4096, 4096), (4096, 11008), (8192, 8192)]  # (K in, N out)
 BATCHES = [1, 4, 16]
 GROUP = 128
-
-
-def hbm_peak(name: str) -> float | None:
-    n = name.upper()
-    if "H200" in n:
-        return 4.8e12
-    if "H100" in n:
-        return 3.35e12
-    if "A100" in n:
-        return 2.0e12
-    return None
-
-
-def torch_time_us(fn, iters=100, reps=15) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    res = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        for _ in range(iters):
-            fn()
-        e.record()
-        torch.cuda.synchronize()
-        res.append(s.elapsed_time(e) * 1e3 / iters)
-    return statistics.median(res)
 
 
 def make_weights(k, n, bits, rng):
@@ -141,16 +113,8 @@ def ort_time_us(sess, x_np, iters=200, reps=10):
     xv = ort.OrtValue.ortvalue_from_numpy(x_np, "cuda", 0)
     io.bind_ortvalue_input("A", xv)
     io.bind_output("Y", "cuda", 0)
-    for _ in range(10):
-        sess.run_with_iobinding(io)
-    res = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(iters):
-            sess.run_with_iobinding(io)
-        res.append((time.perf_counter() - t) * 1e6 / iters)
-    out = io.copy_outputs_to_cpu()[0]
-    return statistics.median(res), out
+    t = wall_time_us(lambda: sess.run_with_iobinding(io), iters=iters, reps=reps)
+    return t, io.copy_outputs_to_cpu()[0]
 
 
 # batch-1 schedule variants tried by --sweep: (name, decode mode, GEMV_CUDA_CONFIG)
@@ -203,7 +167,7 @@ def sweep(out_md: str, out_json: str) -> dict:
         w16 = wref.half()
         cases.append(dict(k=k, n=n, bits=bits, words=words, scale=scale, qmin=qmin, x=x,
                           ref=torch.nn.functional.linear(x.float(), wref),
-                          torch=torch_time_us(lambda: torch.nn.functional.linear(x, w16))))  # noqa: B023
+                          torch=cuda_time_us(lambda: torch.nn.functional.linear(x, w16), iters=100, warmup=10)))  # noqa: B023
     res = []
     for name, decode, cfg in VARIANTS:
         apply_config(decode, cfg)
@@ -308,7 +272,7 @@ def main(argv=None) -> int:
             for m in batches:
                 x = torch.randn(1, m, k, device="cuda", dtype=torch.float16) * 0.5
                 ref = torch.nn.functional.linear(x.float(), wref.float())
-                t_torch = torch_time_us(lambda: torch.nn.functional.linear(x, w16))  # noqa: B023
+                t_torch = cuda_time_us(lambda: torch.nn.functional.linear(x, w16), iters=100, warmup=10)  # noqa: B023
                 act = m * k * 2 + m * n * 2
                 fp16_bytes = n * k * 2 + act
                 build, kmod = build_tvm(k, n, m, bits, words, scale, qmin, "cuda")
@@ -334,7 +298,6 @@ def main(argv=None) -> int:
                             ort_note = f"err {oerr:.1e}"
                         except Exception as e:  # noqa: BLE001
                             ort_note = f"ORT run: {str(e).splitlines()[0][:60]}"
-                    ort_bytes = q_bytes
                 rows.append(dict(shape=f"{k}x{n}", m=m, bits=bits, torch=t_torch, kern=t_kern, vm=t_vm, ort=t_ort,
                                  err=err, rule=rule_used(build, m), gbs=q_bytes / t_kern / 1e3,
                                  pct=(q_bytes / (t_kern * 1e-6) / peak * 100) if peak else None,

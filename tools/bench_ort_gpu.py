@@ -19,27 +19,21 @@ included.  With ``--cuda-graph`` (default on) ORT captures the session into a CU
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from gpu_timing import hbm_peak, wall_time_us
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GROUP = 128
 
 
-def hbm_peak(name: str) -> float | None:
-    n = name.upper()
-    return 4.8e12 if "H200" in n else 3.35e12 if "H100" in n else 2.0e12 if "A100" in n else None
-
-
 def layer_models(k: int, n: int, m: int = 1, seed: int = 0):
     """(fp16 MatMul model, int4 MatMulNBits model, fp32 reference weight [n, k]) as serialized bytes."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -127,15 +121,8 @@ def time_session(sess, feeds: dict, iters: int = 200, reps: int = 10):
         v = ort.OrtValue.ortvalue_from_shape_and_type(shape, dt, "cuda", 0)
         keep.append(v)
         io.bind_ortvalue_output(o.name, v)
-    for _ in range(10):
-        sess.run_with_iobinding(io)
-    res = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(iters):
-            sess.run_with_iobinding(io)
-        res.append((time.perf_counter() - t) * 1e6 / iters)
-    return statistics.median(res), [x.numpy() for x in io.get_outputs()]
+    t = wall_time_us(lambda: sess.run_with_iobinding(io), iters=iters, reps=reps)
+    return t, [x.numpy() for x in io.get_outputs()]
 
 
 def measure(model, feeds, cuda_graph_first: bool, iters: int):

@@ -48,11 +48,10 @@ def quantize_rtn(gm: fx.GraphModule, config: RTNConfig = RTNConfig(), *, progres
     if config.include_conv:
         for n in gm.graph.nodes:
             if n.op == "call_module" and type(gm.get_submodule(n.target)) is nn.Conv2d:
-                convs[n.target] = gm.get_submodule(n.target)
-    order = {n.target if n.op == "call_module" else n.name: i for i, n in enumerate(gm.graph.nodes)}
-    candidates = sorted(list(sites) + list(convs),
-                        key=lambda k: order.get(sites[k].node.target if k in sites and sites[k].module is not None
-                                                else (sites[k].node.name if k in sites else k), 0))
+                convs[n.target] = (n, gm.get_submodule(n.target))
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    node_of = {**{k: s.node for k, s in sites.items()}, **{k: n for k, (n, _) in convs.items()}}
+    candidates = sorted(node_of, key=lambda k: position[node_of[k]])  # graph order
     names = match_names(candidates, config.targets, config.exclude)
     for name in tqdm(names, desc="rtn", unit="layer", disable=not progress):
         if name in sites:
@@ -66,7 +65,7 @@ def quantize_rtn(gm: fx.GraphModule, config: RTNConfig = RTNConfig(), *, progres
             replace_site(gm, s, QuantLinear(QuantWeight.from_float(s.weight, spec), s.bias))
             report.append(LayerReport(name, "linear", "quantized", spec.bits, shape, shape, spec.granularity))
         else:
-            conv = convs[name]
+            conv = convs[name][1]
             shape = tuple(conv.weight.shape)
             try:
                 qc = QuantConv2d.from_conv(conv, spec)
