@@ -1,5 +1,5 @@
 import os
-import random
+import socket
 import subprocess
 import sys
 
@@ -9,7 +9,9 @@ from ddp_worker import setup_model_and_data, train
 
 
 def test_ddp_gloo_two_processes(tmp_path):
-    port = str(random.randint(29600, 29900))
+    with socket.socket() as sock:  # a port that is free now (a fixed range collided once under load)
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(tmp_path),
                         port], capture_output=True, text=True, timeout=300, env=env)

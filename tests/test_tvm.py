@@ -230,14 +230,73 @@ def _small_batch_lin(k=512, n=256):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build CUDA code")
-@pytest.mark.parametrize("m", [4, 16])
-def test_cuda_build_small_batch_uses_gemv_schedule(m):
-    """2 <= M <= 16 activation rows: the GEMV-style (rfactor) schedule, one pass over the packed weight."""
+@pytest.mark.parametrize("m,kernel", [(4, "dlight"), (16, "dlight"), (17, "fxc")])
+def test_cuda_build_small_batch_uses_gemv_schedule(m, kernel, monkeypatch):
+    """GEMV_KERNEL='dlight' (or rows the hand-written kernel does not take): dlight's GEMV-style (rfactor)
+    schedule, one pass over the packed weight."""
+    import fxcompress.backends.tvm as B
+
+    monkeypatch.setattr(B, "GEMV_KERNEL", kernel)
+    monkeypatch.setattr(B, "SMALL_BATCH_MAX_M", 17)
     q = _small_batch_lin()
     b = build_tvm(q, (torch.randn(1, m, 512),), target="cuda", dtype=torch.float16)
     src = b.device_source()
     assert "rf_local" in src and "uint*" in src
     assert len([k for k in b.kernel_names() if "decode_matmul" in k]) == 1
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build CUDA code")
+@pytest.mark.parametrize("m", [1, 4, 16])
+def test_cuda_build_fp16_small_batch_uses_fxc_gemv(m):
+    """fp16, 1..4 rows: the hand-scheduled packed GEMV (16-byte weight loads), one kernel, weights still packed."""
+    q = _small_batch_lin()
+    b = build_tvm(q, (torch.randn(1, m, 512),), target="cuda", dtype=torch.float16)
+    assert [layer["kernel"] for layer in b.info["layers"]] == ["fxc_gemv"]
+    assert "fxc_packed_gemv_kernel" in b.kernel_names()
+    assert not [k for k in b.kernel_names() if "decode_matmul" in k or "reshape" in k]
+    src = b.device_source()
+    assert "__shfl_down_sync" in src and ("uint4" in src or m > 4)  # 16-byte loads at batch <= 4
+
+
+def test_fxc_gemv_supports_names_the_reason():
+    from fxcompress.backends import tvm_gemv as G
+
+    ok = dict(m=1, k=4096, n=4096, bits=4, group_size=128, dtype="float16")
+    assert G.supports(**ok) is None
+    assert "3-bit" in G.supports(**{**ok, "bits": 3})
+    assert "float32" in G.supports(**{**ok, "dtype": "float32"})
+    assert "batch 17" in G.supports(**{**ok, "m": 17})
+    assert "K=4100" in G.supports(**{**ok, "k": 4100})
+    assert "group size 16" in G.supports(**{**ok, "group_size": 16})
+    assert "shared memory" in G.supports(**{**ok, "m": 16}, tile=G.Tile(words=4))
+    assert G.supports(**{**ok, "n": 4104}) is None  # the default tile shrinks to divide N
+    with pytest.raises(ValueError, match="3-bit"):
+        G.packed_gemv_primfunc(m=1, k=4096, n=4096, bits=3, qmin=-4, group_size=128, scale_rows=4096,
+                               has_zero_point=False, has_bias=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits,symmetric,gran,bias,m,k", [
+    (4, True, "per_group", False, 1, 4096),
+    (4, False, "per_group", True, 1, 5632),   # zero point + bias, a partial last step
+    (4, True, "per_group", False, 3, 2048),
+    (8, True, "per_channel", True, 2, 1024),
+    (2, False, "per_group", False, 4, 2048),
+    (4, True, "per_tensor", False, 1, 512),
+    (4, False, "per_group", True, 16, 4096),  # batch tile: 1-word loads, K staged in chunks
+    (8, True, "per_group", False, 7, 1152),
+])
+def test_cuda_fxc_gemv_matches_reference(bits, symmetric, gran, bias, m, k):
+    torch.manual_seed(bits + m)
+    lin = nn.Linear(k, 264, bias=bias)
+    gs = 128 if gran == "per_group" else None
+    q = nn.Sequential(QuantLinear.from_linear(lin, QuantSpec(bits, symmetric, gran, gs)))
+    x = torch.randn(1, m, k)
+    r = compile_tvm(q, (x,), target="cuda", dtype=torch.float16)
+    assert r.info["layers"][0]["kernel"] == "fxc_gemv"
+    y = r(x.half().cuda()).float().cpu()
+    ref = q(x)
+    assert (y - ref).abs().max().item() <= 5e-3 * ref.abs().max().item()
 
 
 @pytest.mark.gpu
@@ -272,6 +331,7 @@ def test_cuda_build_with_gemv_config_override(monkeypatch):
     import fxcompress.backends.tvm as B
 
     monkeypatch.setattr(B, "GEMV_CUDA_CONFIG", {"TS": 4, "TR": 32})
+    monkeypatch.setattr(B, "GEMV_KERNEL", "dlight")
     m = nn.Sequential(nn.Linear(512, 256)).eval()
     x = torch.randn(1, 1, 512)
     q = _rtn(m, x, bits=4, symmetric=True, granularity="per_group", group_size=128)

@@ -73,20 +73,25 @@ def _sample_model(w, q, keep, gamma, beta, var, eps, shift, correlation, n, seed
     return a, d
 
 
-@pytest.mark.parametrize("correlation", ["independent", "weights"])
-@pytest.mark.parametrize("quantized", [False, True])
-def test_closed_form_compensation_matches_least_squares(correlation, quantized):
+def _case(quantized=True):
+    """The small BN chain of the least-squares test: N=6 channels, 4 kept, optionally 3-bit."""
     torch.manual_seed(0)
-    N, dim = 6, 24
-    w = torch.randn(N, dim)
+    w = torch.randn(6, 24)
     keep = torch.tensor([0, 2, 3, 5])
     q = quantize_weight(w[keep], 3, "per_channel")[1] if quantized else w[keep]
     gamma = torch.tensor([1.0, -0.5, 0.8, 1.3, 0.6, 0.9])
     beta = torch.tensor([0.2, 0.5, -0.3, 0.0, 0.4, 0.1])
     var = torch.tensor([1.0, 2.0, 0.5, 1.5, 0.8, 1.0])
     shift = torch.tensor([0.05, -0.1, 0.02, 0.0]) if quantized else None
-    comp = solve_compensation(w, q, keep, gamma, beta, var, 1e-5, shift, correlation, True, ridge=0.0)
-    a, d = _sample_model(w, q, keep, gamma, beta, var, 1e-5, shift, correlation, 400_000, 3)
+    return w, q, keep, gamma, beta, var, 1e-5, shift
+
+
+@pytest.mark.parametrize("correlation", ["independent", "weights"])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_closed_form_compensation_matches_least_squares(correlation, quantized):
+    args = _case(quantized)
+    comp = solve_compensation(*args, correlation, True, ridge=0.0)
+    a, d = _sample_model(*args, correlation, 400_000, 3)
     D = np.concatenate([d, np.ones((len(d), 1))], 1)
     sol, *_ = np.linalg.lstsq(D, a, rcond=None)  # (R+1, N): a ~= D @ sol
     np.testing.assert_allclose(comp.S.numpy(), sol[:-1].T, atol=0.03)
@@ -96,6 +101,57 @@ def test_closed_form_compensation_matches_least_squares(correlation, quantized):
     np.testing.assert_allclose(np.diag(comp.M.numpy()), (res**2).mean(0), atol=0.02)
     # and compensation never increases the modelled error
     assert np.trace(comp.M.numpy()) <= np.trace(comp.M0.numpy()) + 1e-9
+
+
+@pytest.mark.parametrize("correlation", ["independent", "weights"])
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_single_merge_is_one_channel_least_squares(correlation, bias_correction):
+    args = _case()
+    w, q, keep, gamma = args[:4]
+    comp = solve_compensation(*args, correlation, bias_correction, ridge=0.0, merge="single")
+    S = comp.S.numpy()
+    assert ((S != 0).sum(1) <= 1).all()  # at most one source channel per original channel
+    # the partner: a kept channel itself, a pruned one the kept channel of largest sign-corrected filter cosine
+    wn = F.normalize(w.double(), dim=1)
+    qn = F.normalize(q.double(), dim=1)
+    cos = (wn @ qn.T * torch.sign(gamma)[:, None] * torch.sign(gamma[keep])[None, :]).numpy()
+    partner = [keep.tolist().index(i) if i in keep else int(cos[i].argmax()) for i in range(len(w))]
+    # each row is the 1-D least squares of a_i on [d_j*, (1)] over activations sampled from the model
+    a, d = _sample_model(*args, correlation, 400_000, 5)
+    for i, j in enumerate(partner):
+        D = np.stack([d[:, j], np.ones(len(d))], 1) if bias_correction else d[:, [j]]
+        sol, *_ = np.linalg.lstsq(D, a[:, i], rcond=None)
+        expect = np.zeros(len(keep))
+        expect[j] = sol[0]
+        np.testing.assert_allclose(S[i], expect, atol=0.03)
+        assert float(comp.t[i]) == pytest.approx(sol[1] if bias_correction else 0.0, abs=0.03)
+        res = a[:, i] - D @ sol
+        assert float(comp.M[i, i]) == pytest.approx((res**2).mean(), abs=0.02)
+
+
+@pytest.mark.parametrize("correlation", ["independent", "weights"])
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_single_merge_error_between_full_and_uncompensated(correlation, bias_correction):
+    args = _case()
+    full = solve_compensation(*args, correlation, bias_correction, ridge=0.0)
+    single = solve_compensation(*args, correlation, bias_correction, ridge=0.0, merge="single")
+    torch.testing.assert_close(single.M0, full.M0)
+    # per channel (hence in trace): full least squares <= one-channel least squares <= no compensation
+    assert (torch.diagonal(full.M) <= torch.diagonal(single.M) + 1e-9).all()
+    assert (torch.diagonal(single.M) <= torch.diagonal(single.M0) + 1e-9).all()
+    assert float(torch.trace(full.M)) <= float(torch.trace(single.M)) + 1e-9 < float(torch.trace(single.M0))
+    # the default is the full solution
+    torch.testing.assert_close(solve_compensation(*args, correlation, bias_correction, 0.0, merge="all").S, full.S)
+
+
+def test_single_merge_through_the_pass():
+    model = ResidualCNN(c=8).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = fxc.capture(model, (x,))
+    cfg = {"prune_ratio": 0.5, "quantize": False, "skip": ()}
+    w_all = udfc_pass(gm, UDFCConfig(**cfg)).gm.get_submodule("conv2").weight
+    w_one = udfc_pass(gm, UDFCConfig(**cfg, merge="single")).gm.get_submodule("conv2").weight
+    assert w_one.shape == w_all.shape and not torch.allclose(w_one, w_all)
 
 
 def _digits():
@@ -241,6 +297,7 @@ def test_channel_groups_digits():
     (dict(weight_bits=True), "weight_bits"), (dict(criterion="l3"), "criterion"),
     (dict(granularity="per_group"), "granularity"), (dict(skip="fc"), "skip"),
     (dict(correlation="full"), "correlation"), (dict(compensate=1), "compensate"),
+    (dict(merge="pairs"), "merge"), (dict(merge=None), "merge"),
 ])
 def test_bad_config(kw, field):
     with pytest.raises(ValueError, match=field):

@@ -35,7 +35,8 @@ def make_weights(k, n, bits, rng):
     return codes, pack_words(codes, bits, qmin), scale, qmin
 
 
-def build_tvm(k, n, m, bits, words, scale, qmin, target):
+def build_tvm(k, n, m, bits, words, scale, qmin, target, kernel="dlight"):
+    """Relax build of one packed linear; ``kernel="fxc"`` emits the hand-scheduled GEMV where it applies."""
     import tvm
     from tvm import relax
 
@@ -46,12 +47,12 @@ def build_tvm(k, n, m, bits, words, scale, qmin, target):
     with bb.function("main", [x]):
         with bb.dataflow():
             y = B.emit_packed_linear(bb, x, words, scale.astype(np.float32), None, bits=bits, qmin=qmin,
-                                     out_features=n, in_features=k)
+                                     out_features=n, in_features=k, cuda=kernel == "fxc")
             o = bb.emit_output(y)
         bb.emit_func_output(o)
     build = B.build_tvm(bb.get(), None, target, "dlight")
     kern = [gv for gv, f in build.scheduled.functions.items()
-            if isinstance(f, tvm.tirx.PrimFunc) and "decode" in gv.name_hint]
+            if isinstance(f, tvm.tirx.PrimFunc) and ("decode" in gv.name_hint or "packed_gemv" in gv.name_hint)]
     kmod = tvm.compile(tvm.IRModule({"main": build.scheduled[kern[0]].with_attr("global_symbol", "main")}),
                        target=build.target)
     return build, kmod
@@ -59,6 +60,8 @@ def build_tvm(k, n, m, bits, words, scale, qmin, target):
 
 def rule_used(build, m: int = 1) -> str:
     src = build.device_source()
+    if "fxc_packed_gemv" in src:
+        return "fxc gemv"
     if "rf_local" not in src:
         return "matmul"
     return "gemv" if m == 1 else "small-batch gemv"
@@ -275,17 +278,27 @@ def main(argv=None) -> int:
                 t_torch = cuda_time_us(lambda: torch.nn.functional.linear(x, w16), iters=100, warmup=10)  # noqa: B023
                 act = m * k * 2 + m * n * 2
                 fp16_bytes = n * k * 2 + act
-                build, kmod = build_tvm(k, n, m, bits, words, scale, qmin, "cuda")
                 xt = tvm.runtime.from_dlpack(x)
                 from tvm import relax
 
-                vm = relax.VirtualMachine(build.executable, dev)
-                y = torch.from_dlpack(vm["main"](xt)).float()
-                err = ((y - ref).abs().max() / ref.abs().max()).item()
-                yk = tvm.runtime.empty((1, m, n), "float16", dev)
-                fk = getattr(kmod, "mod", kmod).time_evaluator("main", dev, number=100, repeat=15)
-                t_kern = fk(xt, tvm.runtime.tensor(words, dev), tvm.runtime.tensor(scale, dev), yk).median * 1e6
-                t_vm = vm.time_evaluator("main", dev, number=100, repeat=15)(xt).median * 1e6
+                kern, errs, t_vm, rule = {}, {}, None, ""
+                for kind in ("fxc", "dlight"):
+                    if kind == "fxc" and B.tvm_gemv.supports(m=m, k=k, n=n, bits=bits, group_size=GROUP,
+                                                             dtype="float16") is not None:
+                        continue
+                    build, kmod = build_tvm(k, n, m, bits, words, scale, qmin, "cuda", kernel=kind)
+                    vm = relax.VirtualMachine(build.executable, dev)
+                    y = torch.from_dlpack(vm["main"](xt)).float()
+                    errs[kind] = ((y - ref).abs().max() / ref.abs().max()).item()
+                    yk = tvm.runtime.empty((1, m, n), "float16", dev)
+                    fk = getattr(kmod, "mod", kmod).time_evaluator("main", dev, number=100, repeat=15)
+                    kern[kind] = fk(xt, tvm.runtime.tensor(words, dev), tvm.runtime.tensor(scale, dev), yk).median * 1e6
+                    if t_vm is None:  # the default path (fxc where it applies, else dlight)
+                        t_vm = vm.time_evaluator("main", dev, number=100, repeat=15)(xt).median * 1e6
+                        rule = rule_used(build, m)
+                    del vm, build, kmod
+                best = min(kern, key=kern.get)
+                t_kern, err = kern[best], errs[best]
                 q_bytes = words.nbytes + scale.nbytes + act
                 t_ort, ort_note = None, ""
                 if ort_ver is not None and bits in (4, 8):
@@ -299,40 +312,45 @@ def main(argv=None) -> int:
                         except Exception as e:  # noqa: BLE001
                             ort_note = f"ORT run: {str(e).splitlines()[0][:60]}"
                 rows.append(dict(shape=f"{k}x{n}", m=m, bits=bits, torch=t_torch, kern=t_kern, vm=t_vm, ort=t_ort,
-                                 err=err, rule=rule_used(build, m), gbs=q_bytes / t_kern / 1e3,
+                                 fxc=kern.get("fxc"), dlight=kern.get("dlight"), errs=errs,
+                                 err=err, rule=rule, gbs=q_bytes / t_kern / 1e3,
                                  pct=(q_bytes / (t_kern * 1e-6) / peak * 100) if peak else None,
                                  torch_gbs=fp16_bytes / t_torch / 1e3, ort_note=ort_note,
                                  ort_gbs=(q_bytes / t_ort / 1e3) if t_ort else None))
                 r = rows[-1]
-                print(f"{r['shape']:>10} M={m:<3} int{bits}: tvm kernel {t_kern:8.2f} us (vm {t_vm:8.2f}) "
+                print(f"{r['shape']:>10} M={m:<3} int{bits}: tvm fxc {kern.get('fxc', float('nan')):8.2f} us, "
+                      f"dlight {kern['dlight']:8.2f} us (vm {t_vm:8.2f}) "
                       f"{r['gbs']:7.0f} GB/s | torch fp16 {t_torch:8.2f} us | ort {t_ort if t_ort else float('nan'):8.2f} us"
                       f" | speedup {t_torch / t_kern:5.2f}x | err {err:.1e} [{r['rule']}] {ort_note}", flush=True)
-                del vm, build, kmod
             torch.cuda.empty_cache()
     total = time.time() - t_start
     lines = [
-        "# Integer-weight GEMV / low-batch GEMM: TVM (dlight) vs torch fp16 vs ORT MatMulNBits", "",
+        "# Integer-weight GEMV / low-batch GEMM: TVM (hand-scheduled fxc GEMV, dlight) vs torch fp16 vs ORT "
+        "MatMulNBits", "",
         f"GPU: **{gpu}**; HBM peak used for %: {peak / 1e12 if peak else 'unknown'} TB/s; torch {torch.__version__}; "
         f"tvm {tvm.__version__}; onnxruntime {ort_ver or 'not importable'}; total bench time {total:.0f} s.", "",
         "Command: `PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/bench_gemv.py " + " ".join(argv or sys.argv[1:])
         + "`", "", f"Schedule: {config_note}.", "",
         "Weights: symmetric per-group g128 codes packed into uint32 words along K (int4: 8/word, int8: 4/word, "
         "int3: 10/word), fp16 scales, fp16 activations, fp32 accumulation; shape is K(in) x N(out), batch M. "
-        "TVM kernel = `time_evaluator` of the one fused decode+matmul kernel; TVM vm = the whole Relax VM call "
-        "(adds host dispatch). torch fp16 = `F.linear` (cuBLAS), CUDA events. ORT = MatMulNBits on the CUDA EP "
+        "TVM fxc = `time_evaluator` of the hand-scheduled packed GEMV (fxcompress/backends/tvm_gemv.py; M <= 4, "
+        "bits 2/4/8); TVM dlight = the fused te decode+matmul kernel scheduled by dlight; best = the faster of the "
+        "two; TVM vm = the whole Relax VM call of the default path (adds host dispatch). torch fp16 = `F.linear` (cuBLAS), CUDA events. ORT = MatMulNBits on the CUDA EP "
         "through io_binding, wall clock (includes host overhead). GB/s = (packed weight + scales + activations "
-        "in/out) / TVM kernel time. Speedup = torch fp16 / TVM kernel. err = max|y - ref| / max|ref| vs an fp32 "
-        "reference of the dequantized weight. rule = the dlight rule that scheduled the kernel.", "",
-        "| K x N | M | bits | TVM kernel µs | TVM vm µs | TVM GB/s | % HBM peak | torch fp16 µs | torch GB/s | "
-        "ORT µs | speedup vs torch | err | rule | ORT note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "in/out) / best TVM kernel time. Speedup = torch fp16 / best TVM kernel. err = max|y - ref| / max|ref| vs an "
+        "fp32 reference of the dequantized weight (fxc / dlight). rule = the kernel of the default path.", "",
+        "| K x N | M | bits | TVM fxc µs | TVM dlight µs | TVM vm µs | best GB/s | % HBM peak | torch fp16 µs | "
+        "torch GB/s | ORT µs | speedup vs torch | err fxc / dlight | rule | ORT note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         pct = f"{r['pct']:.0f}%" if r["pct"] is not None else "n/a"
         t_ort = f"{r['ort']:.2f}" if r["ort"] else "-"
-        lines.append(f"| {r['shape']} | {r['m']} | int{r['bits']} | {r['kern']:.2f} | {r['vm']:.2f} | {r['gbs']:.0f} | "
-                     f"{pct} | {r['torch']:.2f} | {r['torch_gbs']:.0f} | {t_ort} | {r['torch'] / r['kern']:.2f}x | "
-                     f"{r['err']:.1e} | {r['rule']} | {r['ort_note']} |")
+        fxc = f"{r['fxc']:.2f}" if r["fxc"] else "-"
+        errs = " / ".join(f"{r['errs'][k]:.1e}" if k in r["errs"] else "-" for k in ("fxc", "dlight"))
+        lines.append(f"| {r['shape']} | {r['m']} | int{r['bits']} | {fxc} | {r['dlight']:.2f} | {r['vm']:.2f} | "
+                     f"{r['gbs']:.0f} | {pct} | {r['torch']:.2f} | {r['torch_gbs']:.0f} | {t_ort} | "
+                     f"{r['torch'] / r['kern']:.2f}x | {errs} | {r['rule']} | {r['ort_note']} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

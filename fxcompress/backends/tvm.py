@@ -56,6 +56,7 @@ from torch import nn
 
 from ..nn import QuantConv2d, QuantLinear
 from ..quant import QuantWeight
+from . import tvm_gemv
 
 __all__ = ["compile_tvm", "build_tvm", "lower_to_relax", "TVMBackendError", "pack_words", "TUNERS",
            "add_export_tvm_args", "cli_export_tvm"]
@@ -75,6 +76,10 @@ DECODE_MODE = "magic"
 # choice.  Keys: TS (rows per block, threadIdx.y), TR (threads along K, threadIdx.x), TILE_R (K elements per
 # thread per step), VEC_C (vectorized compute width), VEC_LOAD (bytes per weight load), UNROLL, LOAD_V_SHARED
 GEMV_CUDA_CONFIG: dict | None = None
+# CUDA kernel for fp16 quantized linears with 1..4 activation rows: "fxc" = the hand-scheduled packed GEMV of
+# tvm_gemv.py (16-byte weight loads, two integer ops + one FFMA per weight) where it supports the layer,
+# "dlight" = the fused te decode+matmul scheduled by dlight's GEMV rules (always used for other layers)
+GEMV_KERNEL = "fxc"
 
 
 class TVMBackendError(ValueError):
@@ -188,9 +193,10 @@ class _LayerInfo:
     zero_point: str  # "none" | "integer" | "fractional"
     packed_bytes: int
     primfunc: str = ""
+    kernel: str = "te"  # "fxc_gemv" (hand-scheduled CUDA GEMV) or "te" (fused decode+matmul, scheduled later)
 
 
-def _emit_quant_linear(bb, x, q: QuantLinear, name: str, accum_dtype: str = "float32"):
+def _emit_quant_linear(bb, x, q: QuantLinear, name: str, accum_dtype: str = "float32", cuda: bool = False):
     """Emit ``y = x @ dequant(W)^T (+ bias)`` for ``q`` as one ``fused_decode_matmul`` PrimFunc call."""
     qw: QuantWeight = q.quant_weight
     spec = qw.spec
@@ -198,20 +204,25 @@ def _emit_quant_linear(bb, x, q: QuantLinear, name: str, accum_dtype: str = "flo
     zp = qw.zero_point.numpy().astype(np.float32)
     zkind = "none" if not np.any(zp != 0) else ("integer" if qw.zero_point_is_integer else "fractional")
     bias = None if q.bias is None else q.bias.detach().float().numpy()
+    kernel = []
     y = emit_packed_linear(bb, x, words, qw.scale.numpy(), zp, bits=spec.bits, qmin=spec.qmin,
                            out_features=qw.shape[0], in_features=qw.shape[1], bias=bias, accum_dtype=accum_dtype,
-                           name=name)
-    info = _LayerInfo(name, spec.bits, spec.granularity, spec.group_size, tuple(qw.shape), zkind, int(words.nbytes))
+                           name=name, cuda=cuda, used=kernel)
+    info = _LayerInfo(name, spec.bits, spec.granularity, spec.group_size, tuple(qw.shape), zkind, int(words.nbytes),
+                      kernel=kernel[0])
     return y, info
 
 
 def emit_packed_linear(bb, x, words: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, *, bits: int,
                        qmin: int, out_features: int, in_features: int, bias: np.ndarray | None = None,
-                       accum_dtype: str = "float32", name: str = "linear"):
+                       accum_dtype: str = "float32", name: str = "linear", cuda: bool = False,
+                       used: list | None = None):
     """Emit one ``fused_decode_matmul`` PrimFunc call: ``x @ ((u + qmin - zp) * scale)^T (+ bias)``.
 
     ``words``: ``uint32 (N, ceil(K / (32 // bits)))`` from :func:`pack_words`; ``scale`` / ``zero_point``:
     ``(rows, groups)`` with rows 1 or N (``zero_point`` None or all zero: no zero-point tensor).
+    ``cuda``: the build targets CUDA, so the hand-scheduled GEMV (:data:`GEMV_KERNEL`) may be used; which
+    kernel was emitted is appended to ``used`` ("fxc_gemv" or "te").
     """
     _tvm()
     from tvm import relax, te, tirx
@@ -233,6 +244,17 @@ def emit_packed_linear(bb, x, words: np.ndarray, scale: np.ndarray, zero_point: 
     decode = DECODE_MODE if bits <= 8 else "convert"
     if decode not in ("magic", "convert"):
         raise TVMBackendError(f"DECODE_MODE must be 'magic' or 'convert', got {decode!r}")
+    if GEMV_KERNEL not in ("fxc", "dlight"):
+        raise TVMBackendError(f"GEMV_KERNEL must be 'fxc' or 'dlight', got {GEMV_KERNEL!r}")
+    m_rows = int(np.prod(xshape[:-1])) if all(isinstance(d, int) for d in xshape) else -1
+    if cuda and GEMV_KERNEL == "fxc" and m_rows > 0 and tvm_gemv.supports(
+            m=m_rows, k=k_in, n=n_out, bits=bits, group_size=gs, dtype=dtype) is None:
+        if used is not None:
+            used.append("fxc_gemv")
+        return _emit_fxc_gemv(bb, x, xshape, words, scale, zero_point if has_zp else None, bias, bits=bits,
+                              qmin=qmin, n_out=n_out, k_in=k_in, gs=gs)
+    if used is not None:
+        used.append("te")
 
     def f(xt, wt, st, *rest):
         zt = rest[0] if has_zp else None
@@ -280,6 +302,23 @@ def emit_packed_linear(bb, x, words: np.ndarray, scale: np.ndarray, zero_point: 
     return y
 
 
+def _emit_fxc_gemv(bb, x, xshape, words, scale, zero_point, bias, *, bits, qmin, n_out, k_in, gs):
+    """``call_tir`` of the hand-scheduled packed GEMV (already scheduled; FuseOps leaves it alone)."""
+    from tvm import relax
+
+    m_rows = int(np.prod(xshape[:-1]))
+    f = tvm_gemv.packed_gemv_primfunc(m=m_rows, k=k_in, n=n_out, bits=bits, qmin=qmin, group_size=gs,
+                                      scale_rows=scale.shape[0], has_zero_point=zero_point is not None,
+                                      has_bias=bias is not None, lead=tuple(xshape[:-1]), name="fxc_packed_gemv")
+    gv = bb.add_func(f, "fxc_packed_gemv")
+    args = [x, relax.const(np.ascontiguousarray(words, dtype=np.uint32)), relax.const(scale.astype(np.float16))]
+    if zero_point is not None:
+        args.append(relax.const(np.asarray(zero_point).astype(np.float16)))
+    if bias is not None:
+        args.append(relax.const(np.asarray(bias).astype(np.float16)))
+    return bb.emit(relax.call_tir(gv, relax.Tuple(args), relax.TensorType((*xshape[:-1], n_out), "float16")))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # import
 
@@ -311,7 +350,7 @@ _SITE_COUNTER = [0]
 
 
 def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | None = None,
-                   accum_dtype: str = "float32"):
+                   accum_dtype: str = "float32", cuda: bool = False):
     """Import ``model`` into a Relax ``IRModule`` (``main``) with packed integer linears.
 
     Returns ``(mod, info)`` where ``info`` holds input / output names and per-layer details.
@@ -344,7 +383,7 @@ def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | Non
             x = importer.env[node.args[0]]
             site = int(node.args[1])
             name, q = sites[site]
-            y, info = _emit_quant_linear(importer.block_builder, x, q, name, accum_dtype)
+            y, info = _emit_quant_linear(importer.block_builder, x, q, name, accum_dtype, cuda)
             layers.append(info)
             return y
 
@@ -856,7 +895,8 @@ def build_tvm(model, example_inputs, target="cuda", tune: str = "dlight", *, tri
     if isinstance(model, tvm.IRModule):
         mod, info = model, {"inputs": [], "outputs": ["output_0"], "layers": []}
     else:
-        mod, info = lower_to_relax(model, example_inputs, dtype=dtype, accum_dtype=accum_dtype)
+        mod, info = lower_to_relax(model, example_inputs, dtype=dtype, accum_dtype=accum_dtype,
+                                   cuda=tgt.kind.name == "cuda")
     sched, stats = _schedule(mod, tgt, tune, trials, work_dir)
     final = _finalize(sched, tgt)
     try:
@@ -866,7 +906,7 @@ def build_tvm(model, example_inputs, target="cuda", tune: str = "dlight", *, tri
                               f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
     info = dict(info, target=tgt.kind.name, target_str=str(tgt), tune=tune, tuning=stats)
     names = [gv.name_hint for gv, f in sched.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    info["fused_decode_primfuncs"] = sorted(n for n in names if "decode" in n)
+    info["fused_decode_primfuncs"] = sorted(n for n in names if "decode" in n or "packed_gemv" in n)
     return TVMBuild(ex, sched, tgt, info)
 
 

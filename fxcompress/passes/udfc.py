@@ -22,6 +22,9 @@ BN-only statistics: ``E[a_i a_j] = E[a_i] E[a_j]``); ``"weights"`` correlates pr
 by the cosine of their filters (a white-input assumption).  A quantized filter ``q`` of ``w``
 is modelled as ``corr(z, z~) = cos(w, q)``, ``std(z~) = std(z) |q|/|w|`` and a mean shift
 ``(q - w) . E[x]`` when the layer's input is itself a BN+ReLU output (otherwise 0).
+``merge="single"`` is a Neuron-Merging-style baseline through the same closed form restricted to one
+nonzero per row of ``S``: a kept channel uses only its own damaged copy, a pruned one only the kept
+channel whose filter is most correlated with it (sign-corrected cosine), each with a 1-D least squares.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ NATIVE_BITS = (2, 3, 4, 8)
 CRITERIA = ("l1", "l2")
 GRANULARITIES = ("per_channel", "per_tensor")
 CORRELATIONS = ("independent", "weights")
+MERGES = ("all", "single")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class UDFCConfig:
     bias_correction: bool = True  # include the constant term t (folded into the next layer's bias)
     correlation: str = "weights"  # cross-channel model: "independent" (BN only) or "weights"
     ridge: float = 1e-4  # relative ridge on E[d d^T] for a stable solve
+    merge: str = "all"  # "all": every channel from all kept ones; "single": from one kept channel (NM-style)
 
     def __post_init__(self):
         r = self.prune_ratio
@@ -74,6 +79,8 @@ class UDFCConfig:
             raise ValueError(f"UDFCConfig.granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
         if self.correlation not in CORRELATIONS:
             raise ValueError(f"UDFCConfig.correlation must be one of {CORRELATIONS}, got {self.correlation!r}")
+        if self.merge not in MERGES:
+            raise ValueError(f"UDFCConfig.merge must be one of {MERGES}, got {self.merge!r}")
         if isinstance(self.skip, str) or not all(isinstance(s, str) for s in self.skip):
             raise ValueError(f"UDFCConfig.skip must be a tuple of name globs, got {self.skip!r}")
         for f in ("prune", "quantize", "compensate", "bias_correction"):
@@ -162,12 +169,14 @@ class Compensation:
 
 def solve_compensation(w: torch.Tensor, q: torch.Tensor, keep: torch.Tensor, gamma, beta, running_var, eps,
                        mean_shift: torch.Tensor | None = None, correlation: str = "independent",
-                       bias_correction: bool = True, ridge: float = 1e-4) -> Compensation:
+                       bias_correction: bool = True, ridge: float = 1e-4, merge: str = "all") -> Compensation:
     """Closed-form UDFC compensation for one BN+ReLU channel set.
 
     ``w``: (N, d) original filters of layer l; ``q``: (R, d) damaged (quantized, or equal) filters of the
     kept channels ``keep`` (R indices into N); BN parameters of length N; ``mean_shift``: (R,) shift of the
     pre-BN mean of each kept channel caused by quantization (``(q - w) . E[x]``), or None.
+    ``merge="single"``: each row of ``[S t]`` may use one damaged channel (its own if kept, else the kept
+    channel of largest sign-corrected filter cosine) and the constant; the same normal equations, restricted.
     """
     w = w.detach().double().reshape(w.shape[0], -1)
     q = q.detach().double().reshape(q.shape[0], -1)
@@ -186,14 +195,15 @@ def solve_compensation(w: torch.Tensor, q: torch.Tensor, keep: torch.Tensor, gam
     sg = torch.sign(g)
     sg[sg == 0] = 1
     same = keep[None, :] == torch.arange(w.shape[0])[:, None]  # (N, R): original i is kept channel j
+    r_wq = _cos(w, q) * sg[:, None] * sg[keep][None, :]  # (N, R) pre-activation correlation from filters
     if correlation == "weights":
         r_aa = _cos(w, w) * sg[:, None] * sg[None, :]
-        r_ad = _cos(w, q) * sg[:, None] * sg[keep][None, :]
+        r_ad = r_wq
         r_dd = _cos(q, q) * sg[keep][:, None] * sg[keep][None, :]
     else:
         n = w.shape[0]
         r_aa = torch.eye(n, dtype=torch.float64)
-        r_ad = _cos(w, q) * same
+        r_ad = r_wq * same
         r_dd = torch.eye(len(keep), dtype=torch.float64)
     Ea = relu_mean(m_a, s_a)
     Ed = relu_mean(m_d, s_d)
@@ -211,7 +221,13 @@ def solve_compensation(w: torch.Tensor, q: torch.Tensor, keep: torch.Tensor, gam
         G, C = Edd, Ead
     lam = ridge * float(torch.diagonal(G).mean()) if G.numel() else 0.0
     Greg = G + lam * torch.eye(G.shape[0], dtype=torch.float64)
-    St = torch.linalg.solve(Greg, C.T).T  # (N, R[+1])
+    if merge == "single":  # one damaged channel j per row (+ the constant): a k x k solve per row
+        j = torch.where(same.any(1), same.double().argmax(1), r_wq.argmax(1))
+        idx = torch.stack([j, torch.full_like(j, R)], 1) if bias_correction else j[:, None]  # (N, k)
+        x = torch.linalg.solve(Greg[idx[:, :, None], idx[:, None, :]], C.gather(1, idx))
+        St = torch.zeros_like(C).scatter_(1, idx, x)
+    else:
+        St = torch.linalg.solve(Greg, C.T).T  # (N, R[+1])
     M = Eaa - St @ C.T - C @ St.T + St @ G @ St.T
     S0 = torch.zeros_like(St)
     S0[keep, torch.arange(R)] = 1.0
@@ -384,7 +400,7 @@ def udfc_pass(gm: fx.GraphModule, config: UDFCConfig = UDFCConfig(), *, progress
             if mx is not None:
                 shift = (q.reshape(len(keep), -1).double() - wk.reshape(len(keep), -1).double()) @ mx
             comp = solve_compensation(w, q, keep, bn.weight, bn.bias, bn.running_var, bn.eps, shift,
-                                      config.correlation, config.bias_correction, config.ridge)
+                                      config.correlation, config.bias_correction, config.ridge, config.merge)
             errs = []
             for cname in ch.consumers:
                 cons = gm.get_submodule(cname)
