@@ -246,16 +246,22 @@ def test_cuda_build_small_batch_uses_gemv_schedule(m, kernel, monkeypatch):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build CUDA code")
-@pytest.mark.parametrize("m", [1, 4, 16])
-def test_cuda_build_fp16_small_batch_uses_fxc_gemv(m):
-    """fp16, 1..4 rows: the hand-scheduled packed GEMV (16-byte weight loads), one kernel, weights still packed."""
-    q = _small_batch_lin()
+@pytest.mark.parametrize("m,bits,kernel", [(1, 4, "fxc_mma"), (4, 4, "fxc_mma"), (16, 4, "fxc_mma"),
+                                            (1, 8, "fxc_gemv"), (16, 8, "fxc_gemv")])
+def test_cuda_build_fp16_small_batch_uses_fxc_kernels(m, bits, kernel):
+    """fp16, 1..16 rows: one hand-scheduled kernel (int4: tensor cores; int8: CUDA-core GEMV), weights packed."""
+    torch.manual_seed(0)
+    lin = nn.Linear(512, 256, bias=True)
+    q = nn.Sequential(QuantLinear.from_linear(lin, QuantSpec(bits, True, "per_group", 128)), nn.SiLU())
     b = build_tvm(q, (torch.randn(1, m, 512),), target="cuda", dtype=torch.float16)
-    assert [layer["kernel"] for layer in b.info["layers"]] == ["fxc_gemv"]
-    assert "fxc_packed_gemv_kernel" in b.kernel_names()
+    assert [layer["kernel"] for layer in b.info["layers"]] == [kernel]
+    assert f"{kernel.replace('fxc_', 'fxc_packed_')}_kernel" in b.kernel_names()
     assert not [k for k in b.kernel_names() if "decode_matmul" in k or "reshape" in k]
     src = b.device_source()
-    assert "__shfl_down_sync" in src and ("uint4" in src or m > 4)  # 16-byte loads at batch <= 4
+    if kernel == "fxc_mma":
+        assert "mma.sync.aligned.m16n8k16" in src
+    else:
+        assert "__shfl_down_sync" in src and ("uint4" in src or m > 4)  # 16-byte loads at batch <= 4
 
 
 def test_fxc_gemv_supports_names_the_reason():
@@ -276,32 +282,59 @@ def test_fxc_gemv_supports_names_the_reason():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("bits,symmetric,gran,bias,m,k", [
-    (4, True, "per_group", False, 1, 4096),
-    (4, False, "per_group", True, 1, 5632),   # zero point + bias, a partial last step
-    (4, True, "per_group", False, 3, 2048),
-    (8, True, "per_channel", True, 2, 1024),
-    (2, False, "per_group", False, 4, 2048),
-    (4, True, "per_tensor", False, 1, 512),
-    (4, False, "per_group", True, 16, 4096),  # batch tile: 1-word loads, K staged in chunks
-    (8, True, "per_group", False, 7, 1152),
+@pytest.mark.parametrize("bits,symmetric,gran,bias,m,k,n,kernel", [
+    (4, True, "per_group", False, 1, 4096, 264, "fxc_gemv"),
+    (4, False, "per_group", True, 1, 5632, 264, "fxc_gemv"),  # zero point + bias, a partial last step
+    (4, True, "per_group", False, 3, 2048, 264, "fxc_gemv"),
+    (8, True, "per_channel", True, 2, 1024, 264, "fxc_gemv"),
+    (2, False, "per_group", False, 4, 2048, 264, "fxc_gemv"),
+    (4, True, "per_tensor", False, 1, 512, 264, "fxc_gemv"),
+    (4, False, "per_group", True, 16, 4096, 264, "fxc_gemv"),  # N % 16 != 0: CUDA-core batch tile, K in chunks
+    (8, True, "per_group", False, 7, 1152, 264, "fxc_gemv"),
+    (4, False, "per_group", True, 16, 4096, 272, "fxc_mma"),  # tensor cores
+    (4, True, "per_group", False, 5, 1024, 272, "fxc_mma"),
+    (4, False, "per_channel", False, 9, 512, 64, "fxc_mma"),
+    (4, True, "per_group", False, 1, 1152, 272, "fxc_mma"),  # K/64 = 18: 2 warps split K
+    (4, False, "per_group", True, 3, 5632, 272, "fxc_mma"),
 ])
-def test_cuda_fxc_gemv_matches_reference(bits, symmetric, gran, bias, m, k):
+def test_cuda_fxc_gemv_matches_reference(bits, symmetric, gran, bias, m, k, n, kernel):
     torch.manual_seed(bits + m)
-    lin = nn.Linear(k, 264, bias=bias)
+    lin = nn.Linear(k, n, bias=bias)
     gs = 128 if gran == "per_group" else None
     q = nn.Sequential(QuantLinear.from_linear(lin, QuantSpec(bits, symmetric, gran, gs)))
     x = torch.randn(1, m, k)
     r = compile_tvm(q, (x,), target="cuda", dtype=torch.float16)
-    assert r.info["layers"][0]["kernel"] == "fxc_gemv"
+    assert r.info["layers"][0]["kernel"] == kernel
     y = r(x.half().cuda()).float().cpu()
     ref = q(x)
     assert (y - ref).abs().max().item() <= 5e-3 * ref.abs().max().item()
 
 
+def test_pack_mma_words_matches_the_fragment_layout():
+    """Each lane's word holds exactly its mma.m16n8k16 A-fragment codes (PTX ISA layout), low/high halves paired."""
+    from fxcompress.backends import tvm_gemv as G
+
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-8, 8, size=(32, 128))
+    w = G.pack_mma_words(codes, -8)
+    assert w.shape == (2, 2, 32, 4) and w.dtype == np.uint32
+    for rb, kq, lane, j in [(0, 0, 0, 0), (1, 1, 31, 3), (0, 1, 13, 2), (1, 0, 6, 1)]:
+        g, t = lane // 4, lane % 4
+        for i, (dr, dc) in enumerate([(0, 0), (8, 0), (0, 8), (8, 8)]):
+            for h in range(2):
+                u = (int(w[rb, kq, lane, j]) >> (4 * i + 16 * h)) & 0xF
+                assert u - 8 == codes[rb * 16 + g + dr, kq * 64 + j * 16 + 2 * t + dc + h]
+    with pytest.raises(ValueError, match="N % 16"):
+        G.pack_mma_words(codes[:8], -8)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["fxc", "dlight"])
 @pytest.mark.parametrize("m", [1, 4, 16])
-def test_cuda_small_batch_matches_reference(m):
+def test_cuda_small_batch_matches_reference(m, kernel, monkeypatch):
+    import fxcompress.backends.tvm as B
+
+    monkeypatch.setattr(B, "GEMV_KERNEL", kernel)
     q = _small_batch_lin()
     x = torch.randn(1, m, 512)
     r = compile_tvm(q, (x,), target="cuda", dtype=torch.float16)

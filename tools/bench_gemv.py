@@ -52,7 +52,7 @@ def build_tvm(k, n, m, bits, words, scale, qmin, target, kernel="dlight"):
         bb.emit_func_output(o)
     build = B.build_tvm(bb.get(), None, target, "dlight")
     kern = [gv for gv, f in build.scheduled.functions.items()
-            if isinstance(f, tvm.tirx.PrimFunc) and ("decode" in gv.name_hint or "packed_gemv" in gv.name_hint)]
+            if isinstance(f, tvm.tirx.PrimFunc) and ("decode" in gv.name_hint or "fxc_packed" in gv.name_hint)]
     kmod = tvm.compile(tvm.IRModule({"main": build.scheduled[kern[0]].with_attr("global_symbol", "main")}),
                        target=build.target)
     return build, kmod
@@ -60,6 +60,8 @@ def build_tvm(k, n, m, bits, words, scale, qmin, target, kernel="dlight"):
 
 def rule_used(build, m: int = 1) -> str:
     src = build.device_source()
+    if "fxc_packed_mma" in src:
+        return "fxc mma (tensor cores)"
     if "fxc_packed_gemv" in src:
         return "fxc gemv"
     if "rf_local" not in src:
@@ -283,8 +285,7 @@ def main(argv=None) -> int:
 
                 kern, errs, t_vm, rule = {}, {}, None, ""
                 for kind in ("fxc", "dlight"):
-                    if kind == "fxc" and B.tvm_gemv.supports(m=m, k=k, n=n, bits=bits, group_size=GROUP,
-                                                             dtype="float16") is not None:
+                    if kind == "fxc" and B._fxc_kind(m, k, n, bits, GROUP, "float16") is None:
                         continue
                     build, kmod = build_tvm(k, n, m, bits, words, scale, qmin, "cuda", kernel=kind)
                     vm = relax.VirtualMachine(build.executable, dev)
@@ -333,8 +334,8 @@ def main(argv=None) -> int:
         + "`", "", f"Schedule: {config_note}.", "",
         "Weights: symmetric per-group g128 codes packed into uint32 words along K (int4: 8/word, int8: 4/word, "
         "int3: 10/word), fp16 scales, fp16 activations, fp32 accumulation; shape is K(in) x N(out), batch M. "
-        "TVM fxc = `time_evaluator` of the hand-scheduled packed GEMV (fxcompress/backends/tvm_gemv.py; M <= 4, "
-        "bits 2/4/8); TVM dlight = the fused te decode+matmul kernel scheduled by dlight; best = the faster of the "
+        "TVM fxc = `time_evaluator` of the hand-scheduled kernel (fxcompress/backends/tvm_gemv.py: the CUDA-core "
+        "packed GEMV, bits 2/4/8, or from M=5 the int4 tensor-core kernel, see rule); TVM dlight = the fused te decode+matmul kernel scheduled by dlight; best = the faster of the "
         "two; TVM vm = the whole Relax VM call of the default path (adds host dispatch). torch fp16 = `F.linear` (cuBLAS), CUDA events. ORT = MatMulNBits on the CUDA EP "
         "through io_binding, wall clock (includes host overhead). GB/s = (packed weight + scales + activations "
         "in/out) / best TVM kernel time. Speedup = torch fp16 / best TVM kernel. err = max|y - ref| / max|ref| vs an "

@@ -193,7 +193,8 @@ class _LayerInfo:
     zero_point: str  # "none" | "integer" | "fractional"
     packed_bytes: int
     primfunc: str = ""
-    kernel: str = "te"  # "fxc_gemv" (hand-scheduled CUDA GEMV) or "te" (fused decode+matmul, scheduled later)
+    kernel: str = "te"  # "fxc_gemv" / "fxc_mma" (hand-scheduled CUDA kernels) or "te" (fused decode+matmul,
+    # scheduled later)
 
 
 def _emit_quant_linear(bb, x, q: QuantLinear, name: str, accum_dtype: str = "float32", cuda: bool = False):
@@ -222,7 +223,7 @@ def emit_packed_linear(bb, x, words: np.ndarray, scale: np.ndarray, zero_point: 
     ``words``: ``uint32 (N, ceil(K / (32 // bits)))`` from :func:`pack_words`; ``scale`` / ``zero_point``:
     ``(rows, groups)`` with rows 1 or N (``zero_point`` None or all zero: no zero-point tensor).
     ``cuda``: the build targets CUDA, so the hand-scheduled GEMV (:data:`GEMV_KERNEL`) may be used; which
-    kernel was emitted is appended to ``used`` ("fxc_gemv" or "te").
+    kernel was emitted is appended to ``used`` ("fxc_gemv", "fxc_mma" or "te").
     """
     _tvm()
     from tvm import relax, te, tirx
@@ -247,12 +248,12 @@ def emit_packed_linear(bb, x, words: np.ndarray, scale: np.ndarray, zero_point: 
     if GEMV_KERNEL not in ("fxc", "dlight"):
         raise TVMBackendError(f"GEMV_KERNEL must be 'fxc' or 'dlight', got {GEMV_KERNEL!r}")
     m_rows = int(np.prod(xshape[:-1])) if all(isinstance(d, int) for d in xshape) else -1
-    if cuda and GEMV_KERNEL == "fxc" and m_rows > 0 and tvm_gemv.supports(
-            m=m_rows, k=k_in, n=n_out, bits=bits, group_size=gs, dtype=dtype) is None:
+    kind = _fxc_kind(m_rows, k_in, n_out, bits, gs, dtype) if cuda and GEMV_KERNEL == "fxc" else None
+    if kind is not None:
         if used is not None:
-            used.append("fxc_gemv")
+            used.append(kind)
         return _emit_fxc_gemv(bb, x, xshape, words, scale, zero_point if has_zp else None, bias, bits=bits,
-                              qmin=qmin, n_out=n_out, k_in=k_in, gs=gs)
+                              qmin=qmin, n_out=n_out, k_in=k_in, gs=gs, kind=kind)
     if used is not None:
         used.append("te")
 
@@ -302,15 +303,33 @@ def emit_packed_linear(bb, x, words: np.ndarray, scale: np.ndarray, zero_point: 
     return y
 
 
-def _emit_fxc_gemv(bb, x, xshape, words, scale, zero_point, bias, *, bits, qmin, n_out, k_in, gs):
-    """``call_tir`` of the hand-scheduled packed GEMV (already scheduled; FuseOps leaves it alone)."""
+def _fxc_kind(m: int, k: int, n: int, bits: int, gs: int, dtype: str) -> str | None:
+    """Which hand-scheduled CUDA kernel takes this layer: "fxc_mma" (int4 tensor cores, from
+    :data:`tvm_gemv.MMA_MIN_M` rows), "fxc_gemv" (CUDA cores) or None (dlight's schedules)."""
+    if m <= 0:
+        return None
+    if m >= tvm_gemv.MMA_MIN_M and tvm_gemv.mma_supports(m=m, k=k, n=n, bits=bits, group_size=gs,
+                                                         dtype=dtype) is None:
+        return "fxc_mma"
+    if tvm_gemv.supports(m=m, k=k, n=n, bits=bits, group_size=gs, dtype=dtype) is None:
+        return "fxc_gemv"
+    return None
+
+
+def _emit_fxc_gemv(bb, x, xshape, words, scale, zero_point, bias, *, bits, qmin, n_out, k_in, gs, kind):
+    """``call_tir`` of a hand-scheduled kernel (already scheduled; FuseOps leaves it alone): ``kind`` "fxc_mma"
+    = the int4 tensor-core kernel (its own weight layout), "fxc_gemv" = the CUDA-core packed GEMV."""
     from tvm import relax
 
     m_rows = int(np.prod(xshape[:-1]))
-    f = tvm_gemv.packed_gemv_primfunc(m=m_rows, k=k_in, n=n_out, bits=bits, qmin=qmin, group_size=gs,
-                                      scale_rows=scale.shape[0], has_zero_point=zero_point is not None,
-                                      has_bias=bias is not None, lead=tuple(xshape[:-1]), name="fxc_packed_gemv")
-    gv = bb.add_func(f, "fxc_packed_gemv")
+    common = dict(m=m_rows, k=k_in, n=n_out, qmin=qmin, group_size=gs, scale_rows=scale.shape[0],
+                  has_zero_point=zero_point is not None, has_bias=bias is not None, lead=tuple(xshape[:-1]))
+    if kind == "fxc_mma":
+        f = tvm_gemv.packed_mma_primfunc(**common, name="fxc_packed_mma")
+        words = tvm_gemv.pack_mma_words(unpack_words(words, bits, k_in, qmin), qmin)
+    else:
+        f = tvm_gemv.packed_gemv_primfunc(**common, bits=bits, name="fxc_packed_gemv")
+    gv = bb.add_func(f, f.attrs["global_symbol"])
     args = [x, relax.const(np.ascontiguousarray(words, dtype=np.uint32)), relax.const(scale.astype(np.float16))]
     if zero_point is not None:
         args.append(relax.const(np.asarray(zero_point).astype(np.float16)))
@@ -906,7 +925,7 @@ def build_tvm(model, example_inputs, target="cuda", tune: str = "dlight", *, tri
                               f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
     info = dict(info, target=tgt.kind.name, target_str=str(tgt), tune=tune, tuning=stats)
     names = [gv.name_hint for gv, f in sched.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    info["fused_decode_primfuncs"] = sorted(n for n in names if "decode" in n or "packed_gemv" in n)
+    info["fused_decode_primfuncs"] = sorted(n for n in names if "decode" in n or "fxc_packed" in n)
     return TVMBuild(ex, sched, tgt, info)
 
 

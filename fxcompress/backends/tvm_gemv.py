@@ -1,6 +1,11 @@
-"""A hand-scheduled CUDA GEMV / small-batch GEMM for packed integer weights (TVM TIR), used at batch 1..16.
+"""Hand-scheduled CUDA kernels for packed integer weights (TVM TIR), used by the TVM backend at batch 1..16.
 
-Why not dlight's GEMV rule: its fused decode kernel loads one 4-byte word per thread per step and spends
+Two kernels: :func:`packed_mma_primfunc` (int4 on tensor cores, ``mma.m16n8k16`` with the weights decoded in
+registers from a fragment-ordered packing; the default wherever it applies, batch 1 included) and
+:func:`packed_gemv_primfunc` (CUDA cores, bits 2 / 4 / 8; int8 / int2 layers and int4 layers the tensor-core
+kernel does not take).  The CUDA-core kernel:
+
+Why not dlight's GEMV rule alone: its fused decode kernel loads one 4-byte word per thread per step and spends
 about seven ALU operations per weight (shift, mask, magic-number subtract, scale multiply, two fp16->fp32
 converts, FFMA), which caps a 8192x8192 int4 GEMV at ~46% of H100 HBM bandwidth, and at batch 16 it re-decodes
 every weight per row.  This kernel:
@@ -261,6 +266,187 @@ def packed_gemv_primfunc(*, m: int, k: int, n: int, bits: int, qmin: int, group_
     else:
         @T.prim_func(private=True)
         def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer((n, kw), "uint32"), s: T.Buffer(zshape, "float16"),
+                   y: T.Buffer(yshape, "float16")):
+            T.func_attr(attrs)
+            body(x, w, s, None, None, y)
+    return kernel.with_attr("global_symbol", name)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# int4 tensor-core kernel (batch 2..16): mma.sync m16n8k16, weights decoded in registers
+
+
+MMA_MIN_M = 1  # batch sizes from here up use the tensor-core kernel (int4 layers it supports)
+# (warps per block -- they split K and reduce through shared memory --, 16-byte weight loads a lane issues before
+# decoding them) for batch <= 4 / > 4: the fastest of a sweep on an H100 (tools/results/gemv_bench.md)
+MMA_TILES = {"small": (8, 4), "batch": (4, 8)}
+
+
+def mma_tile(m: int, k: int) -> tuple[int, int]:
+    """(warps, prefetch) for ``m`` activation rows; fewer warps when K/64 does not split ``warps`` ways."""
+    warps, pf = MMA_TILES["small" if m <= 4 else "batch"]
+    while warps > 1 and (k // 64) % warps:
+        warps //= 2
+    return warps, pf
+
+
+def pack_mma_words(codes, qmin: int):
+    """Repack int4 codes ``(N, K)`` into ``uint32 (N/16, K/64, 32, 4)``: word ``j`` of lane ``l`` in tile
+    ``(row block, K/64 block)`` holds the 8 codes of that lane's mma.m16n8k16 A fragment for the j-th 16-wide K
+    slice -- nibble ``i`` / ``i + 4`` = the low / high half of A register ``a_i`` (rows ``l // 4`` and
+    ``l // 4 + 8``, columns ``2 (l % 4) + {0, 1}`` and ``+ 8``), so ``(w >> 4 i) & 0x000F000F | 0x64006400`` is
+    that register as an fp16 pair ``1024 + u``."""
+    import numpy as np
+
+    u = np.asarray(codes, dtype=np.int64) - qmin
+    n, k = u.shape
+    if n % 16 or k % 64:
+        raise ValueError(f"mma packing needs N % 16 == 0 and K % 64 == 0, got {n}x{k}")
+    lane = np.arange(32)
+    g, t = lane // 4, lane % 4
+    # (i, half) -> (row offset, col offset) inside a 16x16 tile
+    rows = np.array([g, g + 8, g, g + 8])  # a0..a3
+    cols = np.array([2 * t, 2 * t, 2 * t + 8, 2 * t + 8])
+    tiles = u.reshape(n // 16, 16, k // 16, 16).transpose(0, 2, 1, 3)  # (rb, kt, 16, 16)
+    out = np.zeros((n // 16, k // 16, 32), dtype=np.uint64)
+    for i in range(4):
+        for h in range(2):
+            vals = tiles[:, :, rows[i], cols[i] + h].astype(np.uint64)  # (rb, kt, 32)
+            out |= vals << np.uint64(4 * i + 16 * h)
+    return out.reshape(n // 16, k // 64, 4, 32).transpose(0, 1, 3, 2).astype(np.uint32).copy()
+
+
+def mma_supports(*, m: int, k: int, n: int, bits: int, group_size: int, dtype: str) -> str | None:
+    """None when the tensor-core kernel handles this layer, else the reason."""
+    if dtype != "float16":
+        return f"activations are {dtype} (the kernel takes float16)"
+    if bits != 4:
+        return f"{bits}-bit codes (the tensor-core kernel is int4 only)"
+    if not 1 <= m <= 16:
+        return f"batch {m} is outside 1..16"
+    if n % 16 or k % 64:
+        return f"{n}x{k} is not a multiple of 16 x 64"
+    if group_size % 64:
+        return f"group size {group_size} is not a multiple of 64"
+    return None
+
+
+def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, scale_rows: int,
+                        has_zero_point: bool, has_bias: bool, lead: tuple = (), name: str = "fxc_packed_mma"):
+    """The scheduled PrimFunc ``(x, words, scale[, zero_point][, bias], y)`` of an int4 linear on tensor cores:
+    ``words`` from :func:`pack_mma_words`; each warp owns 16 output rows and 1/warps of K (:func:`mma_tile`), decodes its A
+    fragments in registers (two integer ops per pair of codes, then ``(h - (1024 - qmin) - zp) * scale`` in fp16),
+    loads B fragments (the activations, fp16 pairs) from global memory / L1, and runs one ``mma.m16n8k16`` per
+    16x16 weight tile and 8 activation rows, accumulating in fp32.  Rows past ``m`` of the 8-row tile are zeros:
+    at batch 1 the tensor cores do 8x the needed math, which is free next to the weight reads."""
+    reason = mma_supports(m=m, k=k, n=n, bits=4, group_size=group_size, dtype="float16")
+    if reason is not None:
+        raise ValueError(f"tensor-core kernel: {reason}")
+    lead = tuple(lead) or (m,)
+    if math.prod(lead) != m:
+        raise ValueError(f"tensor-core kernel: leading dims {lead} do not hold {m} rows")
+    from tvm import tirx
+    from tvm.script import tirx as T
+
+    warps, prefetch = mma_tile(m, k)
+    nt = 1 if m <= 8 else 2  # n8 tiles of activation rows
+    kq = k // 64  # 16-byte lane loads per row block
+    kq_w = kq // warps  # per warp
+    pf = max(d for d in range(1, prefetch + 1) if kq_w % d == 0)  # weight loads in flight per lane
+    red_iters = -(-256 // (warps * LANES))
+    zshape = (scale_rows, k // group_size)
+    xshape, yshape = (*lead, k), (*lead, n)
+    off = float(1024 - qmin)  # fp16 1024 + u  ->  u + qmin
+
+    def srow(row):
+        return T.min(row, scale_rows - 1)
+
+    @T.macro
+    def body(xin, w, s, z, b, yout):
+        x32 = T.decl_buffer((m, k // 2), "uint32", data=xin.data)
+        y = T.decl_buffer((m, n), "float16", data=yout.data)
+        for bx in T.thread_binding(n // 16, thread="blockIdx.x"):
+            for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                for tx in T.thread_binding(LANES, thread="threadIdx.x"):
+                    red = T.alloc_buffer((warps * 16 * 16,), "float32", scope="shared")
+                    cf = T.alloc_buffer((nt * 4,), "float32", scope="local")
+                    wv = T.alloc_buffer((pf * 4,), "uint32", scope="local")
+                    au = T.alloc_buffer((4,), "uint32", scope="local")
+                    ah = T.decl_buffer((8,), "float16", data=au.data)
+                    bu = T.alloc_buffer((nt * 2,), "uint32", scope="local")
+                    sz = T.alloc_buffer((4,), "float16", scope="local")
+                    for c in T.unroll(nt * 4):
+                        cf[c] = T.float32(0)
+                    for qo in T.serial(kq_w // pf):
+                        for p in T.unroll(pf):  # issue pf 16-byte weight loads before using any
+                            for v in T.vectorized(4):
+                                wv[p * 4 + v] = w[bx, ty * kq_w + qo * pf + p, tx, v]
+                        for p in T.unroll(pf):
+                            for h in T.unroll(2):  # scale / zero point of rows g and g + 8 for this K/64 block
+                                sz[h * 2] = s[srow(bx * 16 + tx // 4 + h * 8),
+                                              (ty * kq_w + qo * pf + p) * 64 // group_size]
+                                if has_zero_point:
+                                    sz[h * 2 + 1] = z[srow(bx * 16 + tx // 4 + h * 8),
+                                                      (ty * kq_w + qo * pf + p) * 64 // group_size]
+                                else:
+                                    sz[h * 2 + 1] = T.float16(0)
+                            for j in T.unroll(4):  # 16-wide K slice
+                                for i in T.unroll(4):
+                                    au[i] = ((wv[p * 4 + j] >> T.uint32(4 * i)) & T.uint32(0x000F000F)) \
+                                        | T.uint32(0x64006400)
+                                for e in T.unroll(8):  # a_i halves: rows g (i even) / g + 8 (i odd)
+                                    ah[e] = (ah[e] - T.float16(off) - sz[(e // 2) % 2 * 2 + 1]) * sz[(e // 2) % 2 * 2]
+                                for t2 in T.unroll(nt):
+                                    for hb in T.unroll(2):
+                                        bu[t2 * 2 + hb] = T.if_then_else(
+                                            t2 * 8 + tx // 4 < m,
+                                            x32[T.min(t2 * 8 + tx // 4, m - 1),
+                                                ((ty * kq_w + qo * pf + p) * 64 + j * 16 + (tx % 4) * 2 + hb * 8) // 2],
+                                            T.uint32(0))
+                                    T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                                                au.data, 0, bu.data, t2 * 2, cf.data, t2 * 4, False,
+                                                                dtype="float32"))
+                    # C fragment -> shared: red[warp][row][act]; then one thread per (row, act) sums the warps
+                    for t2 in T.unroll(nt):
+                        for c in T.unroll(4):
+                            red[ty * 256 + (tx // 4 + (c // 2) * 8) * 16 + t2 * 8 + (tx % 4) * 2 + c % 2] = cf[t2 * 4 + c]
+                    T.tvm_storage_sync("shared")
+                    for o in T.serial(red_iters):  # output (row, act) = divmod(idx, 16)
+                        if o * (warps * LANES) + ty * LANES + tx < 256 and (ty * LANES + tx) % 16 < m:
+                            cf[0] = T.float32(0)
+                            for wi in T.unroll(warps):
+                                cf[0] = cf[0] + red[wi * 256 + o * (warps * LANES) + ty * LANES + tx]
+                            if has_bias:
+                                y[(ty * LANES + tx) % 16, bx * 16 + (o * (warps * LANES) + ty * LANES + tx) // 16] = \
+                                    T.Cast("float16", cf[0] + T.Cast(
+                                        "float32", b[bx * 16 + (o * (warps * LANES) + ty * LANES + tx) // 16]))
+                            else:
+                                y[(ty * LANES + tx) % 16, bx * 16 + (o * (warps * LANES) + ty * LANES + tx) // 16] = \
+                                    T.Cast("float16", cf[0])
+
+    wshape = (n // 16, kq, LANES, 4)
+    attrs = {"tir.is_scheduled": True, "tir.noalias": True, "op_pattern": 8}
+    if has_zero_point and has_bias:
+        @T.prim_func(private=True)
+        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
+                   z: T.Buffer(zshape, "float16"), b: T.Buffer((n,), "float16"), y: T.Buffer(yshape, "float16")):
+            T.func_attr(attrs)
+            body(x, w, s, z, b, y)
+    elif has_zero_point:
+        @T.prim_func(private=True)
+        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
+                   z: T.Buffer(zshape, "float16"), y: T.Buffer(yshape, "float16")):
+            T.func_attr(attrs)
+            body(x, w, s, z, None, y)
+    elif has_bias:
+        @T.prim_func(private=True)
+        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
+                   b: T.Buffer((n,), "float16"), y: T.Buffer(yshape, "float16")):
+            T.func_attr(attrs)
+            body(x, w, s, None, b, y)
+    else:
+        @T.prim_func(private=True)
+        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
                    y: T.Buffer(yshape, "float16")):
             T.func_attr(attrs)
             body(x, w, s, None, None, y)
