@@ -77,6 +77,34 @@ def make_models(cfg_kwargs: dict, device: str, steps: int, rtn: bool):
                            "fractional zero points)"
 
 
+def kernel_profile(runner, ids, top: int = 12, calls: int = 20) -> list[str]:
+    """Markdown lines: the GPU kernels of the TVM decode step by total time (torch.profiler / CUPTI sees every
+    kernel in the process, TVM's included), averaged over ``calls`` steps; shows where the step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        runner(ids)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            runner(ids)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0.0)
+        if t > 0:
+            rows.append((e.key, e.count // calls, t / calls))
+    total = sum(t for _, _, t in rows) or 1.0
+    lines = ["", "## Where the TVM decode step's GPU time goes (torch.profiler over "
+             f"{calls} steps, per step)", "",
+             f"Kernel time per step: {total:.1f} µs in {sum(c for _, c, _ in rows)} kernel launches (the rest of the "
+             "step is launch / VM overhead).", "",
+             "| kernel | launches / step | µs / step | share |", "|---|---|---|---|"]
+    for name, c, t in sorted(rows, key=lambda r: -r[2])[:top]:
+        lines.append(f"| `{name[:70]}` | {c} | {t:.1f} | {t / total * 100:.0f}% |")
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="tools/results/decode_gpu.md")
@@ -85,6 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rtn", action="store_true", help="RTN int4 instead of L4Q-converted weights")
     ap.add_argument("--config", default=None, help="a JSON file written by bench_gemv.py --sweep (TVM schedule)")
     ap.add_argument("--no-cuda-graph", action="store_true", help="skip the TVM CUDA-graph build")
+    ap.add_argument("--profile", action="store_true", help="add a per-kernel table (Relax VM profiler)")
     args = ap.parse_args(argv)
     import tvm
 
@@ -171,7 +200,8 @@ def main(argv=None) -> int:
             print(notes[-1], flush=True)
             return None
 
-    tvm_row("TVM CUDA, fp16 activations, packed int4 (Relax VM)", False)
+    r_vm = tvm_row("TVM CUDA, fp16 activations, packed int4 (Relax VM)", False)
+    profile_lines = kernel_profile(r_vm, ids) if (r_vm is not None and args.profile) else []
     if not args.no_cuda_graph:
         tvm_row("TVM CUDA, fp16 activations, packed int4 (Relax VM + CUDA graph)", True)
     total = time.time() - t0
@@ -195,7 +225,7 @@ def main(argv=None) -> int:
         mb = f"{nbytes / 1e6:.0f}" if nbytes else "-"
         pct = f"{nbytes / (t * 1e-6) / peak * 100:.0f}%" if nbytes and peak else "-"
         lines.append(f"| {label} | {t:.1f} | {base / t:.2f}x | {t_graph / t:.2f}x | {mb} | {pct} | {err:.1e} |")
-    lines += ["", "Notes:"] + [f"- {n}" for n in notes]
+    lines += ["", "Notes:"] + [f"- {n}" for n in notes] + profile_lines
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

@@ -293,7 +293,8 @@ def main(argv=None) -> int:
                     errs[kind] = ((y - ref).abs().max() / ref.abs().max()).item()
                     yk = tvm.runtime.empty((1, m, n), "float16", dev)
                     fk = getattr(kmod, "mod", kmod).time_evaluator("main", dev, number=100, repeat=15)
-                    kern[kind] = fk(xt, tvm.runtime.tensor(words, dev), tvm.runtime.tensor(scale, dev), yk).median * 1e6
+                    wk = B.tvm_gemv.pack_mma_words(codes, qmin) if rule_used(build, m).startswith("fxc mma") else words
+                    kern[kind] = fk(xt, tvm.runtime.tensor(wk, dev), tvm.runtime.tensor(scale, dev), yk).median * 1e6
                     if t_vm is None:  # the default path (fxc where it applies, else dlight)
                         t_vm = vm.time_evaluator("main", dev, number=100, repeat=15)(xt).median * 1e6
                         rule = rule_used(build, m)

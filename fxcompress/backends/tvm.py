@@ -342,6 +342,30 @@ def _emit_fxc_gemv(bb, x, xshape, words, scale, zero_point, bias, *, bits, qmin,
 # import
 
 
+def _convert_addmm(node, importer):
+    """``aten.addmm`` (a float ``nn.Linear`` with bias on 2-D input) with the product in the inputs' dtype.
+
+    TVM 0.27's converter always emits an fp32 matmul and then adds the bias in its own dtype, which fails for an
+    fp16 model ("Binary operators must have the same datatype").  Here the product still accumulates in fp32 and
+    is cast back before the bias is added."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    bias, a, b = (importer.env[node.args[i]] for i in range(3))
+    alpha, beta = node.kwargs.get("alpha", 1), node.kwargs.get("beta", 1)
+    dt = str(a.ty.dtype)
+    res = bb.emit(relax.op.matmul(a, b, out_dtype="float32"))
+    if alpha != 1:
+        res = bb.emit(relax.op.multiply(res, relax.const(alpha, "float32")))
+    if dt != "float32":
+        res = bb.emit(relax.op.astype(res, dt))
+    if beta == 0:
+        return res
+    if beta != 1:
+        bias = bb.emit(relax.op.multiply(bias, relax.const(beta, str(bias.ty.dtype))))
+    return bb.emit(relax.op.add(bias, res))
+
+
 def _as_tuple(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -407,7 +431,7 @@ def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | Non
             return y
 
         try:
-            mod = from_exported_program(ep, custom_convert_map={_OP_NAME: convert})
+            mod = from_exported_program(ep, custom_convert_map={_OP_NAME: convert, "addmm.default": _convert_addmm})
         except AssertionError as e:
             msg = str(e)
             found = re.search(r"Unsupported function types? (\[.*\])", msg)
@@ -514,11 +538,51 @@ def _small_int_power_pass():
     return _pass
 
 
+def _constant_transpose_pass():
+    """``permute_dims(constant)`` -> the transposed constant, at build time.
+
+    The importer turns every float ``F.linear(x, W)`` (e.g. an unquantized lm_head) into
+    ``matmul(x, permute_dims(W))``.  Without constant folding (left out on purpose, see :func:`_fuse_passes`)
+    that transpose ran on every call: 519 of 828 µs of GPU time per decode step of the 4-layer L4Q model
+    (tools/results/decode_gpu.md).  Only float constants are touched; packed integer weights never pass
+    through ``permute_dims``.
+    """
+    import tvm
+    from tvm import relax
+
+    op = tvm.ir.Op.get("relax.permute_dims")
+
+    @relax.expr_functor.mutator
+    class _Fold(relax.PyExprMutator):
+        def visit_call_(self, call):  # noqa: N802 - TVM's visitor name
+            call = self.visit_expr_post_order(call)
+            if not (isinstance(call, relax.Call) and call.op.same_as(op)
+                    and isinstance(call.args[0], tvm.ir.expr.Constant)):
+                return call
+            arr = call.args[0].value.numpy()
+            if arr.dtype.kind != "f":
+                return call
+            axes = call.attrs.axes
+            perm = [int(a) for a in axes] if axes is not None else list(range(arr.ndim))[::-1]
+            return relax.const(np.ascontiguousarray(arr.transpose(perm)))
+
+    @tvm.transform.module_pass(opt_level=0, name="FxcFoldConstantTranspose")
+    def _pass(mod, _ctx):
+        rw = _Fold(mod)
+        for gv, f in list(mod.functions.items()):
+            if isinstance(f, relax.Function):
+                rw.builder_.update_func(gv, rw.visit_expr(f))
+        return rw.builder_.get()
+
+    return _pass
+
+
 def _fuse_passes():
     from tvm import relax
 
     # no FoldConstant: it would decode the constant packed weights at build time (back to float)
-    return [_small_int_power_pass(), relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+    return [_small_int_power_pass(), _constant_transpose_pass(), relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
             relax.transform.DeadCodeElimination(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
 
 
