@@ -126,7 +126,7 @@ def _cmd_udfc(args) -> int:
     from fxcompress.passes.udfc import UDFCConfig, udfc_pass
 
     cfg = UDFCConfig(prune_ratio=args.prune, weight_bits=args.bits, criterion=args.criterion,
-                     correlation=args.correlation,
+                     correlation=args.correlation, merge=args.merge,
                      compensate=args.compensate, prune=args.prune > 0,
                      quantize=not args.no_quantize)
     model = pretrained_digits_resnet()
@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     lq.add_argument("--out", required=True)
     lq.set_defaults(fn=_cmd_l4q)
 
-    from fxcompress.passes.udfc import CORRELATIONS, CRITERIA
+    from fxcompress.passes.udfc import CORRELATIONS, CRITERIA, MERGES
 
     u = sub.add_parser("udfc", help="data-free pruning + quantization with compensation (UDFC)")
     u.add_argument("--model", default="digits", choices=["digits"], help="built-in model to compress")
@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--bits", type=int, default=6, help="weight bits, 2..8")
     u.add_argument("--criterion", default="l2", choices=list(CRITERIA))
     u.add_argument("--correlation", default="weights", choices=list(CORRELATIONS))
+    u.add_argument("--merge", default="all", choices=list(MERGES),
+                   help="all: each channel re-expressed through every kept channel (closed form); single: "
+                        "Neuron-Merging-style, one partner per channel (baseline)")
     u.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=True)
     u.add_argument("--no-quantize", action="store_true", help="prune only")
     u.add_argument("--out", default=None, help="save the compressed model to this directory")

@@ -32,3 +32,11 @@ def test_console_script_runs():
 def test_report_of_missing_dir(tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "manifest.json is missing" in capsys.readouterr().err
+
+
+def test_udfc_cli_single_merge_baseline(capsys):
+    """`fxcompress udfc --merge single` runs the Neuron-Merging-style baseline through the same pass."""
+    assert main(["udfc", "--prune", "0.3", "--bits", "6", "--merge", "single"]) == 0
+    out = capsys.readouterr().out
+    acc = float(out.split("UDFC (prune 0.3, 6-bit)")[1].split("%")[0])
+    assert 90.0 < acc <= 100.0  # naive pruning at 30% gives ~35% on this model

@@ -29,8 +29,12 @@ How it works
    kernel that reads the packed words (``TVMRunner.kernel_names()`` / ``primfunc_names()`` show it).
    ``FoldConstant`` is deliberately left out of the pipeline: it would evaluate the decode of the
    constant packed weight at build time and store a float weight again.
-3. **Schedules.**  ``target="cuda"``: ``tvm.s_tir.dlight`` GPU rules (Matmul, GEMV, LowBatchGEMV,
-   Reduction, GeneralReduction, Fallback).  ``target="llvm"``: TVM's default CPU lowering.
+3. **Schedules.**  ``target="cuda"``: quantized linears with fp16 activations and 1..16 rows are emitted
+   directly as hand-scheduled PrimFuncs (:mod:`.tvm_gemv`; ``GEMV_KERNEL``): int4 on tensor cores
+   (``mma.m16n8k16`` from a fragment-ordered repacking of the codes), bits 2 / 4 / 8 on a CUDA-core GEMV;
+   everything else gets the ``tvm.s_tir.dlight`` GPU rules (Matmul, GEMV, LowBatchGEMV, Reduction,
+   GeneralReduction, Fallback).  ``permute_dims`` of float constants (the importer's ``F.linear`` weights)
+   is folded at build time.  ``target="llvm"``: TVM's default CPU lowering.
    ``tune="meta_schedule"``: tasks are tuned with MetaSchedule for ``trials`` trials into a JSON database
    in ``work_dir``; a later build with the same ``work_dir`` reuses records for the same workload and
    target (only untuned tasks are tuned) and warns about records for another target or shape, which it
