@@ -54,7 +54,7 @@ TILES: dict = {}
 
 
 def tile_for(m: int, k: int, n: int) -> Tile:
-    """The default tile (the fastest of a sweep on an H100, tools/results/gemv_bench.md): batch 1 -- 16-byte
+    """The default tile of the CUDA-core kernel (the fastest of a sweep on an H100): batch 1 -- 16-byte
     loads, 8 rows per block at K <= 4096 (more blocks), 32 at larger K (the activation staging is amortized over
     more rows), K steps unrolled; batch 2-4 -- 32 rows per block; batch > 4 -- 8-byte loads and 4 rows per warp
     (each activation read from shared memory serves 4 decoded rows)."""
@@ -278,8 +278,8 @@ def packed_gemv_primfunc(*, m: int, k: int, n: int, bits: int, qmin: int, group_
 
 MMA_MIN_M = 1  # batch sizes from here up use the tensor-core kernel (int4 layers it supports)
 # (warps per block -- they split K and reduce through shared memory --, 16-byte weight loads a lane issues before
-# decoding them) for batch <= 4 / > 4: the fastest of a sweep on an H100 (tools/results/gemv_bench.md)
-MMA_TILES = {"small": (8, 4), "batch": (4, 8)}
+# decoding them) for batch <= 4 / > 4: the best overall in tools/results/fxc_tile_sweep.md (H100)
+MMA_TILES = {"small": (8, 8), "batch": (4, 8)}
 
 
 def mma_tile(m: int, k: int) -> tuple[int, int]:
