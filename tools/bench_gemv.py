@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gpu_timing import cuda_time_us, hbm_peak, wall_time_us
+from gpu_timing import cuda_time_us, hbm_peak, wall_time_us, write_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -353,10 +353,7 @@ def main(argv=None) -> int:
         lines.append(f"| {r['shape']} | {r['m']} | int{r['bits']} | {fxc} | {r['dlight']:.2f} | {r['vm']:.2f} | "
                      f"{r['gbs']:.0f} | {pct} | {r['torch']:.2f} | {r['torch_gbs']:.0f} | {t_ort} | "
                      f"{r['torch'] / r['kern']:.2f}x | {errs} | {r['rule']} | {r['ort_note']} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out} in {total:.0f} s")
+    write_table(args.out, lines, total)
     return 0
 
 

@@ -41,3 +41,13 @@ def wall_time_us(fn, iters: int = 200, reps: int = 10, warmup: int = 10) -> floa
             fn()
         res.append((time.perf_counter() - t) * 1e6 / iters)
     return statistics.median(res)
+
+
+def write_table(path, lines, seconds: float) -> None:
+    """Write a results table (markdown lines) to ``path`` and say so."""
+    from pathlib import Path
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out} in {seconds:.0f} s")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_gemv import build_tvm, make_weights
-from gpu_timing import cuda_time_us
+from gpu_timing import cuda_time_us, write_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -88,10 +88,7 @@ def main(argv=None) -> int:
         vals = " | ".join(f"**{t:.2f}**" if t == best else f"{t:.2f}" for t, _ in cells)
         lines.append(f"| {shape} | {m} | {t_torch:.2f} | {vals} | {t_torch / best:.2f}x | "
                      f"{max(e for _, e in cells):.1e} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out} in {total:.0f} s")
+    write_table(args.out, lines, total)
     return 0
 
 

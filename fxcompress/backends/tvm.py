@@ -45,7 +45,6 @@ Errors: :class:`TVMBackendError` (a ``ValueError``) names the op / layer / devic
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import sys
@@ -531,9 +530,17 @@ def _small_int_power_pass():
                 y = relax.op.multiply(y, x)
             return y
 
-    @tvm.transform.module_pass(opt_level=0, name="FxcSmallIntPower")
+    return _relax_function_pass(_Rewrite, "FxcSmallIntPower")
+
+
+def _relax_function_pass(mutator_cls, name: str):
+    """A module pass that runs ``mutator_cls`` (a ``relax.PyExprMutator``) over every Relax function."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def _pass(mod, _ctx):
-        rw = _Rewrite(mod)
+        rw = mutator_cls(mod)
         for gv, f in list(mod.functions.items()):
             if isinstance(f, relax.Function):
                 rw.builder_.update_func(gv, rw.visit_expr(f))
@@ -570,15 +577,7 @@ def _constant_transpose_pass():
             perm = [int(a) for a in axes] if axes is not None else list(range(arr.ndim))[::-1]
             return relax.const(np.ascontiguousarray(arr.transpose(perm)))
 
-    @tvm.transform.module_pass(opt_level=0, name="FxcFoldConstantTranspose")
-    def _pass(mod, _ctx):
-        rw = _Fold(mod)
-        for gv, f in list(mod.functions.items()):
-            if isinstance(f, relax.Function):
-                rw.builder_.update_func(gv, rw.visit_expr(f))
-        return rw.builder_.get()
-
-    return _pass
+    return _relax_function_pass(_Fold, "FxcFoldConstantTranspose")
 
 
 def _fuse_passes():
@@ -718,7 +717,6 @@ class _SmallBatchGEMV:
 
     def _normalize(self, sch, block_info, bvar):
         from tvm import sym
-        from tvm.s_tir.dlight.analysis import collect_block_iter_vars_used_in_access_region as used
         from tvm.s_tir.dlight.analysis import collect_vars_used_in_prim_expr
         from tvm.s_tir.dlight.gpu import low_batch_gemv as L
 
@@ -899,7 +897,7 @@ def _meta_schedule(mod, target, trials: int, work_dir):
 
 
 def _schedule(mod, target, tune: str, trials: int, work_dir):
-    tvm = _tvm()
+    _tvm()
     stats = {}
     mod = _fused(mod, target)
     if tune == "meta_schedule":

@@ -345,7 +345,6 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
     lead = tuple(lead) or (m,)
     if math.prod(lead) != m:
         raise ValueError(f"tensor-core kernel: leading dims {lead} do not hold {m} rows")
-    from tvm import tirx
     from tvm.script import tirx as T
 
     warps, prefetch = mma_tile(m, k)
