@@ -248,9 +248,11 @@ def test_cuda_build_small_batch_uses_gemv_schedule(m, kernel, monkeypatch):
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build CUDA code")
 @pytest.mark.parametrize("m,bits,kernel", [(1, 4, "fxc_mma"), (4, 4, "fxc_mma"), (16, 4, "fxc_mma"),
-                                            (1, 8, "fxc_gemv"), (16, 8, "fxc_gemv")])
+                                            (1, 8, "fxc_mma"), (16, 8, "fxc_mma"),
+                                            (1, 2, "fxc_gemv"), (4, 2, "fxc_gemv")])
 def test_cuda_build_fp16_small_batch_uses_fxc_kernels(m, bits, kernel):
-    """fp16, 1..16 rows: one hand-scheduled kernel (int4: tensor cores; int8: CUDA-core GEMV), weights packed."""
+    """fp16, 1..16 rows: one hand-scheduled kernel (int4 / int8: tensor cores; int2: CUDA-core GEMV), weights
+    packed."""
     torch.manual_seed(0)
     lin = nn.Linear(512, 256, bias=True)
     q = nn.Sequential(QuantLinear.from_linear(lin, QuantSpec(bits, True, "per_group", 128)), nn.SiLU())
@@ -296,6 +298,9 @@ def test_fxc_gemv_supports_names_the_reason():
     (4, True, "per_group", False, 5, 1024, 272, "fxc_mma"),
     (4, False, "per_channel", False, 9, 512, 64, "fxc_mma"),
     (4, True, "per_group", False, 1, 1152, 272, "fxc_mma"),  # K/64 = 18: 2 warps split K
+    (8, False, "per_group", True, 4, 2048, 272, "fxc_mma"),
+    (8, True, "per_channel", False, 16, 1024, 64, "fxc_mma"),
+    (8, True, "per_group", False, 1, 4096, 4096, "fxc_mma"),
     (4, False, "per_group", True, 3, 5632, 272, "fxc_mma"),
 ])
 def test_cuda_fxc_gemv_matches_reference(bits, symmetric, gran, bias, m, k, n, kernel):
@@ -311,22 +316,28 @@ def test_cuda_fxc_gemv_matches_reference(bits, symmetric, gran, bias, m, k, n, k
     assert (y - ref).abs().max().item() <= 5e-3 * ref.abs().max().item()
 
 
-def test_pack_mma_words_matches_the_fragment_layout():
-    """Each lane's word holds exactly its mma.m16n8k16 A-fragment codes (PTX ISA layout), low/high halves paired."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_mma_words_matches_the_fragment_layout(bits):
+    """Each lane's words hold exactly its mma.m16n8k16 A-fragment codes (PTX ISA layout), low/high halves paired."""
     from fxcompress.backends import tvm_gemv as G
 
     rng = np.random.default_rng(0)
-    codes = rng.integers(-8, 8, size=(32, 128))
-    w = G.pack_mma_words(codes, -8)
-    assert w.shape == (2, 2, 32, 4) and w.dtype == np.uint32
-    for rb, kq, lane, j in [(0, 0, 0, 0), (1, 1, 31, 3), (0, 1, 13, 2), (1, 0, 6, 1)]:
+    qmin = -(2 ** (bits - 1))
+    codes = rng.integers(qmin, -qmin, size=(32, 128))
+    w = G.pack_mma_words(codes, qmin, bits)
+    kpl = G.mma_k_per_load(bits)  # 64 (int4) / 32 (int8) of K per 16-byte load
+    assert w.shape == (2, 128 // kpl, 32, 4) and w.dtype == np.uint32
+    r = 16 // bits  # A registers per word
+    for rb, kq, lane in [(0, 0, 0), (1, 1, 31), (0, 1, 13), (1, 0, 6)]:
         g, t = lane // 4, lane % 4
-        for i, (dr, dc) in enumerate([(0, 0), (8, 0), (0, 8), (8, 8)]):
-            for h in range(2):
-                u = (int(w[rb, kq, lane, j]) >> (4 * i + 16 * h)) & 0xF
-                assert u - 8 == codes[rb * 16 + g + dr, kq * 64 + j * 16 + 2 * t + dc + h]
+        for j in range(kpl // 16):  # 16-wide K slice inside the load
+            for i, (dr, dc) in enumerate([(0, 0), (8, 0), (0, 8), (8, 8)]):
+                word = int(w[rb, kq, lane, j * (4 // r) + i // r])
+                for h in range(2):
+                    u = (word >> (bits * (i % r) + 16 * h)) & (2**bits - 1)
+                    assert u + qmin == codes[rb * 16 + g + dr, kq * kpl + j * 16 + 2 * t + dc + h]
     with pytest.raises(ValueError, match="N % 16"):
-        G.pack_mma_words(codes[:8], -8)
+        G.pack_mma_words(codes[:8], qmin, bits)
 
 
 @pytest.mark.gpu

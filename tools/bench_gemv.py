@@ -293,7 +293,7 @@ def main(argv=None) -> int:
                     errs[kind] = ((y - ref).abs().max() / ref.abs().max()).item()
                     yk = tvm.runtime.empty((1, m, n), "float16", dev)
                     fk = getattr(kmod, "mod", kmod).time_evaluator("main", dev, number=100, repeat=15)
-                    wk = B.tvm_gemv.pack_mma_words(codes, qmin) if rule_used(build, m).startswith("fxc mma") else words
+                    wk = B.tvm_gemv.pack_mma_words(codes, qmin, bits) if rule_used(build, m).startswith("fxc mma") else words
                     kern[kind] = fk(xt, tvm.runtime.tensor(wk, dev), tvm.runtime.tensor(scale, dev), yk).median * 1e6
                     if t_vm is None:  # the default path (fxc where it applies, else dlight)
                         t_vm = vm.time_evaluator("main", dev, number=100, repeat=15)(xt).median * 1e6
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     total = time.time() - t_start
     lines = [
-        "# Integer-weight GEMV / low-batch GEMM: TVM (hand-scheduled fxc GEMV, dlight) vs torch fp16 vs ORT "
+        "# Integer-weight GEMV / low-batch GEMM: TVM (hand-scheduled fxc kernels, dlight) vs torch fp16 vs ORT "
         "MatMulNBits", "",
         f"GPU: **{gpu}**; HBM peak used for %: {peak / 1e12 if peak else 'unknown'} TB/s; torch {torch.__version__}; "
         f"tvm {tvm.__version__}; onnxruntime {ort_ver or 'not importable'}; total bench time {total:.0f} s.", "",
@@ -336,7 +336,7 @@ def main(argv=None) -> int:
         "Weights: symmetric per-group g128 codes packed into uint32 words along K (int4: 8/word, int8: 4/word, "
         "int3: 10/word), fp16 scales, fp16 activations, fp32 accumulation; shape is K(in) x N(out), batch M. "
         "TVM fxc = `time_evaluator` of the hand-scheduled kernel (fxcompress/backends/tvm_gemv.py: the CUDA-core "
-        "packed GEMV, bits 2/4/8, or from M=5 the int4 tensor-core kernel, see rule); TVM dlight = the fused te decode+matmul kernel scheduled by dlight; best = the faster of the "
+        "packed GEMV, bits 2/4/8, or the int4 / int8 tensor-core kernel, see rule); TVM dlight = the fused te decode+matmul kernel scheduled by dlight; best = the faster of the "
         "two; TVM vm = the whole Relax VM call of the default path (adds host dispatch). torch fp16 = `F.linear` (cuBLAS), CUDA events. ORT = MatMulNBits on the CUDA EP "
         "through io_binding, wall clock (includes host overhead). GB/s = (packed weight + scales + activations "
         "in/out) / best TVM kernel time. Speedup = torch fp16 / best TVM kernel. err = max|y - ref| / max|ref| vs an "

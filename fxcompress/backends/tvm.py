@@ -30,8 +30,9 @@ How it works
    ``FoldConstant`` is deliberately left out of the pipeline: it would evaluate the decode of the
    constant packed weight at build time and store a float weight again.
 3. **Schedules.**  ``target="cuda"``: quantized linears with fp16 activations and 1..16 rows are emitted
-   directly as hand-scheduled PrimFuncs (:mod:`.tvm_gemv`; ``GEMV_KERNEL``): int4 on tensor cores
-   (``mma.m16n8k16`` from a fragment-ordered repacking of the codes), bits 2 / 4 / 8 on a CUDA-core GEMV;
+   directly as hand-scheduled PrimFuncs (:mod:`.tvm_gemv`; ``GEMV_KERNEL``): int4 / int8 on tensor cores
+   (``mma.m16n8k16`` from a fragment-ordered repacking of the codes), other int2 / 4 / 8 layers on a
+   CUDA-core GEMV;
    everything else gets the ``tvm.s_tir.dlight`` GPU rules (Matmul, GEMV, LowBatchGEMV, Reduction,
    GeneralReduction, Fallback).  ``permute_dims`` of float constants (the importer's ``F.linear`` weights)
    is folded at build time.  ``target="llvm"``: TVM's default CPU lowering.
@@ -307,7 +308,7 @@ def emit_packed_linear(bb, x, words: np.ndarray, scale: np.ndarray, zero_point: 
 
 
 def _fxc_kind(m: int, k: int, n: int, bits: int, gs: int, dtype: str) -> str | None:
-    """Which hand-scheduled CUDA kernel takes this layer: "fxc_mma" (int4 tensor cores, from
+    """Which hand-scheduled CUDA kernel takes this layer: "fxc_mma" (int4 / int8 tensor cores, from
     :data:`tvm_gemv.MMA_MIN_M` rows), "fxc_gemv" (CUDA cores) or None (dlight's schedules)."""
     if m <= 0:
         return None
@@ -321,15 +322,15 @@ def _fxc_kind(m: int, k: int, n: int, bits: int, gs: int, dtype: str) -> str | N
 
 def _emit_fxc_gemv(bb, x, xshape, words, scale, zero_point, bias, *, bits, qmin, n_out, k_in, gs, kind):
     """``call_tir`` of a hand-scheduled kernel (already scheduled; FuseOps leaves it alone): ``kind`` "fxc_mma"
-    = the int4 tensor-core kernel (its own weight layout), "fxc_gemv" = the CUDA-core packed GEMV."""
+    = the int4 / int8 tensor-core kernel (its own weight layout), "fxc_gemv" = the CUDA-core packed GEMV."""
     from tvm import relax
 
     m_rows = int(np.prod(xshape[:-1]))
     common = dict(m=m_rows, k=k_in, n=n_out, qmin=qmin, group_size=gs, scale_rows=scale.shape[0],
                   has_zero_point=zero_point is not None, has_bias=bias is not None, lead=tuple(xshape[:-1]))
     if kind == "fxc_mma":
-        f = tvm_gemv.packed_mma_primfunc(**common, name="fxc_packed_mma")
-        words = tvm_gemv.pack_mma_words(unpack_words(words, bits, k_in, qmin), qmin)
+        f = tvm_gemv.packed_mma_primfunc(**common, bits=bits, name="fxc_packed_mma")
+        words = tvm_gemv.pack_mma_words(unpack_words(words, bits, k_in, qmin), qmin, bits)
     else:
         f = tvm_gemv.packed_gemv_primfunc(**common, bits=bits, name="fxc_packed_gemv")
     gv = bb.add_func(f, f.attrs["global_symbol"])

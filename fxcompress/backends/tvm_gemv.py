@@ -1,9 +1,9 @@
 """Hand-scheduled CUDA kernels for packed integer weights (TVM TIR), used by the TVM backend at batch 1..16.
 
-Two kernels: :func:`packed_mma_primfunc` (int4 on tensor cores, ``mma.m16n8k16`` with the weights decoded in
-registers from a fragment-ordered packing; the default wherever it applies, batch 1 included) and
-:func:`packed_gemv_primfunc` (CUDA cores, bits 2 / 4 / 8; int8 / int2 layers and int4 layers the tensor-core
-kernel does not take).  The CUDA-core kernel:
+Two kernels: :func:`packed_mma_primfunc` (int4 / int8 on tensor cores, ``mma.m16n8k16`` with the weights
+decoded in registers from a fragment-ordered packing; the default wherever it applies, batch 1 included) and
+:func:`packed_gemv_primfunc` (CUDA cores, bits 2 / 4 / 8; int2 layers and the int4 / int8 layers the
+tensor-core kernel does not take).  The CUDA-core kernel:
 
 Why not dlight's GEMV rule alone: its fused decode kernel loads one 4-byte word per thread per step and spends
 about seven ALU operations per weight (shift, mask, magic-number subtract, scale multiply, two fp16->fp32
@@ -273,7 +273,7 @@ def packed_gemv_primfunc(*, m: int, k: int, n: int, bits: int, qmin: int, group_
 
 
 # ----------------------------------------------------------------------------------------------------------
-# int4 tensor-core kernel (batch 2..16): mma.sync m16n8k16, weights decoded in registers
+# int4 / int8 tensor-core kernel (batch 1..16): mma.sync m16n8k16, weights decoded in registers
 
 
 MMA_MIN_M = 1  # batch sizes from here up use the tensor-core kernel (int4 layers it supports)
@@ -282,64 +282,79 @@ MMA_MIN_M = 1  # batch sizes from here up use the tensor-core kernel (int4 layer
 MMA_TILES = {"small": (8, 8), "batch": (4, 8)}
 
 
-def mma_tile(m: int, k: int) -> tuple[int, int]:
-    """(warps, prefetch) for ``m`` activation rows; fewer warps when K/64 does not split ``warps`` ways."""
+def mma_tile(m: int, k: int, bits: int = 4) -> tuple[int, int]:
+    """(warps, prefetch) for ``m`` activation rows; fewer warps when the K loads do not split ``warps`` ways."""
     warps, pf = MMA_TILES["small" if m <= 4 else "batch"]
-    while warps > 1 and (k // 64) % warps:
+    while warps > 1 and (k // mma_k_per_load(bits)) % warps:
         warps //= 2
     return warps, pf
 
 
-def pack_mma_words(codes, qmin: int):
-    """Repack int4 codes ``(N, K)`` into ``uint32 (N/16, K/64, 32, 4)``: word ``j`` of lane ``l`` in tile
-    ``(row block, K/64 block)`` holds the 8 codes of that lane's mma.m16n8k16 A fragment for the j-th 16-wide K
-    slice -- nibble ``i`` / ``i + 4`` = the low / high half of A register ``a_i`` (rows ``l // 4`` and
-    ``l // 4 + 8``, columns ``2 (l % 4) + {0, 1}`` and ``+ 8``), so ``(w >> 4 i) & 0x000F000F | 0x64006400`` is
-    that register as an fp16 pair ``1024 + u``."""
+MMA_BITS = (4, 8)
+
+
+def mma_k_per_load(bits: int) -> int:
+    """K covered by one 16-byte lane load: 4 K16 slices for int4 (one word each), 2 for int8 (two words each)."""
+    return 256 // bits
+
+
+def pack_mma_words(codes, qmin: int, bits: int = 4):
+    """Repack int4 / int8 codes ``(N, K)`` into ``uint32 (N/16, K/kpl, 32, 4)`` (``kpl``: :func:`mma_k_per_load`):
+    the 4 words lane ``l`` loads for a (row block, K block) hold that lane's mma.m16n8k16 A fragments for the
+    block's 16-wide K slices -- A register ``a_i`` (rows ``l // 4`` / ``l // 4 + 8``, columns ``2 (l % 4) + {0, 1}``
+    / ``+ 8``) sits in word ``i // r`` (``r = 16 // bits`` registers a word) at bits ``bits * (i % r)`` (low half)
+    and ``16 + bits * (i % r)`` (high half), so ``(w >> shift) & mask | 0x64006400`` is that register as an fp16
+    pair ``1024 + u``."""
     import numpy as np
 
+    if bits not in MMA_BITS:
+        raise ValueError(f"mma packing takes bits in {MMA_BITS}, got {bits}")
     u = np.asarray(codes, dtype=np.int64) - qmin
     n, k = u.shape
-    if n % 16 or k % 64:
-        raise ValueError(f"mma packing needs N % 16 == 0 and K % 64 == 0, got {n}x{k}")
+    kpl = mma_k_per_load(bits)
+    if n % 16 or k % kpl:
+        raise ValueError(f"mma packing needs N % 16 == 0 and K % {kpl} == 0, got {n}x{k}")
     lane = np.arange(32)
     g, t = lane // 4, lane % 4
-    # (i, half) -> (row offset, col offset) inside a 16x16 tile
-    rows = np.array([g, g + 8, g, g + 8])  # a0..a3
+    rows = np.array([g, g + 8, g, g + 8])  # a0..a3: (row offset, col offset) inside a 16x16 tile
     cols = np.array([2 * t, 2 * t, 2 * t + 8, 2 * t + 8])
+    r = 16 // bits  # A registers per word
+    wpt = 4 // r  # words per 16-wide K slice
     tiles = u.reshape(n // 16, 16, k // 16, 16).transpose(0, 2, 1, 3)  # (rb, kt, 16, 16)
-    out = np.zeros((n // 16, k // 16, 32), dtype=np.uint64)
+    out = np.zeros((n // 16, k // 16, wpt, 32), dtype=np.uint64)
     for i in range(4):
         for h in range(2):
             vals = tiles[:, :, rows[i], cols[i] + h].astype(np.uint64)  # (rb, kt, 32)
-            out |= vals << np.uint64(4 * i + 16 * h)
-    return out.reshape(n // 16, k // 64, 4, 32).transpose(0, 1, 3, 2).astype(np.uint32).copy()
+            out[:, :, i // r] |= vals << np.uint64(bits * (i % r) + 16 * h)
+    return out.reshape(n // 16, k // kpl, 4, 32).transpose(0, 1, 3, 2).astype(np.uint32).copy()
 
 
 def mma_supports(*, m: int, k: int, n: int, bits: int, group_size: int, dtype: str) -> str | None:
     """None when the tensor-core kernel handles this layer, else the reason."""
     if dtype != "float16":
         return f"activations are {dtype} (the kernel takes float16)"
-    if bits != 4:
-        return f"{bits}-bit codes (the tensor-core kernel is int4 only)"
+    if bits not in MMA_BITS:
+        return f"{bits}-bit codes (the tensor-core kernel takes {MMA_BITS})"
     if not 1 <= m <= 16:
         return f"batch {m} is outside 1..16"
-    if n % 16 or k % 64:
-        return f"{n}x{k} is not a multiple of 16 x 64"
-    if group_size % 64:
-        return f"group size {group_size} is not a multiple of 64"
+    kpl = mma_k_per_load(bits)
+    if n % 16 or k % kpl:
+        return f"{n}x{k} is not a multiple of 16 x {kpl}"
+    if group_size % kpl:
+        return f"group size {group_size} is not a multiple of {kpl}"
     return None
 
 
 def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, scale_rows: int,
-                        has_zero_point: bool, has_bias: bool, lead: tuple = (), name: str = "fxc_packed_mma"):
-    """The scheduled PrimFunc ``(x, words, scale[, zero_point][, bias], y)`` of an int4 linear on tensor cores:
+                        has_zero_point: bool, has_bias: bool, lead: tuple = (), name: str = "fxc_packed_mma",
+                        bits: int = 4):
+    """The scheduled PrimFunc ``(x, words, scale[, zero_point][, bias], y)`` of an int4 / int8 linear on tensor cores:
     ``words`` from :func:`pack_mma_words`; each warp owns 16 output rows and 1/warps of K (:func:`mma_tile`), decodes its A
     fragments in registers (two integer ops per pair of codes, then ``(h - (1024 - qmin) - zp) * scale`` in fp16),
     loads B fragments (the activations, fp16 pairs) from global memory / L1, and runs one ``mma.m16n8k16`` per
     16x16 weight tile and 8 activation rows, accumulating in fp32.  Rows past ``m`` of the 8-row tile are zeros:
     at batch 1 the tensor cores do 8x the needed math, which is free next to the weight reads."""
-    reason = mma_supports(m=m, k=k, n=n, bits=4, group_size=group_size, dtype="float16")
+    reason = mma_supports(m=m, k=k, n=n, bits=bits, group_size=group_size, dtype="float16")
     if reason is not None:
         raise ValueError(f"tensor-core kernel: {reason}")
     lead = tuple(lead) or (m,)
@@ -347,15 +362,19 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
         raise ValueError(f"tensor-core kernel: leading dims {lead} do not hold {m} rows")
     from tvm.script import tirx as T
 
-    warps, prefetch = mma_tile(m, k)
+    warps, prefetch = mma_tile(m, k, bits)
     nt = 1 if m <= 8 else 2  # n8 tiles of activation rows
-    kq = k // 64  # 16-byte lane loads per row block
+    kpl = mma_k_per_load(bits)  # K per 16-byte lane load
+    rpw = 16 // bits  # A registers per word
+    spl = kpl // 16  # 16-wide K slices per load
+    cmask = (1 << bits) - 1
+    kq = k // kpl  # 16-byte lane loads per row block
     kq_w = kq // warps  # per warp
     pf = max(d for d in range(1, prefetch + 1) if kq_w % d == 0)  # weight loads in flight per lane
     red_iters = -(-256 // (warps * LANES))
     zshape = (scale_rows, k // group_size)
     xshape, yshape = (*lead, k), (*lead, n)
-    off = float(1024 - qmin)  # fp16 1024 + u  ->  u + qmin
+    off = float(1024 - qmin)  # fp16 1024 + u  ->  u + qmin (exact: u < 256)
 
     def srow(row):
         return T.min(row, scale_rows - 1)
@@ -381,18 +400,18 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
                             for v in T.vectorized(4):
                                 wv[p * 4 + v] = w[bx, ty * kq_w + qo * pf + p, tx, v]
                         for p in T.unroll(pf):
-                            for h in T.unroll(2):  # scale / zero point of rows g and g + 8 for this K/64 block
+                            for h in T.unroll(2):  # scale / zero point of rows g and g + 8 for this K block
                                 sz[h * 2] = s[srow(bx * 16 + tx // 4 + h * 8),
-                                              (ty * kq_w + qo * pf + p) * 64 // group_size]
+                                              (ty * kq_w + qo * pf + p) * kpl // group_size]
                                 if has_zero_point:
                                     sz[h * 2 + 1] = z[srow(bx * 16 + tx // 4 + h * 8),
-                                                      (ty * kq_w + qo * pf + p) * 64 // group_size]
+                                                      (ty * kq_w + qo * pf + p) * kpl // group_size]
                                 else:
                                     sz[h * 2 + 1] = T.float16(0)
-                            for j in T.unroll(4):  # 16-wide K slice
+                            for j in T.unroll(spl):  # 16-wide K slice
                                 for i in T.unroll(4):
-                                    au[i] = ((wv[p * 4 + j] >> T.uint32(4 * i)) & T.uint32(0x000F000F)) \
-                                        | T.uint32(0x64006400)
+                                    au[i] = ((wv[p * 4 + j * (4 // rpw) + i // rpw] >> T.Cast("uint32", bits * (i % rpw)))
+                                             & T.uint32(cmask | (cmask << 16))) | T.uint32(0x64006400)
                                 for e in T.unroll(8):  # a_i halves: rows g (i even) / g + 8 (i odd)
                                     ah[e] = (ah[e] - T.float16(off) - sz[(e // 2) % 2 * 2 + 1]) * sz[(e // 2) % 2 * 2]
                                 for t2 in T.unroll(nt):
@@ -400,7 +419,7 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
                                         bu[t2 * 2 + hb] = T.if_then_else(
                                             t2 * 8 + tx // 4 < m,
                                             x32[T.min(t2 * 8 + tx // 4, m - 1),
-                                                ((ty * kq_w + qo * pf + p) * 64 + j * 16 + (tx % 4) * 2 + hb * 8) // 2],
+                                                ((ty * kq_w + qo * pf + p) * kpl + j * 16 + (tx % 4) * 2 + hb * 8) // 2],
                                             T.uint32(0))
                                     T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
                                                                 au.data, 0, bu.data, t2 * 2, cf.data, t2 * 4, False,
