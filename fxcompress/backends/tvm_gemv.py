@@ -276,7 +276,7 @@ def packed_gemv_primfunc(*, m: int, k: int, n: int, bits: int, qmin: int, group_
 # int4 / int8 tensor-core kernel (batch 1..16): mma.sync m16n8k16, weights decoded in registers
 
 
-MMA_MIN_M = 1  # batch sizes from here up use the tensor-core kernel (int4 layers it supports)
+MMA_MIN_M = 1  # batch sizes from here up use the tensor-core kernel (int4 / int8 layers it supports)
 # (warps per block -- they split K and reduce through shared memory --, 16-byte weight loads a lane issues before
 # decoding them) for batch <= 4 / > 4: the best overall in tools/results/fxc_tile_sweep.md (H100)
 MMA_TILES = {"small": (8, 8), "batch": (4, 8)}
