@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_timing import cuda_time_us, hbm_peak
+from gpu_timing import cuda_time_us, hbm_peak, write_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -226,10 +226,8 @@ def main(argv=None) -> int:
         pct = f"{nbytes / (t * 1e-6) / peak * 100:.0f}%" if nbytes and peak else "-"
         lines.append(f"| {label} | {t:.1f} | {base / t:.2f}x | {t_graph / t:.2f}x | {mb} | {pct} | {err:.1e} |")
     lines += ["", "Notes:"] + [f"- {n}" for n in notes] + profile_lines
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    write_table(args.out, lines, total)
     return 0
 
 

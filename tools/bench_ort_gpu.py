@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from gpu_timing import hbm_peak, wall_time_us
+from gpu_timing import hbm_peak, wall_time_us, write_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -211,10 +211,8 @@ def main(argv=None) -> int:
         lines.append(f"| {r['name']} | {f(r['fp16'], '.1f')} | {f(r['int4'], '.1f')} | {sp} | "
                      f"{f(r['fp16_bw'], '.0f')}% | {f(r['int4_bw'], '.0f')}% | {f(r['fp16_err'], '.1e')} | "
                      f"{f(r['int4_err'], '.1e')} | {r['fp16_mode']} / {r['int4_mode']} | {r.get('note', '')} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    write_table(args.out, lines, total)
     return 0
 
 

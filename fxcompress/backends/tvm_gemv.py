@@ -54,7 +54,8 @@ TILES: dict = {}
 
 
 def tile_for(m: int, k: int, n: int) -> Tile:
-    """The default tile of the CUDA-core kernel (the fastest of a sweep on an H100): batch 1 -- 16-byte
+    """The default tile of the CUDA-core kernel (the fastest in tile sweeps run on an H100 while developing it; that
+    sweep is not in tools/results -- tools/sweep_fxc_tiles.py covers the tensor-core tiles): batch 1 -- 16-byte
     loads, 8 rows per block at K <= 4096 (more blocks), 32 at larger K (the activation staging is amortized over
     more rows), K steps unrolled; batch 2-4 -- 32 rows per block; batch > 4 -- 8-byte loads and 4 rows per warp
     (each activation read from shared memory serves 4 decoded rows)."""

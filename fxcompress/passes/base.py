@@ -41,6 +41,15 @@ class Report(list):
     def rows(self, action: str | None = None) -> list[LayerReport]:
         return [r for r in self if action is None or r.action == action]
 
+    def skipped_unfit(self, spec, name: str, op: str, shape: tuple) -> bool:
+        """True (and a "skipped" row naming the reason) when ``spec`` cannot quantize a weight of ``shape``."""
+        try:
+            spec.check_shape(shape)
+        except ValueError as e:
+            self.append(LayerReport(name, op, "skipped", None, shape, shape, str(e)))
+            return True
+        return False
+
     def table(self) -> str:
         def fmt(v):
             if v is None:

@@ -75,10 +75,7 @@ def l4q_pass(gm: fx.GraphModule, config: L4QConfig, *, inplace: bool = False) ->
     for name in names:
         s = sites[name]
         shape = tuple(s.weight.shape)
-        try:
-            spec.check_shape(shape)
-        except ValueError as e:
-            report.append(LayerReport(name, "linear", "skipped", None, shape, shape, str(e)))
+        if report.skipped_unfit(spec, name, "linear", shape):
             continue
         if config.lora and config.lora_rank > min(shape):
             raise ValueError(f"L4QConfig.lora_rank={config.lora_rank} exceeds min(in, out)={min(shape)} "

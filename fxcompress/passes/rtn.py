@@ -57,10 +57,7 @@ def quantize_rtn(gm: fx.GraphModule, config: RTNConfig = RTNConfig(), *, progres
         if name in sites:
             s = sites[name]
             shape = tuple(s.weight.shape)
-            try:
-                spec.check_shape(shape)
-            except ValueError as e:
-                report.append(LayerReport(name, "linear", "skipped", None, shape, shape, str(e)))
+            if report.skipped_unfit(spec, name, "linear", shape):
                 continue
             replace_site(gm, s, QuantLinear(QuantWeight.from_float(s.weight, spec), s.bias))
             report.append(LayerReport(name, "linear", "quantized", spec.bits, shape, shape, spec.granularity))
