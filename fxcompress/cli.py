@@ -1,9 +1,69 @@
-"""The ``fxcompress`` command line."""
+"""The ``fxcompress`` command line: every subcommand, its arguments and its error handling live here.
+
+Nothing below this module imports argparse.  Subcommands import what they need when they run, so
+``fxcompress --help`` loads neither onnx, onnxruntime nor TVM.  Errors the user can fix (bad arguments, a
+missing file or package, a model a pass cannot compress) print ONE line saying what to do and exit with 2.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+
+# what to pip install when an optional package is missing
+_INSTALL = {"tvm": "pip install 'fxcompress[tvm]'", "tvm_ffi": "pip install 'fxcompress[tvm]'",
+            "onnxruntime": "pip install onnxruntime", "onnx": "pip install onnx",
+            "gguf": "pip install 'fxcompress[lm]'", "tokenizers": "pip install 'fxcompress[lm]'",
+            "transformers": "pip install 'fxcompress[hf]'"}
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the message says what to pass instead."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block) that points at ``--help``; exit code 2."""
+
+    def error(self, message):  # noqa: D102 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"1,3,224,224"`` or ``"1x3x224x224"`` -> ``(1, 3, 224, 224)``; :class:`UsageError` otherwise."""
+    parts = [v.strip() for v in str(text).replace("x", ",").split(",")]
+    try:
+        shape = tuple(int(v) for v in parts if v)
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape) or any(not v for v in parts):
+        raise UsageError(f"--input-shape must be positive integers separated by commas, e.g. 1,1,8,8; got {text!r}")
+    return shape
+
+
+def _progress() -> bool:
+    from fxcompress.runtime.progress import progress_enabled
+
+    return progress_enabled()
 
 
 def _cmd_demo(args) -> int:
@@ -55,10 +115,38 @@ def _cmd_quantize(args) -> int:
     gm = fxc.load(args.dir)
     cfg = fxc.RTNConfig(bits=args.bits, symmetric=args.symmetric, granularity=args.granularity,
                         group_size=args.group_size)
-    res = fxc.quantize_rtn(gm, cfg, progress=True)
+    res = fxc.quantize_rtn(gm, cfg, progress=_progress())
+    if not res.report.rows("quantized"):
+        raise UsageError(f"{args.dir}: nothing was quantized ({_skip_summary(gm, res.report)}); "
+                         "quantize takes an artifact with float Linear / Conv2d layers (e.g. one written by "
+                         "fxc.save of a captured model), not one that is already quantized")
     fxc.save(res.gm, args.out)
     print(res.report)
     return 0
+
+
+def _skip_summary(gm, report) -> str:
+    from fxcompress.nn import QuantConv2d, QuantLinear
+
+    nq = sum(isinstance(m, (QuantLinear, QuantConv2d)) for m in gm.modules())
+    skipped = report.rows("skipped")
+    parts = []
+    if nq:
+        parts.append(f"{nq} layer(s) already hold integer weights")
+    if skipped:
+        parts.append(f"{len(skipped)} skipped, e.g. {skipped[0].layer}: {skipped[0].note}")
+    return "; ".join(parts) or "no Linear / Conv2d layer found"
+
+
+LM_MODELS = ("smollm2", "tiny")
+
+
+def _check_lm_name(name: str) -> None:
+    from pathlib import Path
+
+    if name not in LM_MODELS and not Path(name).is_dir():
+        raise UsageError(f"--model {name!r} is neither a built-in model ({', '.join(LM_MODELS)}) nor an fxcompress "
+                         "artifact directory; pass --model tiny, --model smollm2 or a directory written by fxcompress")
 
 
 def _load_lm(name: str):
@@ -78,7 +166,8 @@ def _load_lm(name: str):
         import fxcompress as fxc
 
         return fxc.load(name), lambda text: list(text.encode("utf-8"))
-    raise ValueError(f"--model must be 'smollm2', 'tiny' or an fxcompress artifact directory, got {name!r}")
+    _check_lm_name(name)
+    raise AssertionError("unreachable")
 
 
 def _cmd_l4q(args) -> int:
@@ -90,10 +179,13 @@ def _cmd_l4q(args) -> int:
     from fxcompress.data import token_batches
     from fxcompress.finetune import perplexity, train_lm
 
+    _check_lm_name(args.model)
     cfg = fxc.L4QConfig(bits=args.bits, group_size=None if args.group_size == 0 else args.group_size,
                         symmetric=args.symmetric, lora_rank=args.rank, lora_alpha=args.alpha,
                         exclude=tuple(args.exclude))
     if args.data:
+        if not Path(args.data).is_file():
+            raise UsageError(f"--data {args.data}: no such file; pass a UTF-8 text file")
         text = Path(args.data).read_text(encoding="utf-8", errors="replace")
     else:
         from fxcompress.data import load_corpus
@@ -108,7 +200,7 @@ def _cmd_l4q(args) -> int:
     print(f"{len(ids)} tokens (first 90% train, last 10% held out); {cfg}")
     qm = fxc.prepare_l4q(model, (ids[None, : args.seq_len],), cfg)
     ppl0 = perplexity(qm, eval_batches)
-    train_lm(qm, train_batches, args.steps, lora_lr=args.lr, quant_lr=args.quant_lr)
+    train_lm(qm, train_batches, args.steps, lora_lr=args.lr, quant_lr=args.quant_lr, progress=_progress())
     dm = fxc.convert_l4q(qm)
     ppl1 = perplexity(dm, eval_batches)
     fxc.save(dm, args.out, extra={"l4q": {"bits": cfg.bits, "group_size": cfg.group_size, "steps": args.steps,
@@ -132,7 +224,7 @@ def _cmd_udfc(args) -> int:
     model = pretrained_digits_resnet()
     _, _, xte, yte = load_digits_split()
     gm = fxc.capture(model, (xte[:4],))
-    res = udfc_pass(gm, cfg, progress=True)
+    res = udfc_pass(gm, cfg, progress=_progress())
     res.gm.eval()
     print(res.report)
     print()
@@ -147,9 +239,9 @@ def _cmd_udfc(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fxcompress", description="Compress PyTorch models with torch.fx passes "
+    p = _Parser(prog="fxcompress", description="Compress PyTorch models with torch.fx passes "
                                 "(L4Q, UDFC) and deploy them (ONNX Runtime, TVM).")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     d = sub.add_parser("demo", help="compress a built-in real model end to end and print the report")
     d.add_argument("--bits", type=int, nargs="+", default=[8, 4], help="weight bit widths to try (2, 3, 4, 8)")
@@ -179,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     lq.add_argument("--rank", type=int, default=16)
     lq.add_argument("--alpha", type=float, default=32.0)
     lq.add_argument("--exclude", nargs="*", default=["lm_head"])
-    lq.add_argument("--steps", type=int, default=100)
+    lq.add_argument("--steps", type=_nonnegative_int, default=100)
     lq.add_argument("--seq-len", type=int, default=128)
     lq.add_argument("--batch", type=int, default=4)
     lq.add_argument("--lr", type=float, default=2e-4, help="LoRA learning rate")
@@ -205,27 +297,176 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--out", default=None, help="save the compressed model to this directory")
     u.set_defaults(fn=_cmd_udfc)
 
-    from fxcompress.backends.onnx_qdq import add_export_args, cli_export
-    from fxcompress.backends.tvm import add_export_tvm_args, cli_export_tvm
-    from fxcompress.runtime.ort import add_bench_args, cli_bench
-
     e = sub.add_parser("export", help="export a saved model to ONNX (QDQ / MatMulNBits) or a TVM library")
-    add_export_args(e)
-    add_export_tvm_args(e)
-    e.set_defaults(fn=lambda a: cli_export_tvm(a) if a.format == "tvm" else cli_export(a))
+    _add_export_args(e)
+    e.set_defaults(fn=_cmd_export)
     b = sub.add_parser("bench", help="benchmark a deployed model (ONNX Runtime)")
-    add_bench_args(b)
-    b.set_defaults(fn=cli_bench)
+    _add_bench_args(b)
+    b.set_defaults(fn=_cmd_bench)
+    dr = sub.add_parser("doctor", help="print the versions of the packages fxcompress uses and what each enables")
+    dr.set_defaults(fn=_cmd_doctor)
     return p
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, ImportError) and not isinstance(e, ModuleNotFoundError) or (
+            isinstance(e, ModuleNotFoundError) and "install" in str(e)):
+        return str(e).strip().splitlines()[0]
+    if isinstance(e, ModuleNotFoundError):
+        root = (e.name or "").split(".")[0]
+        return f"this command needs the package {root!r}; install it with: {_INSTALL.get(root, f'pip install {root}')}"
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fxcompress {args.cmd}: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"fxcompress {args.cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fxcompress {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ----------------------------------------------------------------------------------------------------------
+# export: fxcompress export DIR --format onnx|tvm --out PATH [--input-shape 1,1,8,8 ...]
+
+
+def _add_export_args(p) -> None:
+    p.add_argument("dir", help="artifact directory written by fxcompress (save / quantize)")
+    p.add_argument("--format", default="onnx", choices=["onnx", "tvm"], help="target format")
+    p.add_argument("--out", required=True, help="output path (.onnx, or .so for --format tvm)")
+    p.add_argument("--input-shape", action="append", default=None,
+                   help="shape of an example input, e.g. 1,1,8,8 (repeat for several inputs; default: the shapes "
+                        "stored in the artifact's manifest)")
+    g = p.add_argument_group("ONNX (--format onnx)")
+    g.add_argument("--opset", type=int, default=21)
+    g.add_argument("--weight-format", default="qdq", choices=["qdq", "matmulnbits"])
+    g.add_argument("--static-batch", action="store_true", help="keep the batch dimension fixed")
+    t = p.add_argument_group("TVM (--format tvm)")
+    t.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
+    t.add_argument("--tune", default="dlight", choices=["dlight", "meta_schedule", "none"])
+    t.add_argument("--trials", type=_nonnegative_int, default=64)
+    t.add_argument("--work-dir", default=None, help="MetaSchedule records (reused on the next build)")
+    t.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+
+
+def example_shapes(directory, given=None) -> list[tuple[int, ...]]:
+    """The example input shapes for exporting ``directory``: ``--input-shape`` values when given, else the
+    manifest's ``example_inputs`` (``[{"shape": [...], "dtype": ...}, ...]``; older artifacts:
+    ``extra.input_shapes``)."""
+    from fxcompress.runtime.artifact import read_manifest
+
+    if given:
+        return [parse_shape(s) for s in given]
+    man = read_manifest(directory)
+    stored = man.get("example_inputs") or []
+    shapes = [tuple(int(d) for d in (e.get("shape") if isinstance(e, dict) else e)) for e in stored]
+    if not shapes:
+        shapes = [tuple(s) for s in ((man.get("extra") or {}).get("input_shapes") or [])]
+    if not shapes:
+        raise UsageError(f"{directory} stores no example input shapes (manifest 'example_inputs'); pass "
+                         "--input-shape, e.g. --input-shape 1,1,8,8 (once per model input)")
+    return shapes
+
+
+def _cmd_export(args) -> int:
+    import torch
+
+    import fxcompress as fxc
+
+    shapes = example_shapes(args.dir, args.input_shape)
+    gm = fxc.load(args.dir)
+    if args.format == "tvm":
+        return _export_tvm(args, gm, shapes)
+    from fxcompress.backends.onnx import export_onnx, layer_formats
+    from fxcompress.runtime import check_parity, load_runner
+
+    inputs = tuple(torch.randn(*s) for s in shapes)
+    path = export_onnx(gm, inputs, args.out, opset=args.opset, weight_format=args.weight_format,
+                       dynamic_batch=not args.static_batch)
+    rep = check_parity(gm, load_runner(path, backend="ort"), inputs)
+    print(f"wrote {path} ({path.stat().st_size} bytes, opset {args.opset}, {args.weight_format})")
+    for row in layer_formats(path):
+        print(f"  {row['layer']:<32} {row['format']:<17} {row.get('container', ''):<6} bits={row['bits']} "
+              f"{row['granularity']} zp={row['zero_point']}")
+    print(rep)
+    return 0
+
+
+def _export_tvm(args, gm, shapes) -> int:
+    """Build the artifact for ``--target`` (no GPU needed for ``--target cuda``) and write the library plus
+    ``OUT.json``."""
+    from pathlib import Path
+
+    import torch
+
+    from fxcompress.backends.tvm import build_tvm
+    from fxcompress.runtime.tvm_runner import export_build
+
+    dt = torch.float16 if args.dtype == "float16" else None
+    b = build_tvm(gm, [torch.randn(*s) for s in shapes], args.target, args.tune, trials=args.trials,
+                  work_dir=args.work_dir, dtype=dt, progress=_progress())
+    out = export_build(b, args.out)
+    print(f"wrote {out} ({Path(out).stat().st_size} bytes) and {out}.json for target {args.target}; "
+          f"{len(b.info['layers'])} packed integer linear(s), PrimFuncs: {len(b.primfunc_names())}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bench: fxcompress bench model.onnx --backend ort --device cpu
+
+
+def _add_bench_args(p) -> None:
+    p.add_argument("model", help=".onnx file")
+    p.add_argument("--backend", default="ort", choices=["ort"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--input-shape", action="append", default=None,
+                   help="shape for a dynamic input, e.g. 1,1,8,8 (repeat per input; static dims are read from the model)")
+    p.add_argument("--warmup", type=_nonnegative_int, default=10)
+    p.add_argument("--iters", type=_positive_int, default=100, help="timed runs (>= 1)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="intra-op threads (default: ORT's choice)")
+
+
+def _cmd_bench(args) -> int:
+    import torch
+
+    from fxcompress.runtime import benchmark, load_runner
+    from fxcompress.runtime.ort import ORT_DTYPES
+
+    given = [parse_shape(s) for s in (args.input_shape or [])]
+    r = load_runner(args.model, backend=args.backend, device=args.device, intra_op_num_threads=args.threads)
+    inputs = []
+    for i, meta in enumerate(r.input_meta()):
+        if i < len(given):
+            shape = given[i]
+        else:
+            shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in meta.shape)
+        dt = ORT_DTYPES.get(meta.type, torch.float32)
+        inputs.append(torch.randn(*shape).to(dt) if dt.is_floating_point else torch.zeros(*shape, dtype=dt))
+    stats = benchmark(r, inputs, warmup=args.warmup, iters=args.iters)
+    size = r.path.stat().st_size
+    print(f"{r.path} on ort/{args.device}: inputs {[tuple(x.shape) for x in inputs]}, file {size} bytes")
+    print(f"latency: median {stats['median_ms']:.3f} ms, mean {stats['mean_ms']:.3f} ms, "
+          f"p10 {stats['p10_ms']:.3f} ms, p90 {stats['p90_ms']:.3f} ms over {stats['iters']} runs")
+    ops = r.optimized_op_types()
+    print("optimized graph ops: " + ", ".join(f"{k}x{v}" for k, v in sorted(ops.items())))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# doctor
+
+
+def _cmd_doctor(args) -> int:
+    from fxcompress.doctor import doctor_lines
+
+    for line in doctor_lines():
+        print(line)
+    return 0
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def udfc_cnn():
 @pytest.mark.parametrize("fmt", ["qdq", "matmulnbits"])
 def test_l4q_converted_block_onnx_parity(l4q_block, tmp_path, fmt):
     dm, x = l4q_block
-    runner = fxc.runtime.load(str(fxc.export_onnx(dm, (x,), tmp_path / "l4q.onnx", weight_format=fmt)),
+    runner = fxc.runtime.load_runner(str(fxc.export_onnx(dm, (x,), tmp_path / "l4q.onnx", weight_format=fmt)),
                               backend="ort", device="cpu")
     rep = fxc.runtime.check_parity(dm, runner, (x,))
     assert rep.ok(atol=1e-4, rtol=1e-4), rep
@@ -51,7 +51,7 @@ def test_l4q_converted_block_tvm_parity(l4q_block):
 def test_udfc_cnn_onnx_parity_and_accuracy(udfc_cnn, tmp_path):
     cm, xte, yte = udfc_cnn
     x = xte[:64]
-    runner = fxc.runtime.load(str(fxc.export_onnx(cm, (x,), tmp_path / "udfc.onnx")), backend="ort", device="cpu")
+    runner = fxc.runtime.load_runner(str(fxc.export_onnx(cm, (x,), tmp_path / "udfc.onnx")), backend="ort", device="cpu")
     rep = fxc.runtime.check_parity(cm, runner, (x,))
     assert rep.ok(atol=1e-4, rtol=1e-4), rep
     assert accuracy(lambda b: runner(b), xte[:448], yte[:448]) == accuracy(cm, xte[:448], yte[:448])

@@ -1,5 +1,4 @@
 """ONNX (QDQ / MatMulNBits) export and the ONNX Runtime runner: parity with torch, exact codes, errors."""
-import argparse
 
 import numpy as np
 import onnx
@@ -9,11 +8,12 @@ from onnx import numpy_helper
 from torch import nn
 
 import fxcompress as fxc
-from fxcompress.backends.onnx_qdq import ExportError, add_export_args, cli_export, export_onnx, layer_formats
+from fxcompress.backends.onnx import ExportError, export_onnx, layer_formats
 from fxcompress.nn import QuantConv2d, QuantLinear
 from fxcompress.quant import QuantSpec, QuantWeight
-from fxcompress.runtime.ort import OrtLoadError, OrtRunner, add_bench_args, cli_bench, load_ort
-from fxcompress.runtime.runner import Runner, RunnerInputError, check_parity, load
+from fxcompress.runtime.ort import OrtLoadError, OrtRunner, load_ort
+from fxcompress.cli import main
+from fxcompress.runtime.runner import Runner, RunnerInputError, check_parity, load_runner
 
 from toymodels import DecoderBlock, same_state, state_copy
 
@@ -241,10 +241,10 @@ def test_load_dispatch_and_devices(block, tmp_path):
     gm, x = block
     q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8)).gm
     p = export_onnx(q, (x,), tmp_path / "m.onnx")
-    r = load(p, backend="ort", device="cpu")
+    r = load_runner(p, backend="ort", device="cpu")
     assert isinstance(r, OrtRunner) and torch.allclose(r(x), q(x), atol=TOL)
     with pytest.raises(ValueError, match="backend must be one of"):
-        load(p, backend="nope")
+        load_runner(p, backend="nope")
     with pytest.raises(ValueError, match="device"):
         load_ort(p, device="tpu")
     import onnxruntime as ort
@@ -266,15 +266,10 @@ def test_cli_export_and_bench(digits, tmp_path, capsys):
     gm, xte, _ = digits
     q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8)).gm
     fxc.save(q, tmp_path / "art")
-    p = argparse.ArgumentParser()
-    add_export_args(p)
-    args = p.parse_args([str(tmp_path / "art"), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
-                         "--input-shape", "1,1,8,8"])
-    assert cli_export(args) == 0
-    b = argparse.ArgumentParser()
-    add_bench_args(b)
-    assert cli_bench(b.parse_args([str(tmp_path / "m.onnx"), "--backend", "ort", "--device", "cpu",
-                                   "--iters", "5", "--warmup", "1"])) == 0
+    assert main(["export", str(tmp_path / "art"), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
+                 "--input-shape", "1,1,8,8"]) == 0
+    assert main(["bench", str(tmp_path / "m.onnx"), "--backend", "ort", "--device", "cpu",
+                 "--iters", "5", "--warmup", "1"]) == 0
     out = capsys.readouterr().out
     assert "DequantizeLinear" in out and "median" in out and "max abs" in out
 
@@ -302,7 +297,7 @@ def test_layer_used_twice(tmp_path, fmt):
 
 
 def _nbits_fp16(tmp_path, x):
-    from fxcompress.runtime.ort import to_float16
+    from fxcompress.backends.onnx import to_float16
 
     q = fxc.quantize_rtn(fxc.capture(DecoderBlock().eval(), (x,)),
                          fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=32)).gm

@@ -128,10 +128,11 @@ def main(argv=None) -> int:
         import json
 
         d = json.loads(Path(args.config).read_text())
-        B.DECODE_MODE = d.get("decode") or B.DECODE_MODE
-        B.GEMV_CUDA_CONFIG = d.get("config")
+        bcfg = B.TVMBuildConfig(decode_mode=d.get("decode") or "magic", gemv_cuda=d.get("config"))
         config_note = f"sweep winner {d.get('name')}"
-    config_note += f" (DECODE_MODE={B.DECODE_MODE!r}, GEMV_CUDA_CONFIG={B.GEMV_CUDA_CONFIG})"
+    else:
+        bcfg = B.TVMBuildConfig()
+    config_note += f" (decode_mode={bcfg.decode_mode!r}, gemv_cuda={dict(bcfg.gemv_cuda or {}) or None})"
     t0 = time.time()
     gpu = torch.cuda.get_device_name(0)
     peak = hbm_peak(gpu)
@@ -183,9 +184,9 @@ def main(argv=None) -> int:
         try:
             if ctx is not None:
                 with ctx:
-                    r = fxc.compile_tvm(dm_cpu, (ids_cpu,), target="cuda", dtype=torch.float16)
+                    r = fxc.compile_tvm(dm_cpu, (ids_cpu,), target="cuda", dtype=torch.float16, config=bcfg)
             else:
-                r = fxc.compile_tvm(dm_cpu, (ids_cpu,), target="cuda", dtype=torch.float16)
+                r = fxc.compile_tvm(dm_cpu, (ids_cpu,), target="cuda", dtype=torch.float16, config=bcfg)
             y = r(ids)
             y = y[0] if isinstance(y, (list, tuple)) else y
             t = r.time_evaluator(ids, number=50, repeat=15).median * 1e6

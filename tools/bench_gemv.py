@@ -35,22 +35,24 @@ def make_weights(k, n, bits, rng):
     return codes, pack_words(codes, bits, qmin), scale, qmin
 
 
-def build_tvm(k, n, m, bits, words, scale, qmin, target, kernel="dlight"):
-    """Relax build of one packed linear; ``kernel="fxc"`` emits the hand-scheduled GEMV where it applies."""
+def build_tvm(k, n, m, bits, words, scale, qmin, target, kernel="dlight", config=None):
+    """Relax build of one packed linear; ``kernel="fxc"`` emits the hand-scheduled GEMV where it applies;
+    ``config``: a ``TVMBuildConfig`` (decode mode, GEMV tiles; default: fxcompress's defaults)."""
     import tvm
     from tvm import relax
 
     from fxcompress.backends import tvm as B
 
+    config = config or B.TVMBuildConfig()
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((1, m, k), "float16"))
     with bb.function("main", [x]):
         with bb.dataflow():
             y = B.emit_packed_linear(bb, x, words, scale.astype(np.float32), None, bits=bits, qmin=qmin,
-                                     out_features=n, in_features=k, cuda=kernel == "fxc")
+                                     out_features=n, in_features=k, cuda=kernel == "fxc", config=config)
             o = bb.emit_output(y)
         bb.emit_func_output(o)
-    build = B.build_tvm(bb.get(), None, target, "dlight")
+    build = B.build_tvm(bb.get(), None, target, "dlight", config=config)
     kern = [gv for gv, f in build.scheduled.functions.items()
             if isinstance(f, tvm.tirx.PrimFunc) and ("decode" in gv.name_hint or "fxc_packed" in gv.name_hint)]
     kmod = tvm.compile(tvm.IRModule({"main": build.scheduled[kern[0]].with_attr("global_symbol", "main")}),
@@ -90,7 +92,7 @@ def ort_model(k, n, m, codes, scale, bits):
                            onnx.numpy_helper.from_array(scale.reshape(-1).astype(np.float16), "scales")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     # onnx 1.23 writes IR version 12+, which onnxruntime 1.31 rejects ("model.cc: Unsupported model IR version");
-    # opset 21 needs IR 10 (as fxcompress.backends.onnx_qdq writes it)
+    # opset 21 needs IR 10 (as fxcompress.backends.onnx writes it)
     model.ir_version = 10
     return model.SerializeToString()
 
@@ -122,7 +124,7 @@ def ort_time_us(sess, x_np, iters=200, reps=10):
     return t, io.copy_outputs_to_cpu()[0]
 
 
-# batch-1 schedule variants tried by --sweep: (name, decode mode, GEMV_CUDA_CONFIG)
+# batch-1 schedule variants tried by --sweep: (name, decode mode, TVMBuildConfig.gemv_cuda)
 VARIANTS = [
     ("dlight, I2F decode", "convert", None),
     ("dlight, magic decode", "magic", None),
@@ -136,12 +138,14 @@ VARIANTS = [
 SWEEP_CASES = [(4096, 4096, 4), (8192, 8192, 4), (4096, 11008, 4), (4096, 4096, 8), (4096, 4096, 3)]
 
 
-def apply_config(decode: str | None, cfg: dict | None) -> None:
-    from fxcompress.backends import tvm as B
+def make_config(decode: str | None, cfg: dict | None, base=None):
+    """A ``TVMBuildConfig`` with this decode mode (None: keep ``base``'s) and dlight GEMV overrides."""
+    import dataclasses
 
-    if decode:
-        B.DECODE_MODE = decode
-    B.GEMV_CUDA_CONFIG = dict(cfg) if cfg else None
+    from fxcompress.backends.tvm import TVMBuildConfig
+
+    base = base or TVMBuildConfig()
+    return dataclasses.replace(base, decode_mode=decode or base.decode_mode, gemv_cuda=dict(cfg) if cfg else None)
 
 
 def load_config(path) -> tuple[str | None, dict | None, str]:
@@ -175,11 +179,12 @@ def sweep(out_md: str, out_json: str) -> dict:
                           torch=cuda_time_us(lambda: torch.nn.functional.linear(x, w16), iters=100, warmup=10)))  # noqa: B023
     res = []
     for name, decode, cfg in VARIANTS:
-        apply_config(decode, cfg)
+        vcfg = make_config(decode, cfg)
         times, errs = [], []
         for c in cases:
             try:
-                build, kmod = build_tvm(c["k"], c["n"], 1, c["bits"], c["words"], c["scale"], c["qmin"], "cuda")
+                build, kmod = build_tvm(c["k"], c["n"], 1, c["bits"], c["words"], c["scale"], c["qmin"], "cuda",
+                                        config=vcfg)
                 xt = tvm.runtime.from_dlpack(c["x"])
                 yk = tvm.runtime.empty((1, 1, c["n"]), "float16", dev)
                 f = getattr(kmod, "mod", kmod)
@@ -198,7 +203,7 @@ def sweep(out_md: str, out_json: str) -> dict:
         print(f"{name:>24}: " + "  ".join(f"{t:7.2f}" for t in times) + f"  | geo-mean speedup {geo:.2f}x"
               f"  max err {max(errs):.1e}", flush=True)
     best = max(res, key=lambda r: r["geo"])
-    apply_config(best["decode"], best["config"])
+    best["build_config"] = make_config(best["decode"], best["config"])
     hdr = " | ".join(f"{c['k']}x{c['n']} int{c['bits']} µs" for c in cases)
     lines = ["# Batch-1 GEMV schedule sweep (TVM fused decode kernel, `time_evaluator` median)", "",
              f"GPU: **{gpu}**; torch fp16 (cuBLAS) µs: " + ", ".join(
@@ -232,15 +237,16 @@ def main(argv=None) -> int:
                     help="time the batch-1 schedule VARIANTS first (table to MD), then bench with the fastest")
     ap.add_argument("--sweep-json", default=None, help="where --sweep writes the winning config (MD + .json)")
     ap.add_argument("--config", default=None, help="a JSON file written by --sweep: decode mode + GEMV config")
-    ap.add_argument("--decode", default=None, choices=["magic", "convert"], help="fxcompress DECODE_MODE")
+    ap.add_argument("--decode", default=None, choices=["magic", "convert"], help="TVMBuildConfig.decode_mode")
     args = ap.parse_args(argv)
     config_note = "fxcompress defaults"
+    bcfg = make_config(None, None)
     if args.config:
         dec, cfg, name = load_config(args.config)
-        apply_config(dec, cfg)
+        bcfg = make_config(dec, cfg)
         config_note = f"{name}: decode {dec}, GEMV config {cfg}"
     if args.decode:
-        apply_config(args.decode, __import__("fxcompress.backends.tvm", fromlist=["x"]).GEMV_CUDA_CONFIG)
+        bcfg = make_config(args.decode, bcfg.gemv_cuda, bcfg)
     import tvm
 
     if not torch.cuda.is_available() or not tvm.cuda(0).exist:
@@ -249,9 +255,10 @@ def main(argv=None) -> int:
     if args.sweep:
         best = sweep(args.sweep, args.sweep_json or args.sweep + ".json")
         config_note = f"sweep winner {best['name']}: decode {best['decode']}, GEMV config {best['config']}"
+        bcfg = best["build_config"]
     from fxcompress.backends import tvm as B
 
-    config_note += f" (DECODE_MODE={B.DECODE_MODE!r}, GEMV_CUDA_CONFIG={B.GEMV_CUDA_CONFIG})"
+    config_note += f" (decode_mode={bcfg.decode_mode!r}, gemv_cuda={dict(bcfg.gemv_cuda or {}) or None})"
     t_start = time.time()
     gpu = torch.cuda.get_device_name(0)
     peak = hbm_peak(gpu)
@@ -285,15 +292,16 @@ def main(argv=None) -> int:
 
                 kern, errs, t_vm, rule = {}, {}, None, ""
                 for kind in ("fxc", "dlight"):
-                    if kind == "fxc" and B._fxc_kind(m, k, n, bits, GROUP, "float16") is None:
+                    if kind == "fxc" and B.fxc_kind(m, k, n, bits, GROUP, "float16", bcfg) is None:
                         continue
-                    build, kmod = build_tvm(k, n, m, bits, words, scale, qmin, "cuda", kernel=kind)
+                    build, kmod = build_tvm(k, n, m, bits, words, scale, qmin, "cuda", kernel=kind,
+                                            config=bcfg)
                     vm = relax.VirtualMachine(build.executable, dev)
                     y = torch.from_dlpack(vm["main"](xt)).float()
                     errs[kind] = ((y - ref).abs().max() / ref.abs().max()).item()
                     yk = tvm.runtime.empty((1, m, n), "float16", dev)
                     fk = getattr(kmod, "mod", kmod).time_evaluator("main", dev, number=100, repeat=15)
-                    wk = B.tvm_gemv.pack_mma_words(codes, qmin, bits) if rule_used(build, m).startswith("fxc mma") else words
+                    wk = B.pack_mma_words(codes, qmin, bits) if rule_used(build, m).startswith("fxc mma") else words
                     kern[kind] = fk(xt, tvm.runtime.tensor(wk, dev), tvm.runtime.tensor(scale, dev), yk).median * 1e6
                     if t_vm is None:  # the default path (fxc where it applies, else dlight)
                         t_vm = vm.time_evaluator("main", dev, number=100, repeat=15)(xt).median * 1e6
@@ -335,7 +343,7 @@ def main(argv=None) -> int:
         + "`", "", f"Schedule: {config_note}.", "",
         "Weights: symmetric per-group g128 codes packed into uint32 words along K (int4: 8/word, int8: 4/word, "
         "int3: 10/word), fp16 scales, fp16 activations, fp32 accumulation; shape is K(in) x N(out), batch M. "
-        "TVM fxc = `time_evaluator` of the hand-scheduled kernel (fxcompress/backends/tvm_gemv.py: the CUDA-core "
+        "TVM fxc = `time_evaluator` of the hand-scheduled kernel (fxcompress/backends/tvm/kernels/: the CUDA-core "
         "packed GEMV, bits 2/4/8, or the int4 / int8 tensor-core kernel, see rule); TVM dlight = the fused te decode+matmul kernel scheduled by dlight; best = the faster of the "
         "two; TVM vm = the whole Relax VM call of the default path (adds host dispatch). torch fp16 = `F.linear` (cuBLAS), CUDA events. ORT = MatMulNBits on the CUDA EP "
         "through io_binding, wall clock (includes host overhead). GB/s = (packed weight + scales + activations "

@@ -18,7 +18,7 @@ import onnxruntime as ort
 import torch
 
 import fxcompress as fxc
-from fxcompress.backends.onnx_qdq import export_onnx
+from fxcompress.backends.onnx import export_onnx
 from fxcompress.models import DigitsResNet, load_digits_split, pretrained_digits_resnet
 from fxcompress.runtime.ort import load_ort
 from fxcompress.runtime.runner import benchmark, check_parity

@@ -58,7 +58,7 @@ def randomized_resnet18() -> ResNet18:
 
 def ort_latency_ms(gm, x, path, reps):
     fxc.export_onnx(gm, (x,), path)
-    runner = fxc.runtime.load(str(path), backend="ort", device="cpu")
+    runner = fxc.runtime.load_runner(str(path), backend="ort", device="cpu")
     runner(x)
     times = []
     for _ in range(reps):

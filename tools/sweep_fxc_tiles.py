@@ -1,6 +1,7 @@
-"""Tile sweep of the hand-scheduled TVM kernels (fxcompress/backends/tvm_gemv.py) on the GPU: int4 g128 GEMV /
+"""Tile sweep of the hand-scheduled TVM kernels (fxcompress/backends/tvm/kernels/) on the GPU: int4 g128 GEMV /
 small-batch GEMM, the CUDA-core packed GEMV vs the tensor-core kernel at several (warps, prefetch) tiles, next to
-torch fp16 (cuBLAS), in one run.  The defaults in tvm_gemv (MMA_TILES, tile_for) come from this table.
+torch fp16 (cuBLAS), in one run.  The defaults (kernels.mma_gemv.DEFAULT_MMA_TILES,
+kernels.cuda_core_gemv.tile_for) come from this table.
 
     PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/sweep_fxc_tiles.py --out tools/results/fxc_tile_sweep.md
 """
@@ -20,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = [(4096, 4096), (8192, 8192), (4096, 11008)]
 BATCHES = [1, 4, 8, 16]
-# (label, MMA_MIN_M, MMA_TILES for every batch)
+# (label, TVMBuildConfig.mma_min_m, mma_tiles for every batch)
 VARIANTS = [("cuda-core gemv", 99, None), ("mma w8 pf4", 1, (8, 4)), ("mma w8 pf8", 1, (8, 8)),
             ("mma w4 pf8", 1, (4, 8)), ("mma w4 pf4", 1, (4, 4))]
 
@@ -31,7 +32,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import tvm
 
-    from fxcompress.backends import tvm_gemv as G
+    from fxcompress.backends.tvm import TVMBuildConfig, pack_mma_words
 
     if not torch.cuda.is_available() or not tvm.cuda(0).exist:
         print("sweep_fxc_tiles needs a CUDA GPU visible to torch and TVM", file=sys.stderr)
@@ -40,14 +41,13 @@ def main(argv=None) -> int:
     dev = tvm.cuda(0)
     gpu = torch.cuda.get_device_name(0)
     rng = np.random.default_rng(0)
-    saved = (G.MMA_MIN_M, dict(G.MMA_TILES))
     rows = []
     for k, n in SHAPES:
         codes, words, scale, qmin = make_weights(k, n, 4, rng)
         wref = torch.from_numpy((codes.reshape(n, k // 128, 128).astype(np.float32)
                                  * scale.astype(np.float32)[..., None]).reshape(n, k)).cuda()
         w16 = wref.half()
-        mma_words = G.pack_mma_words(codes, qmin)
+        mma_words = pack_mma_words(codes, qmin)
         for m in BATCHES:
             x = torch.randn(1, m, k, device="cuda", dtype=torch.float16) * 0.5
             ref = torch.nn.functional.linear(x.float(), wref)
@@ -55,10 +55,8 @@ def main(argv=None) -> int:
             xt = tvm.runtime.from_dlpack(x)
             cells = []
             for _label, mmin, tile in VARIANTS:
-                G.MMA_MIN_M = mmin
-                if tile:
-                    G.MMA_TILES = {"small": tile, "batch": tile}
-                build, kmod = build_tvm(k, n, m, 4, words, scale, qmin, "cuda", kernel="fxc")
+                cfg = TVMBuildConfig(mma_min_m=mmin, mma_tiles={"small": tile, "batch": tile} if tile else None)
+                build, kmod = build_tvm(k, n, m, 4, words, scale, qmin, "cuda", kernel="fxc", config=cfg)
                 is_mma = "fxc_packed_mma" in build.device_source()
                 wk = mma_words if is_mma else words
                 yk = tvm.runtime.empty((1, m, n), "float16", dev)
@@ -68,7 +66,6 @@ def main(argv=None) -> int:
                 err = ((torch.from_dlpack(yk).float() - ref).abs().max() / ref.abs().max()).item()
                 t = f.time_evaluator("main", dev, number=100, repeat=11)(*fargs).median * 1e6
                 cells.append((t, err))
-                G.MMA_MIN_M, G.MMA_TILES = saved[0], dict(saved[1])
             rows.append((f"{k}x{n}", m, t_torch, cells))
             print(f"{k}x{n} M={m}: torch {t_torch:.2f} | " + " | ".join(
                 f"{v[0]}: {t:.2f} ({e:.0e})" for v, (t, e) in zip(VARIANTS, cells)), flush=True)

@@ -22,9 +22,9 @@ import torch
 
 from .runner import Runner, RunnerInputError
 
-__all__ = ["OrtRunner", "OrtLoadError", "load_ort", "cli_bench", "add_bench_args", "to_float16"]
+__all__ = ["OrtRunner", "OrtLoadError", "load_ort"]
 
-_ORT_DTYPES = {
+ORT_DTYPES = {
     "tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
     "tensor(bfloat16)": torch.bfloat16, "tensor(int64)": torch.int64, "tensor(int32)": torch.int32,
     "tensor(int16)": torch.int16, "tensor(int8)": torch.int8, "tensor(uint8)": torch.uint8,
@@ -98,6 +98,10 @@ class OrtRunner(Runner):
         return so
 
     # ---- inputs ---------------------------------------------------------------------------------------------
+    def input_meta(self) -> list:
+        """ONNX Runtime's ``NodeArg`` of each input (``.name``, ``.shape`` with None / str for dynamic dims, ``.type``)."""
+        return list(self._inputs)
+
     def check_inputs(self, inputs) -> list[np.ndarray]:
         """Validate count, dtype, rank and static dims; returns numpy arrays for ORT."""
         if len(inputs) != len(self._inputs):
@@ -109,7 +113,7 @@ class OrtRunner(Runner):
                 x = torch.from_numpy(x)
             if not isinstance(x, torch.Tensor):
                 raise RunnerInputError(f"input {meta.name!r} must be a torch.Tensor, got {type(x).__name__}")
-            want = _ORT_DTYPES.get(meta.type)
+            want = ORT_DTYPES.get(meta.type)
             if want is not None and x.dtype != want:
                 raise RunnerInputError(f"input {meta.name!r} must have dtype {want} ({meta.type}), got {x.dtype}")
             shape = list(meta.shape)
@@ -166,93 +170,3 @@ def _fmt(shape) -> str:
 def load_ort(path, device: str = "cpu", **kwargs) -> OrtRunner:
     """Open an .onnx file with ONNX Runtime on ``device`` ("cpu", "cuda", "cuda:N")."""
     return OrtRunner(path, device, **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# command line
-
-
-def add_bench_args(p) -> None:
-    """Arguments of ``fxcompress bench model.onnx --backend ort --device cpu``."""
-    p.add_argument("model", help=".onnx file")
-    p.add_argument("--backend", default="ort", choices=["ort"])
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--input-shape", action="append", default=None,
-                   help="shape for a dynamic input, e.g. 1,1,8,8 (repeat per input; static dims are read from the model)")
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--iters", type=int, default=100)
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ORT's choice)")
-
-
-def cli_bench(args) -> int:
-    from .runner import benchmark
-
-    r = load_ort(args.model, device=args.device, intra_op_num_threads=args.threads)
-    given = [tuple(int(v) for v in s.replace("x", ",").split(",") if v) for s in (args.input_shape or [])]
-    inputs = []
-    for i, meta in enumerate(r._inputs):
-        if i < len(given):
-            shape = given[i]
-        else:
-            shape = tuple(d if isinstance(d, int) and d > 0 else 1 for d in meta.shape)
-        dt = _ORT_DTYPES.get(meta.type, torch.float32)
-        inputs.append(torch.randn(*shape).to(dt) if dt.is_floating_point else torch.zeros(*shape, dtype=dt))
-    stats = benchmark(r, inputs, warmup=args.warmup, iters=args.iters)
-    size = r.path.stat().st_size
-    print(f"{r.path} on ort/{args.device}: inputs {[tuple(x.shape) for x in inputs]}, file {size} bytes")
-    print(f"latency: median {stats['median_ms']:.3f} ms, mean {stats['mean_ms']:.3f} ms, "
-          f"p10 {stats['p10_ms']:.3f} ms, p90 {stats['p90_ms']:.3f} ms over {stats['iters']} runs")
-    ops = r.optimized_op_types()
-    print("optimized graph ops: " + ", ".join(f"{k}x{v}" for k, v in sorted(ops.items())))
-    return 0
-
-
-def to_float16(model):
-    """A copy of an fp32 ONNX model (``onnx.ModelProto``) with fp16 activations and float weights.
-
-    Every float32 initializer / ``Constant`` / ``ConstantOfShape`` value becomes float16, ``Cast(to=FLOAT)``
-    becomes ``Cast(to=FLOAT16)``, float32 graph inputs / outputs become float16 and intermediate shape
-    information is dropped (ONNX Runtime infers it again).  ``MatMulNBits`` scales (and float zero points)
-    follow, as its activation and scale types must match.  Integer tensors (token ids, packed codes) are
-    untouched.  For GPU benchmarks (CUDA EP): many CPU EP kernels have no fp16 version.
-    """
-    import copy
-
-    import onnx
-    from onnx import TensorProto, numpy_helper
-
-    m = copy.deepcopy(model)
-    g = m.graph
-    # ops whose float inputs must stay fp32 (ONNX Range has no fp16 type): their float constants are kept and
-    # their output is cast to fp16
-    keep_fp32 = {"Range"}
-    keep_names = {i for n in g.node if n.op_type in keep_fp32 for i in n.input}
-
-    def conv(t, name=None):
-        if t.data_type == TensorProto.FLOAT and (name or t.name) not in keep_names:
-            arr = numpy_helper.to_array(t).astype(np.float16)
-            t.CopyFrom(numpy_helper.from_array(arr, t.name))
-
-    for t in g.initializer:
-        conv(t)
-    nodes = []
-    for node in g.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.TENSOR:
-                conv(a.t, node.output[0] if node.output else None)
-            elif (node.op_type == "Cast" and a.name == "to" and a.i == TensorProto.FLOAT
-                  and node.output[0] not in keep_names):
-                a.i = TensorProto.FLOAT16
-        nodes.append(node)
-        if node.op_type in keep_fp32:
-            out = node.output[0]
-            node.output[0] = out + "_fp32"
-            nodes.append(onnx.helper.make_node("Cast", [out + "_fp32"], [out], to=TensorProto.FLOAT16,
-                                               name=(node.name or out) + "_to_fp16"))
-    del g.node[:]
-    g.node.extend(nodes)
-    for vi in list(g.input) + list(g.output):
-        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
-            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
-    del g.value_info[:]
-    return m

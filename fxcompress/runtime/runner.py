@@ -41,11 +41,12 @@ class Runner:
 
 
 _LOADERS: dict[str, Callable] = {}
-_BUILTIN = {"ort": ("fxcompress.runtime.ort", "load_ort")}
+# the built-in backends, imported when first asked for (one table: no module imports another to register it)
+_BUILTIN = {"ort": ("fxcompress.runtime.ort", "load_ort"), "tvm": ("fxcompress.runtime.tvm_runner", "load_tvm")}
 
 
 def register_backend(name: str, loader: Callable) -> None:
-    """Make ``load(path, backend=name, device=..., **kw)`` call ``loader(path, device=..., **kw)``."""
+    """Make ``load_runner(path, backend=name, device=..., **kw)`` call ``loader(path, device=..., **kw)``."""
     _LOADERS[name] = loader
 
 
@@ -53,7 +54,7 @@ def backends() -> list[str]:
     return sorted(set(_LOADERS) | set(_BUILTIN))
 
 
-def load(path, backend: str = "ort", device: str = "cpu", **kwargs) -> Runner:
+def load_runner(path, backend: str = "ort", device: str = "cpu", **kwargs) -> Runner:
     """Load a deployed model as a :class:`Runner` with the named backend ("ort"; others register)."""
     if backend not in _LOADERS and backend in _BUILTIN:
         mod, fn = _BUILTIN[backend]
@@ -134,6 +135,10 @@ def benchmark(runner: Callable, inputs, warmup: int = 10, iters: int = 50, min_t
     import statistics
     import time
 
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"benchmark needs iters >= 1 timed runs, got {iters!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"benchmark needs warmup >= 0, got {warmup!r}")
     args = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
     for _ in range(warmup):
         runner(*args)
@@ -147,12 +152,3 @@ def benchmark(runner: Callable, inputs, warmup: int = 10, iters: int = 50, min_t
     q = lambda f: times[min(len(times) - 1, int(f * len(times)))]  # noqa: E731
     return {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times), "p10_ms": q(0.1),
             "p90_ms": q(0.9), "iters": len(times)}
-
-
-def _load_tvm(path, device: str = "cpu", **kwargs) -> Runner:
-    from .tvm_runner import load_tvm
-
-    return load_tvm(path, device=device, **kwargs)
-
-
-register_backend("tvm", _load_tvm)

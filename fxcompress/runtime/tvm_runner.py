@@ -3,7 +3,7 @@
 ``TVMRunner`` takes / returns torch tensors (zero-copy through DLPack), checks inputs against the shapes
 and dtypes the model was built for, and writes ``export_library(path)``: the compiled library plus a
 ``path + ".json"`` sidecar (format version, target, inputs, outputs, packed layers).
-``load_tvm(path, device="cpu" | "cuda" | "cuda:N")`` (``runtime.load(path, backend="tvm")``) reads both.
+``load_tvm(path, device="cpu" | "cuda" | "cuda:N")`` (``runtime.load_runner(path, backend="tvm")``) reads both.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .native_logs import drop_native_stderr
 from .runner import Runner, RunnerInputError
 
 __all__ = ["TVMRunner", "TVMLoadError", "load_tvm", "export_build"]
@@ -57,7 +58,8 @@ class TVMRunner(Runner):
         if built_for and built_for != kind:
             raise TVMLoadError(f"this library was built for target {built_for!r}, it cannot run on device "
                                f"{device!r}")
-        self.vm = relax.VirtualMachine(executable, self._dev)
+        with drop_native_stderr():
+            self.vm = relax.VirtualMachine(executable, self._dev)
         self._inputs = info.get("inputs", [])
         super().__init__(str(device), [i["name"] for i in self._inputs] or ["input_0"],
                          info.get("outputs") or ["output_0"])
@@ -130,7 +132,8 @@ def _flatten(res) -> list:
 def _export(executable, info: dict, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    executable.export_library(str(path))
+    with drop_native_stderr():
+        executable.export_library(str(path))
     meta = {"format": "fxcompress-tvm", "format_version": FORMAT_VERSION, **info}
     Path(str(path) + ".json").write_text(json.dumps(meta, indent=1, default=str))
     return path
@@ -156,7 +159,8 @@ def load_tvm(path, device: str = "cpu", **_) -> TVMRunner:
             raise TVMLoadError(f"{side} has format_version {info.get('format_version')}; this fxcompress reads "
                                f"<= {FORMAT_VERSION}")
     try:
-        mod = tvm.runtime.load_module(str(path))
+        with drop_native_stderr():
+            mod = tvm.runtime.load_module(str(path))
     except Exception as e:  # noqa: BLE001
         raise TVMLoadError(f"TVM could not load {path}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}") \
             from None

@@ -1,6 +1,6 @@
-"""Hand-scheduled CUDA kernels for packed integer weights (TVM TIR), used by the TVM backend at batch 1..16.
+"""Hand-scheduled CUDA-core GEMV for packed integer weights (TVM TIR), used by the TVM backend at batch 1..16.
 
-Two kernels: :func:`packed_mma_primfunc` (int4 / int8 on tensor cores, ``mma.m16n8k16`` with the weights
+The backend has two kernels: :func:`.mma_gemv.packed_mma_primfunc` (int4 / int8 on tensor cores, ``mma.m16n8k16`` with the weights
 decoded in registers from a fragment-ordered packing; the default wherever it applies, batch 1 included) and
 :func:`packed_gemv_primfunc` (CUDA cores, bits 2 / 4 / 8; int2 layers and the int4 / int8 layers the
 tensor-core kernel does not take).  The CUDA-core kernel:
@@ -49,24 +49,22 @@ class Tile:
     unroll: int = 0  # unroll the K-step loop of a chunk when it has at most this many steps (0: never)
 
 
-# tile overrides by case ("batch1", "batch1_large_k", "batch4", "batch"), e.g. {"batch": Tile(8, 4, 1)}
-TILES: dict = {}
-
-
-def tile_for(m: int, k: int, n: int) -> Tile:
+def tile_for(m: int, k: int, n: int, tiles=None) -> Tile:
     """The default tile of the CUDA-core kernel (the fastest in tile sweeps run on an H100 while developing it; that
     sweep is not in tools/results -- tools/sweep_fxc_tiles.py covers the tensor-core tiles): batch 1 -- 16-byte
     loads, 8 rows per block at K <= 4096 (more blocks), 32 at larger K (the activation staging is amortized over
     more rows), K steps unrolled; batch 2-4 -- 32 rows per block; batch > 4 -- 8-byte loads and 4 rows per warp
-    (each activation read from shared memory serves 4 decoded rows)."""
+    (each activation read from shared memory serves 4 decoded rows).  ``tiles`` (``TVMBuildConfig.tiles``)
+    overrides the tile by case ("batch1", "batch1_large_k", "batch4", "batch")."""
+    tiles = tiles or {}
     if m > 4:
-        t = TILES.get("batch", Tile(warps=4, rows=4, words=2))
+        t = tiles.get("batch", Tile(warps=4, rows=4, words=2))
     elif m > 1:
-        t = TILES.get("batch4", Tile(warps=8, rows=4, words=4))
+        t = tiles.get("batch4", Tile(warps=8, rows=4, words=4))
     elif k > 4096:
-        t = TILES.get("batch1_large_k", Tile(warps=8, rows=4, words=4, unroll=8))
+        t = tiles.get("batch1_large_k", Tile(warps=8, rows=4, words=4, unroll=8))
     else:
-        t = TILES.get("batch1", Tile(warps=4, rows=2, words=4, unroll=8))
+        t = tiles.get("batch1", Tile(warps=4, rows=2, words=4, unroll=8))
     while n % (t.warps * t.rows) and t.rows > 1:
         t = Tile(t.warps, t.rows // 2, t.words, t.unroll)
     while n % (t.warps * t.rows) and t.warps > 1:
@@ -267,205 +265,6 @@ def packed_gemv_primfunc(*, m: int, k: int, n: int, bits: int, qmin: int, group_
     else:
         @T.prim_func(private=True)
         def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer((n, kw), "uint32"), s: T.Buffer(zshape, "float16"),
-                   y: T.Buffer(yshape, "float16")):
-            T.func_attr(attrs)
-            body(x, w, s, None, None, y)
-    return kernel.with_attr("global_symbol", name)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# int4 / int8 tensor-core kernel (batch 1..16): mma.sync m16n8k16, weights decoded in registers
-
-
-MMA_MIN_M = 1  # batch sizes from here up use the tensor-core kernel (int4 / int8 layers it supports)
-# (warps per block -- they split K and reduce through shared memory --, 16-byte weight loads a lane issues before
-# decoding them) for batch <= 4 / > 4: the best overall in tools/results/fxc_tile_sweep.md (H100)
-MMA_TILES = {"small": (8, 8), "batch": (4, 8)}
-
-
-def mma_tile(m: int, k: int, bits: int = 4) -> tuple[int, int]:
-    """(warps, prefetch) for ``m`` activation rows; fewer warps when the K loads do not split ``warps`` ways."""
-    warps, pf = MMA_TILES["small" if m <= 4 else "batch"]
-    while warps > 1 and (k // mma_k_per_load(bits)) % warps:
-        warps //= 2
-    return warps, pf
-
-
-MMA_BITS = (4, 8)
-
-
-def mma_k_per_load(bits: int) -> int:
-    """K covered by one 16-byte lane load: 4 K16 slices for int4 (one word each), 2 for int8 (two words each)."""
-    return 256 // bits
-
-
-def pack_mma_words(codes, qmin: int, bits: int = 4):
-    """Repack int4 / int8 codes ``(N, K)`` into ``uint32 (N/16, K/kpl, 32, 4)`` (``kpl``: :func:`mma_k_per_load`):
-    the 4 words lane ``l`` loads for a (row block, K block) hold that lane's mma.m16n8k16 A fragments for the
-    block's 16-wide K slices -- A register ``a_i`` (rows ``l // 4`` / ``l // 4 + 8``, columns ``2 (l % 4) + {0, 1}``
-    / ``+ 8``) sits in word ``i // r`` (``r = 16 // bits`` registers a word) at bits ``bits * (i % r)`` (low half)
-    and ``16 + bits * (i % r)`` (high half), so ``(w >> shift) & mask | 0x64006400`` is that register as an fp16
-    pair ``1024 + u``."""
-    import numpy as np
-
-    if bits not in MMA_BITS:
-        raise ValueError(f"mma packing takes bits in {MMA_BITS}, got {bits}")
-    u = np.asarray(codes, dtype=np.int64) - qmin
-    n, k = u.shape
-    kpl = mma_k_per_load(bits)
-    if n % 16 or k % kpl:
-        raise ValueError(f"mma packing needs N % 16 == 0 and K % {kpl} == 0, got {n}x{k}")
-    lane = np.arange(32)
-    g, t = lane // 4, lane % 4
-    rows = np.array([g, g + 8, g, g + 8])  # a0..a3: (row offset, col offset) inside a 16x16 tile
-    cols = np.array([2 * t, 2 * t, 2 * t + 8, 2 * t + 8])
-    r = 16 // bits  # A registers per word
-    wpt = 4 // r  # words per 16-wide K slice
-    tiles = u.reshape(n // 16, 16, k // 16, 16).transpose(0, 2, 1, 3)  # (rb, kt, 16, 16)
-    out = np.zeros((n // 16, k // 16, wpt, 32), dtype=np.uint64)
-    for i in range(4):
-        for h in range(2):
-            vals = tiles[:, :, rows[i], cols[i] + h].astype(np.uint64)  # (rb, kt, 32)
-            out[:, :, i // r] |= vals << np.uint64(bits * (i % r) + 16 * h)
-    return out.reshape(n // 16, k // kpl, 4, 32).transpose(0, 1, 3, 2).astype(np.uint32).copy()
-
-
-def mma_supports(*, m: int, k: int, n: int, bits: int, group_size: int, dtype: str) -> str | None:
-    """None when the tensor-core kernel handles this layer, else the reason."""
-    if dtype != "float16":
-        return f"activations are {dtype} (the kernel takes float16)"
-    if bits not in MMA_BITS:
-        return f"{bits}-bit codes (the tensor-core kernel takes {MMA_BITS})"
-    if not 1 <= m <= 16:
-        return f"batch {m} is outside 1..16"
-    kpl = mma_k_per_load(bits)
-    if n % 16 or k % kpl:
-        return f"{n}x{k} is not a multiple of 16 x {kpl}"
-    if group_size % kpl:
-        return f"group size {group_size} is not a multiple of {kpl}"
-    return None
-
-
-def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, scale_rows: int,
-                        has_zero_point: bool, has_bias: bool, lead: tuple = (), name: str = "fxc_packed_mma",
-                        bits: int = 4):
-    """The scheduled PrimFunc ``(x, words, scale[, zero_point][, bias], y)`` of an int4 / int8 linear on tensor cores:
-    ``words`` from :func:`pack_mma_words`; each warp owns 16 output rows and 1/warps of K (:func:`mma_tile`), decodes its A
-    fragments in registers (two integer ops per pair of codes, then ``(h - (1024 - qmin) - zp) * scale`` in fp16),
-    loads B fragments (the activations, fp16 pairs) from global memory / L1, and runs one ``mma.m16n8k16`` per
-    16x16 weight tile and 8 activation rows, accumulating in fp32.  Rows past ``m`` of the 8-row tile are zeros:
-    at batch 1 the tensor cores do 8x the needed math, which is free next to the weight reads."""
-    reason = mma_supports(m=m, k=k, n=n, bits=bits, group_size=group_size, dtype="float16")
-    if reason is not None:
-        raise ValueError(f"tensor-core kernel: {reason}")
-    lead = tuple(lead) or (m,)
-    if math.prod(lead) != m:
-        raise ValueError(f"tensor-core kernel: leading dims {lead} do not hold {m} rows")
-    from tvm.script import tirx as T
-
-    warps, prefetch = mma_tile(m, k, bits)
-    nt = 1 if m <= 8 else 2  # n8 tiles of activation rows
-    kpl = mma_k_per_load(bits)  # K per 16-byte lane load
-    rpw = 16 // bits  # A registers per word
-    spl = kpl // 16  # 16-wide K slices per load
-    cmask = (1 << bits) - 1
-    kq = k // kpl  # 16-byte lane loads per row block
-    kq_w = kq // warps  # per warp
-    pf = max(d for d in range(1, prefetch + 1) if kq_w % d == 0)  # weight loads in flight per lane
-    red_iters = -(-256 // (warps * LANES))
-    zshape = (scale_rows, k // group_size)
-    xshape, yshape = (*lead, k), (*lead, n)
-    off = float(1024 - qmin)  # fp16 1024 + u  ->  u + qmin (exact: u < 256)
-
-    def srow(row):
-        return T.min(row, scale_rows - 1)
-
-    @T.macro
-    def body(xin, w, s, z, b, yout):
-        x32 = T.decl_buffer((m, k // 2), "uint32", data=xin.data)
-        y = T.decl_buffer((m, n), "float16", data=yout.data)
-        for bx in T.thread_binding(n // 16, thread="blockIdx.x"):
-            for ty in T.thread_binding(warps, thread="threadIdx.y"):
-                for tx in T.thread_binding(LANES, thread="threadIdx.x"):
-                    red = T.alloc_buffer((warps * 16 * 16,), "float32", scope="shared")
-                    cf = T.alloc_buffer((nt * 4,), "float32", scope="local")
-                    wv = T.alloc_buffer((pf * 4,), "uint32", scope="local")
-                    au = T.alloc_buffer((4,), "uint32", scope="local")
-                    ah = T.decl_buffer((8,), "float16", data=au.data)
-                    bu = T.alloc_buffer((nt * 2,), "uint32", scope="local")
-                    sz = T.alloc_buffer((4,), "float16", scope="local")
-                    for c in T.unroll(nt * 4):
-                        cf[c] = T.float32(0)
-                    for qo in T.serial(kq_w // pf):
-                        for p in T.unroll(pf):  # issue pf 16-byte weight loads before using any
-                            for v in T.vectorized(4):
-                                wv[p * 4 + v] = w[bx, ty * kq_w + qo * pf + p, tx, v]
-                        for p in T.unroll(pf):
-                            for h in T.unroll(2):  # scale / zero point of rows g and g + 8 for this K block
-                                sz[h * 2] = s[srow(bx * 16 + tx // 4 + h * 8),
-                                              (ty * kq_w + qo * pf + p) * kpl // group_size]
-                                if has_zero_point:
-                                    sz[h * 2 + 1] = z[srow(bx * 16 + tx // 4 + h * 8),
-                                                      (ty * kq_w + qo * pf + p) * kpl // group_size]
-                                else:
-                                    sz[h * 2 + 1] = T.float16(0)
-                            for j in T.unroll(spl):  # 16-wide K slice
-                                for i in T.unroll(4):
-                                    au[i] = ((wv[p * 4 + j * (4 // rpw) + i // rpw] >> T.Cast("uint32", bits * (i % rpw)))
-                                             & T.uint32(cmask | (cmask << 16))) | T.uint32(0x64006400)
-                                for e in T.unroll(8):  # a_i halves: rows g (i even) / g + 8 (i odd)
-                                    ah[e] = (ah[e] - T.float16(off) - sz[(e // 2) % 2 * 2 + 1]) * sz[(e // 2) % 2 * 2]
-                                for t2 in T.unroll(nt):
-                                    for hb in T.unroll(2):
-                                        bu[t2 * 2 + hb] = T.if_then_else(
-                                            t2 * 8 + tx // 4 < m,
-                                            x32[T.min(t2 * 8 + tx // 4, m - 1),
-                                                ((ty * kq_w + qo * pf + p) * kpl + j * 16 + (tx % 4) * 2 + hb * 8) // 2],
-                                            T.uint32(0))
-                                    T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                                                au.data, 0, bu.data, t2 * 2, cf.data, t2 * 4, False,
-                                                                dtype="float32"))
-                    # C fragment -> shared: red[warp][row][act]; then one thread per (row, act) sums the warps
-                    for t2 in T.unroll(nt):
-                        for c in T.unroll(4):
-                            red[ty * 256 + (tx // 4 + (c // 2) * 8) * 16 + t2 * 8 + (tx % 4) * 2 + c % 2] = cf[t2 * 4 + c]
-                    T.tvm_storage_sync("shared")
-                    for o in T.serial(red_iters):  # output (row, act) = divmod(idx, 16)
-                        if o * (warps * LANES) + ty * LANES + tx < 256 and (ty * LANES + tx) % 16 < m:
-                            cf[0] = T.float32(0)
-                            for wi in T.unroll(warps):
-                                cf[0] = cf[0] + red[wi * 256 + o * (warps * LANES) + ty * LANES + tx]
-                            if has_bias:
-                                y[(ty * LANES + tx) % 16, bx * 16 + (o * (warps * LANES) + ty * LANES + tx) // 16] = \
-                                    T.Cast("float16", cf[0] + T.Cast(
-                                        "float32", b[bx * 16 + (o * (warps * LANES) + ty * LANES + tx) // 16]))
-                            else:
-                                y[(ty * LANES + tx) % 16, bx * 16 + (o * (warps * LANES) + ty * LANES + tx) // 16] = \
-                                    T.Cast("float16", cf[0])
-
-    wshape = (n // 16, kq, LANES, 4)
-    attrs = {"tir.is_scheduled": True, "tir.noalias": True, "op_pattern": 8}
-    if has_zero_point and has_bias:
-        @T.prim_func(private=True)
-        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
-                   z: T.Buffer(zshape, "float16"), b: T.Buffer((n,), "float16"), y: T.Buffer(yshape, "float16")):
-            T.func_attr(attrs)
-            body(x, w, s, z, b, y)
-    elif has_zero_point:
-        @T.prim_func(private=True)
-        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
-                   z: T.Buffer(zshape, "float16"), y: T.Buffer(yshape, "float16")):
-            T.func_attr(attrs)
-            body(x, w, s, z, None, y)
-    elif has_bias:
-        @T.prim_func(private=True)
-        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
-                   b: T.Buffer((n,), "float16"), y: T.Buffer(yshape, "float16")):
-            T.func_attr(attrs)
-            body(x, w, s, None, b, y)
-    else:
-        @T.prim_func(private=True)
-        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
                    y: T.Buffer(yshape, "float16")):
             T.func_attr(attrs)
             body(x, w, s, None, None, y)

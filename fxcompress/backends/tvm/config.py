@@ -1,0 +1,67 @@
+"""The knobs of a TVM build, as one frozen object passed to ``compile_tvm`` / ``build_tvm``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
+
+TUNERS = ("dlight", "meta_schedule", "none")
+GEMV_KERNELS = ("fxc", "dlight")
+DECODE_MODES = ("magic", "convert")
+# keys of dlight's CUDA GEMV inner-reduction parameters that ``gemv_cuda`` may override
+GEMV_CUDA_KEYS = ("TS", "TR", "TILE_R", "VEC_C", "VEC_LOAD", "UNROLL", "LOAD_V_SHARED", "LOAD_V_VEC")
+TILE_CASES = ("batch1", "batch1_large_k", "batch4", "batch")
+MMA_TILE_CASES = ("small", "batch")
+
+
+@dataclass(frozen=True)
+class TVMBuildConfig:
+    """How quantized linears are emitted and scheduled for CUDA (the llvm target only reads ``decode_mode``).
+
+    ``gemv_kernel``: "fxc" = the hand-scheduled packed kernels of :mod:`.kernels` (tensor cores for int4 / int8,
+    a CUDA-core GEMV otherwise) for fp16 layers with 1..16 activation rows where they support the layer;
+    "dlight" = the fused te decode+matmul scheduled by dlight's rules (always used for the other layers).
+    ``decode_mode``: how a packed code becomes a float inside the fused te kernel -- "magic": integer ops only,
+    ``(word >> shift) & mask | exponent`` reinterpreted as a float (2**23 + u for fp32, 1024 + u for fp16)
+    minus that constant (exact, no int->float instruction, which runs at 1/8 of the FMA rate on sm_80/sm_90);
+    "convert": ``.astype(float)`` of the extracted code.
+    ``small_batch_max_m``: quantized linears with 2..M activation rows get a GEMV-style schedule (one pass over
+    the packed weight for all rows) instead of dlight's tiled Matmul; 0 turns it off.
+    ``gemv_cuda``: overrides of dlight's batch-1 CUDA GEMV parameters (keys :data:`GEMV_CUDA_KEYS`; None keeps
+    dlight's choice).
+    ``tiles``: CUDA-core kernel tile overrides by case (:data:`TILE_CASES`), e.g. ``{"batch": Tile(8, 4, 1)}``.
+    ``mma_min_m``: batch sizes from here up use the tensor-core kernel; ``mma_tiles``: its (warps, prefetch) by
+    case (:data:`MMA_TILE_CASES`).
+    """
+
+    gemv_kernel: str = "fxc"
+    decode_mode: str = "magic"
+    small_batch_max_m: int = 16
+    gemv_cuda: Mapping | None = None
+    tiles: Mapping | None = None
+    mma_min_m: int = 1
+    mma_tiles: Mapping | None = None
+
+    def __post_init__(self):
+        if self.gemv_kernel not in GEMV_KERNELS:
+            raise ValueError(f"TVMBuildConfig.gemv_kernel must be one of {GEMV_KERNELS}, got {self.gemv_kernel!r}")
+        if self.decode_mode not in DECODE_MODES:
+            raise ValueError(f"TVMBuildConfig.decode_mode must be one of {DECODE_MODES}, got {self.decode_mode!r}")
+        for name in ("small_batch_max_m", "mma_min_m"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"TVMBuildConfig.{name} must be an int >= 0, got {v!r}")
+        for name, keys in (("gemv_cuda", GEMV_CUDA_KEYS), ("tiles", TILE_CASES), ("mma_tiles", MMA_TILE_CASES)):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not isinstance(v, Mapping):
+                raise ValueError(f"TVMBuildConfig.{name} must be a dict or None, got {type(v).__name__}")
+            bad = sorted(set(v) - set(keys))
+            if bad:
+                raise ValueError(f"TVMBuildConfig.{name} has unknown key(s) {bad}; allowed: {list(keys)}")
+            object.__setattr__(self, name, MappingProxyType(dict(v)))  # a read-only copy: the config stays frozen
+        if self.mma_tiles is not None:
+            for case, t in self.mma_tiles.items():
+                if not (isinstance(t, tuple) and len(t) == 2 and all(isinstance(i, int) and i > 0 for i in t)):
+                    raise ValueError(f"TVMBuildConfig.mma_tiles[{case!r}] must be (warps, prefetch) ints > 0, got {t!r}")

@@ -1,0 +1,184 @@
+"""Relax emission of one quantized linear: a fused decode+matmul te PrimFunc, or a hand-scheduled CUDA kernel.
+
+Each quantized linear becomes ONE PrimFunc (``fused_decode_matmul``): a ``dequantize`` block that decodes
+``(q - zero_point) * scale`` from the packed ``uint32`` words (:mod:`.packing`) and a ``matmul`` reduction block
+that reads it (accumulating in float32, then a cast block when activations are fp16).  On CUDA, fp16 layers with
+1..16 rows are emitted as the hand-scheduled kernels of :mod:`.kernels` where they apply
+(``TVMBuildConfig.gemv_kernel``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...nn import QuantLinear
+from ...quant import QuantWeight
+from .base import TVMBackendError, require_tvm
+from .config import TVMBuildConfig
+from .kernels.cuda_core_gemv import packed_gemv_primfunc, supports, tile_for
+from .kernels.mma_gemv import mma_supports, packed_mma_primfunc
+from .packing import pack_mma_words, pack_words, unpack_words
+
+__all__ = ["emit_packed_linear", "emit_quant_linear", "fxc_kind", "LayerInfo"]
+
+DEFAULT_CONFIG = TVMBuildConfig()
+
+
+@dataclass
+class LayerInfo:
+    name: str
+    bits: int
+    granularity: str
+    group_size: int | None
+    shape: tuple
+    zero_point: str  # "none" | "integer" | "fractional"
+    packed_bytes: int
+    primfunc: str = ""
+    kernel: str = "te"  # "fxc_gemv" / "fxc_mma" (hand-scheduled CUDA kernels) or "te" (fused decode+matmul,
+    # scheduled later)
+
+
+def emit_quant_linear(bb, x, q: QuantLinear, name: str, accum_dtype: str = "float32", cuda: bool = False,
+                      config: TVMBuildConfig = DEFAULT_CONFIG):
+    """Emit ``y = x @ dequant(W)^T (+ bias)`` for ``q`` as one ``fused_decode_matmul`` PrimFunc call."""
+    qw: QuantWeight = q.quant_weight
+    spec = qw.spec
+    words = pack_words(qw.codes().numpy(), spec.bits, spec.qmin)
+    zp = qw.zero_point.numpy().astype(np.float32)
+    zkind = "none" if not np.any(zp != 0) else ("integer" if qw.zero_point_is_integer else "fractional")
+    bias = None if q.bias is None else q.bias.detach().float().numpy()
+    kernel = []
+    y = emit_packed_linear(bb, x, words, qw.scale.numpy(), zp, bits=spec.bits, qmin=spec.qmin,
+                           out_features=qw.shape[0], in_features=qw.shape[1], bias=bias, accum_dtype=accum_dtype,
+                           name=name, cuda=cuda, used=kernel, config=config)
+    info = LayerInfo(name, spec.bits, spec.granularity, spec.group_size, tuple(qw.shape), zkind, int(words.nbytes),
+                      kernel=kernel[0])
+    return y, info
+
+
+def emit_packed_linear(bb, x, words: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, *, bits: int,
+                       qmin: int, out_features: int, in_features: int, bias: np.ndarray | None = None,
+                       accum_dtype: str = "float32", name: str = "linear", cuda: bool = False,
+                       used: list | None = None, config: TVMBuildConfig = DEFAULT_CONFIG):
+    """Emit one ``fused_decode_matmul`` PrimFunc call: ``x @ ((u + qmin - zp) * scale)^T (+ bias)``.
+
+    ``words``: ``uint32 (N, ceil(K / (32 // bits)))`` from :func:`pack_words`; ``scale`` / ``zero_point``:
+    ``(rows, groups)`` with rows 1 or N (``zero_point`` None or all zero: no zero-point tensor).
+    ``cuda``: the build targets CUDA, so the hand-scheduled GEMV (``config.gemv_kernel``) may be used; which
+    kernel was emitted is appended to ``used`` ("fxc_gemv", "fxc_mma" or "te").
+    """
+    require_tvm()
+    from tvm import relax, te, tirx
+
+    n_out, k_in = out_features, in_features
+    dtype = str(x.ty.dtype)
+    if dtype not in ("float32", "float16"):
+        raise TVMBackendError(f"layer {name!r}: activations of dtype {dtype} are not supported (float32 / float16)")
+    xshape = [int(d) if isinstance(d, tirx.IntImm) else d for d in x.ty.shape]
+    if not isinstance(xshape[-1], int) or xshape[-1] != k_in:
+        raise TVMBackendError(f"layer {name!r}: input last dim {xshape[-1]} != in_features {k_in}")
+    per = 32 // bits
+    rows, groups = tuple(scale.shape)
+    gs = k_in // groups
+    np_dt = {"float32": np.float32, "float16": np.float16}[dtype]
+    has_zp = zero_point is not None and bool(np.any(np.asarray(zero_point) != 0))
+    mask = tirx.const(2**bits - 1, "uint32")
+    acc = accum_dtype if dtype != "float32" else "float32"
+    if not isinstance(config, TVMBuildConfig):
+        raise TVMBackendError(f"config must be a TVMBuildConfig, got {type(config).__name__}")
+    decode = config.decode_mode if bits <= 8 else "convert"
+    m_rows = int(np.prod(xshape[:-1])) if all(isinstance(d, int) for d in xshape) else -1
+    kind = fxc_kind(m_rows, k_in, n_out, bits, gs, dtype, config) if cuda and config.gemv_kernel == "fxc" else None
+    if kind is not None:
+        if used is not None:
+            used.append(kind)
+        return _emit_fxc_gemv(bb, x, xshape, words, scale, zero_point if has_zp else None, bias, bits=bits,
+                              qmin=qmin, n_out=n_out, k_in=k_in, gs=gs, kind=kind, config=config)
+    if used is not None:
+        used.append("te")
+
+    def f(xt, wt, st, *rest):
+        zt = rest[0] if has_zp else None
+
+        def deq(n, k):
+            r = n if rows > 1 else 0
+            g = k // gs if groups > 1 else 0
+            word = wt[n, k // per]
+            code = (word >> ((k % per) * bits).astype("uint32")) & mask
+            if decode == "magic" and dtype == "float32":  # 2**23 + u as an fp32 bit pattern
+                u = tirx.reinterpret("float32", code | tirx.const(0x4B000000, "uint32")) - tirx.const(8388608.0,
+                                                                                                         dtype)
+            elif decode == "magic":  # 1024 + u as an fp16 bit pattern (u < 1024 for bits <= 8)
+                u = tirx.reinterpret("float16", code.astype("uint16") | tirx.const(0x6400, "uint16")) \
+                    - tirx.const(1024.0, dtype)
+            else:
+                u = code.astype(dtype)
+            if qmin != 0:
+                u = u + tirx.const(qmin, dtype)
+            if zt is not None:
+                u = u - zt[r, g]
+            return u * st[r, g]
+
+        d = te.compute((n_out, k_in), deq, name="dequantize")
+        rk = te.reduce_axis((0, k_in), name="k")
+        out_shape = (*xshape[:-1], n_out)
+
+        def mm(*idx):
+            a, b = xt[(*idx[:-1], rk)], d[idx[-1], rk]
+            if acc != dtype:
+                a, b = a.astype(acc), b.astype(acc)
+            return te.sum(a * b, axis=rk)
+
+        y = te.compute(out_shape, mm, name="matmul")
+        if acc != dtype:
+            y = te.compute(out_shape, lambda *i: y(*i).astype(dtype), name="cast")
+        return y
+
+    args = [x, relax.const(np.ascontiguousarray(words, dtype=np.uint32)), relax.const(scale.astype(np_dt))]
+    if has_zp:
+        args.append(relax.const(np.asarray(zero_point).astype(np_dt)))
+    y = bb.emit_te(f, *args, primfunc_name_hint="fused_decode_matmul")
+    if bias is not None:
+        y = bb.emit(relax.op.add(y, relax.const(np.asarray(bias).astype(np_dt))))
+    return y
+
+
+def fxc_kind(m: int, k: int, n: int, bits: int, gs: int, dtype: str,
+             config: TVMBuildConfig = DEFAULT_CONFIG) -> str | None:
+    """Which hand-scheduled CUDA kernel takes this layer: "fxc_mma" (int4 / int8 tensor cores, from
+    ``config.mma_min_m`` rows), "fxc_gemv" (CUDA cores) or None (dlight's schedules)."""
+    if m <= 0:
+        return None
+    if m >= config.mma_min_m and mma_supports(m=m, k=k, n=n, bits=bits, group_size=gs, dtype=dtype) is None:
+        return "fxc_mma"
+    tile = tile_for(m, k, n, config.tiles)
+    if supports(m=m, k=k, n=n, bits=bits, group_size=gs, dtype=dtype, tile=tile) is None:
+        return "fxc_gemv"
+    return None
+
+
+def _emit_fxc_gemv(bb, x, xshape, words, scale, zero_point, bias, *, bits, qmin, n_out, k_in, gs, kind,
+                   config: TVMBuildConfig):
+    """``call_tir`` of a hand-scheduled kernel (already scheduled; FuseOps leaves it alone): ``kind`` "fxc_mma"
+    = the int4 / int8 tensor-core kernel (its own weight layout), "fxc_gemv" = the CUDA-core packed GEMV."""
+    from tvm import relax
+
+    m_rows = int(np.prod(xshape[:-1]))
+    common = dict(m=m_rows, k=k_in, n=n_out, qmin=qmin, group_size=gs, scale_rows=scale.shape[0],
+                  has_zero_point=zero_point is not None, has_bias=bias is not None, lead=tuple(xshape[:-1]))
+    if kind == "fxc_mma":
+        f = packed_mma_primfunc(**common, bits=bits, name="fxc_packed_mma", tiles=config.mma_tiles)
+        words = pack_mma_words(unpack_words(words, bits, k_in, qmin), qmin, bits)
+    else:
+        f = packed_gemv_primfunc(**common, bits=bits, name="fxc_packed_gemv",
+                                 tile=tile_for(m_rows, k_in, n_out, config.tiles))
+    gv = bb.add_func(f, f.attrs["global_symbol"])
+    args = [x, relax.const(np.ascontiguousarray(words, dtype=np.uint32)), relax.const(scale.astype(np.float16))]
+    if zero_point is not None:
+        args.append(relax.const(np.asarray(zero_point).astype(np.float16)))
+    if bias is not None:
+        args.append(relax.const(np.asarray(bias).astype(np.float16)))
+    return bb.emit(relax.call_tir(gv, relax.Tuple(args), relax.TensorType((*xshape[:-1], n_out), "float16")))
+
+

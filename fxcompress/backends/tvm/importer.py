@@ -1,0 +1,185 @@
+"""Import of a model with QuantLinear / QuantConv2d layers into a Relax ``IRModule``.
+
+A deep copy of the model is made in which every ``QuantLinear`` becomes a stub that calls the opaque custom op
+``fxc_tvm::quant_linear(x, site, out_features)`` (a ``torch.library`` op with a fake implementation, so
+``torch.export`` keeps it as one node), and every ``QuantConv2d`` becomes a float ``conv2d`` whose weight is the
+dequantized integer weight (**convolutions are dequantized to a constant float weight at import**: only linears
+keep packed integer weights).  The float parts go through ``torch.export`` and
+``tvm.relax.frontend.torch.from_exported_program``; the custom op is converted by a ``custom_convert_map`` entry
+(TVM 0.27 signature ``fn(node, importer) -> relax.Var``) that emits the packed linear (:mod:`.emit`).
+"""
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...nn import QuantConv2d, QuantLinear
+from .base import TVMBackendError, require_tvm
+from .config import TVMBuildConfig
+from .emit import DEFAULT_CONFIG, LayerInfo, emit_quant_linear
+
+__all__ = ["lower_to_relax"]
+
+
+_ACTIVE: dict[int, QuantLinear] = {}
+
+
+@torch.library.custom_op("fxc_tvm::quant_linear", mutates_args=())
+def _quant_linear_op(x: torch.Tensor, site: int, out_features: int) -> torch.Tensor:
+    mod = _ACTIVE.get(site)
+    if mod is None:
+        raise RuntimeError(f"fxc_tvm::quant_linear site {site} is not registered (only used during lowering)")
+    return mod(x).clone()
+
+
+@_quant_linear_op.register_fake
+def _(x, site, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+_OP_NAME = "quant_linear.default"
+
+
+class _QuantLinearStub(nn.Module):
+    def __init__(self, site: int, q: QuantLinear):
+        super().__init__()
+        self.site, self.out_features = site, q.out_features
+
+    def forward(self, x):
+        return torch.ops.fxc_tvm.quant_linear(x, self.site, self.out_features)
+
+
+class _ConvStandIn(nn.Module):
+    def __init__(self, q: QuantConv2d):
+        super().__init__()
+        self.weight = nn.Parameter(q.dequantized_weight(torch.float32), requires_grad=False)
+        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().float().clone(), requires_grad=False)
+        self.stride, self.padding, self.dilation, self.groups = q.stride, q.padding, q.dilation, q.groups
+
+    def forward(self, x):
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.conv2d(x, self.weight.to(x.dtype), b, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, attr, new)
+
+
+def _convert_addmm(node, importer):
+    """``aten.addmm`` (a float ``nn.Linear`` with bias on 2-D input) with the product in the inputs' dtype.
+
+    TVM 0.27's converter always emits an fp32 matmul and then adds the bias in its own dtype, which fails for an
+    fp16 model ("Binary operators must have the same datatype").  Here the product still accumulates in fp32 and
+    is cast back before the bias is added."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    bias, a, b = (importer.env[node.args[i]] for i in range(3))
+    alpha, beta = node.kwargs.get("alpha", 1), node.kwargs.get("beta", 1)
+    dt = str(a.ty.dtype)
+    res = bb.emit(relax.op.matmul(a, b, out_dtype="float32"))
+    if alpha != 1:
+        res = bb.emit(relax.op.multiply(res, relax.const(alpha, "float32")))
+    if dt != "float32":
+        res = bb.emit(relax.op.astype(res, dt))
+    if beta == 0:
+        return res
+    if beta != 1:
+        bias = bb.emit(relax.op.multiply(bias, relax.const(beta, str(bias.ty.dtype))))
+    return bb.emit(relax.op.add(bias, res))
+
+
+def _as_tuple(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def _prepare(model: nn.Module, base_site: int):
+    """A copy of ``model`` with QuantLinear -> stub, QuantConv2d -> float conv.  Returns (copy, sites)."""
+    m = copy.deepcopy(model).eval()
+    sites: dict[int, tuple[str, QuantLinear]] = {}
+    for name, mod in list(m.named_modules()):
+        if isinstance(mod, QuantLinear):
+            site = base_site + len(sites)
+            sites[site] = (name, mod)
+            _set_submodule(m, name, _QuantLinearStub(site, mod))
+        elif isinstance(mod, QuantConv2d):
+            _set_submodule(m, name, _ConvStandIn(mod))
+        elif hasattr(type(mod), "quant_weight") or "qweight" in getattr(mod, "_buffers", {}):
+            raise TVMBackendError(f"layer {name!r} ({type(mod).__name__}) holds an integer weight but the TVM "
+                                  "backend only lowers QuantLinear and QuantConv2d; convert it first (e.g. convert_l4q)")
+    return m, sites
+
+
+_SITE_COUNTER = [0]
+
+
+def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | None = None,
+                   accum_dtype: str = "float32", cuda: bool = False, config: TVMBuildConfig = DEFAULT_CONFIG):
+    """Import ``model`` into a Relax ``IRModule`` (``main``) with packed integer linears.
+
+    Returns ``(mod, info)`` where ``info`` holds input / output names and per-layer details.
+    ``dtype`` (e.g. ``torch.float16``) casts the model's float parameters and the example inputs first;
+    ``config`` chooses the kernels of the quantized linears (:class:`TVMBuildConfig`).
+    """
+    tvm = require_tvm()
+    from tvm.relax.frontend.torch import from_exported_program
+
+    args = _as_tuple(example_inputs)
+    if dtype is not None:
+        args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
+    base = _SITE_COUNTER[0]
+    m, sites = _prepare(model, base)
+    _SITE_COUNTER[0] += len(sites) + 1
+    if dtype is not None:
+        m = m.to(dtype)  # (QuantLinear casts its dequantized weight to x.dtype itself)
+    layers: list[LayerInfo] = []
+    for s, (_, q) in sites.items():
+        _ACTIVE[s] = q
+    try:
+        try:
+            ep = torch.export.export(m, args)
+        except Exception as e:  # noqa: BLE001
+            raise TVMBackendError(f"torch.export could not capture the model for TVM: {type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+
+        def convert(node, importer):
+            x = importer.env[node.args[0]]
+            site = int(node.args[1])
+            name, q = sites[site]
+            y, info = emit_quant_linear(importer.block_builder, x, q, name, accum_dtype, cuda, config)
+            layers.append(info)
+            return y
+
+        try:
+            mod = from_exported_program(ep, custom_convert_map={_OP_NAME: convert, "addmm.default": _convert_addmm})
+        except AssertionError as e:
+            msg = str(e)
+            found = re.search(r"Unsupported function types? (\[.*\])", msg)
+            if found:
+                raise TVMBackendError(f"TVM's PyTorch importer (tvm {tvm.__version__}) does not support "
+                                      f"op(s) {found.group(1)}; rewrite or remove them before lowering") from None
+            raise TVMBackendError(f"TVM import failed: {msg}") from e
+        except (KeyError, NotImplementedError, tvm.error.InternalError, TypeError) as e:
+            raise TVMBackendError(f"TVM import failed: {type(e).__name__}: {e}") from e
+    finally:
+        for s in sites:
+            _ACTIVE.pop(s, None)
+    in_names = [s.arg.name for s in ep.graph_signature.input_specs
+                if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    n_out = len([s for s in ep.graph_signature.output_specs
+                 if s.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT])
+    info = {
+        "inputs": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype).replace("torch.", "")}
+                   for n, a in zip(in_names, args)],
+        "outputs": [f"output_{i}" for i in range(n_out)],
+        "layers": [vars(layer) for layer in layers],
+    }
+    return mod, info

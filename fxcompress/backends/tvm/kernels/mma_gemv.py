@@ -1,0 +1,164 @@
+"""Hand-scheduled int4 / int8 tensor-core kernel (TVM TIR) for batch 1..16: mma.sync m16n8k16, the weights
+decoded in registers from the fragment-ordered packing of :func:`..packing.pack_mma_words`."""
+from __future__ import annotations
+
+import math
+
+from ..packing import MMA_BITS, mma_k_per_load, pack_mma_words  # noqa: F401  (pack_mma_words: the layout it reads)
+
+LANES = 32  # threads per warp
+# (warps per block -- they split K and reduce through shared memory --, 16-byte weight loads a lane issues before
+# decoding them) for batch <= 4 / > 4: the best overall in tools/results/fxc_tile_sweep.md (H100)
+DEFAULT_MMA_TILES = {"small": (8, 8), "batch": (4, 8)}
+
+
+def mma_tile(m: int, k: int, bits: int = 4, tiles=None) -> tuple[int, int]:
+    """(warps, prefetch) for ``m`` activation rows; fewer warps when the K loads do not split ``warps`` ways.
+    ``tiles`` (``TVMBuildConfig.mma_tiles``) overrides :data:`DEFAULT_MMA_TILES` by case ("small", "batch")."""
+    case = "small" if m <= 4 else "batch"
+    warps, pf = (tiles or {}).get(case, DEFAULT_MMA_TILES[case])
+    while warps > 1 and (k // mma_k_per_load(bits)) % warps:
+        warps //= 2
+    return warps, pf
+
+
+def mma_supports(*, m: int, k: int, n: int, bits: int, group_size: int, dtype: str) -> str | None:
+    """None when the tensor-core kernel handles this layer, else the reason."""
+    if dtype != "float16":
+        return f"activations are {dtype} (the kernel takes float16)"
+    if bits not in MMA_BITS:
+        return f"{bits}-bit codes (the tensor-core kernel takes {MMA_BITS})"
+    if not 1 <= m <= 16:
+        return f"batch {m} is outside 1..16"
+    kpl = mma_k_per_load(bits)
+    if n % 16 or k % kpl:
+        return f"{n}x{k} is not a multiple of 16 x {kpl}"
+    if group_size % kpl:
+        return f"group size {group_size} is not a multiple of {kpl}"
+    return None
+
+
+def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, scale_rows: int,
+                        has_zero_point: bool, has_bias: bool, lead: tuple = (), name: str = "fxc_packed_mma",
+                        bits: int = 4, tiles=None):
+    """The scheduled PrimFunc ``(x, words, scale[, zero_point][, bias], y)`` of an int4 / int8 linear on tensor cores:
+    ``words`` from :func:`pack_mma_words`; each warp owns 16 output rows and 1/warps of K (:func:`mma_tile`), decodes its A
+    fragments in registers (two integer ops per pair of codes, then ``(h - (1024 - qmin) - zp) * scale`` in fp16),
+    loads B fragments (the activations, fp16 pairs) from global memory / L1, and runs one ``mma.m16n8k16`` per
+    16x16 weight tile and 8 activation rows, accumulating in fp32.  Rows past ``m`` of the 8-row tile are zeros:
+    at batch 1 the tensor cores do 8x the needed math, which is free next to the weight reads."""
+    reason = mma_supports(m=m, k=k, n=n, bits=bits, group_size=group_size, dtype="float16")
+    if reason is not None:
+        raise ValueError(f"tensor-core kernel: {reason}")
+    lead = tuple(lead) or (m,)
+    if math.prod(lead) != m:
+        raise ValueError(f"tensor-core kernel: leading dims {lead} do not hold {m} rows")
+    from tvm.script import tirx as T
+
+    warps, prefetch = mma_tile(m, k, bits, tiles)
+    nt = 1 if m <= 8 else 2  # n8 tiles of activation rows
+    kpl = mma_k_per_load(bits)  # K per 16-byte lane load
+    rpw = 16 // bits  # A registers per word
+    spl = kpl // 16  # 16-wide K slices per load
+    cmask = (1 << bits) - 1
+    kq = k // kpl  # 16-byte lane loads per row block
+    kq_w = kq // warps  # per warp
+    pf = max(d for d in range(1, prefetch + 1) if kq_w % d == 0)  # weight loads in flight per lane
+    red_iters = -(-256 // (warps * LANES))
+    zshape = (scale_rows, k // group_size)
+    xshape, yshape = (*lead, k), (*lead, n)
+    off = float(1024 - qmin)  # fp16 1024 + u  ->  u + qmin (exact: u < 256)
+
+    def srow(row):
+        return T.min(row, scale_rows - 1)
+
+    @T.macro
+    def body(xin, w, s, z, b, yout):
+        x32 = T.decl_buffer((m, k // 2), "uint32", data=xin.data)
+        y = T.decl_buffer((m, n), "float16", data=yout.data)
+        for bx in T.thread_binding(n // 16, thread="blockIdx.x"):
+            for ty in T.thread_binding(warps, thread="threadIdx.y"):
+                for tx in T.thread_binding(LANES, thread="threadIdx.x"):
+                    red = T.alloc_buffer((warps * 16 * 16,), "float32", scope="shared")
+                    cf = T.alloc_buffer((nt * 4,), "float32", scope="local")
+                    wv = T.alloc_buffer((pf * 4,), "uint32", scope="local")
+                    au = T.alloc_buffer((4,), "uint32", scope="local")
+                    ah = T.decl_buffer((8,), "float16", data=au.data)
+                    bu = T.alloc_buffer((nt * 2,), "uint32", scope="local")
+                    sz = T.alloc_buffer((4,), "float16", scope="local")
+                    for c in T.unroll(nt * 4):
+                        cf[c] = T.float32(0)
+                    for qo in T.serial(kq_w // pf):
+                        for p in T.unroll(pf):  # issue pf 16-byte weight loads before using any
+                            for v in T.vectorized(4):
+                                wv[p * 4 + v] = w[bx, ty * kq_w + qo * pf + p, tx, v]
+                        for p in T.unroll(pf):
+                            for h in T.unroll(2):  # scale / zero point of rows g and g + 8 for this K block
+                                sz[h * 2] = s[srow(bx * 16 + tx // 4 + h * 8),
+                                              (ty * kq_w + qo * pf + p) * kpl // group_size]
+                                if has_zero_point:
+                                    sz[h * 2 + 1] = z[srow(bx * 16 + tx // 4 + h * 8),
+                                                      (ty * kq_w + qo * pf + p) * kpl // group_size]
+                                else:
+                                    sz[h * 2 + 1] = T.float16(0)
+                            for j in T.unroll(spl):  # 16-wide K slice
+                                for i in T.unroll(4):
+                                    au[i] = ((wv[p * 4 + j * (4 // rpw) + i // rpw] >> T.Cast("uint32", bits * (i % rpw)))
+                                             & T.uint32(cmask | (cmask << 16))) | T.uint32(0x64006400)
+                                for e in T.unroll(8):  # a_i halves: rows g (i even) / g + 8 (i odd)
+                                    ah[e] = (ah[e] - T.float16(off) - sz[(e // 2) % 2 * 2 + 1]) * sz[(e // 2) % 2 * 2]
+                                for t2 in T.unroll(nt):
+                                    for hb in T.unroll(2):
+                                        bu[t2 * 2 + hb] = T.if_then_else(
+                                            t2 * 8 + tx // 4 < m,
+                                            x32[T.min(t2 * 8 + tx // 4, m - 1),
+                                                ((ty * kq_w + qo * pf + p) * kpl + j * 16 + (tx % 4) * 2 + hb * 8) // 2],
+                                            T.uint32(0))
+                                    T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                                                au.data, 0, bu.data, t2 * 2, cf.data, t2 * 4, False,
+                                                                dtype="float32"))
+                    # C fragment -> shared: red[warp][row][act]; then one thread per (row, act) sums the warps
+                    for t2 in T.unroll(nt):
+                        for c in T.unroll(4):
+                            red[ty * 256 + (tx // 4 + (c // 2) * 8) * 16 + t2 * 8 + (tx % 4) * 2 + c % 2] = cf[t2 * 4 + c]
+                    T.tvm_storage_sync("shared")
+                    for o in T.serial(red_iters):  # output (row, act) = divmod(idx, 16)
+                        if o * (warps * LANES) + ty * LANES + tx < 256 and (ty * LANES + tx) % 16 < m:
+                            cf[0] = T.float32(0)
+                            for wi in T.unroll(warps):
+                                cf[0] = cf[0] + red[wi * 256 + o * (warps * LANES) + ty * LANES + tx]
+                            if has_bias:
+                                y[(ty * LANES + tx) % 16, bx * 16 + (o * (warps * LANES) + ty * LANES + tx) // 16] = \
+                                    T.Cast("float16", cf[0] + T.Cast(
+                                        "float32", b[bx * 16 + (o * (warps * LANES) + ty * LANES + tx) // 16]))
+                            else:
+                                y[(ty * LANES + tx) % 16, bx * 16 + (o * (warps * LANES) + ty * LANES + tx) // 16] = \
+                                    T.Cast("float16", cf[0])
+
+    wshape = (n // 16, kq, LANES, 4)
+    attrs = {"tir.is_scheduled": True, "tir.noalias": True, "op_pattern": 8}
+    if has_zero_point and has_bias:
+        @T.prim_func(private=True)
+        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
+                   z: T.Buffer(zshape, "float16"), b: T.Buffer((n,), "float16"), y: T.Buffer(yshape, "float16")):
+            T.func_attr(attrs)
+            body(x, w, s, z, b, y)
+    elif has_zero_point:
+        @T.prim_func(private=True)
+        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
+                   z: T.Buffer(zshape, "float16"), y: T.Buffer(yshape, "float16")):
+            T.func_attr(attrs)
+            body(x, w, s, z, None, y)
+    elif has_bias:
+        @T.prim_func(private=True)
+        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
+                   b: T.Buffer((n,), "float16"), y: T.Buffer(yshape, "float16")):
+            T.func_attr(attrs)
+            body(x, w, s, None, b, y)
+    else:
+        @T.prim_func(private=True)
+        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
+                   y: T.Buffer(yshape, "float16")):
+            T.func_attr(attrs)
+            body(x, w, s, None, None, y)
+    return kernel.with_attr("global_symbol", name)
