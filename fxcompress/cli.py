@@ -24,7 +24,7 @@ class UsageError(ValueError):
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (no usage block) that points at ``--help``; exit code 2."""
 
-    def error(self, message):  # noqa: D102 - argparse's hook
+    def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

@@ -1,9 +1,9 @@
 """The knobs of a TVM build, as one frozen object passed to ``compile_tvm`` / ``build_tvm``."""
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
 TUNERS = ("dlight", "meta_schedule", "none")
 GEMV_KERNELS = ("fxc", "dlight")
