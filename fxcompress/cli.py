@@ -21,7 +21,7 @@ def _cmd_demo(args) -> int:
     rows = [("fp32", 32, base, sum(p.numel() * 4 for p in model.state_dict().values()))]
     last = None
     for bits in args.bits:
-        res = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=bits, symmetric=True, granularity="per_channel"))
+        res = fxc.rtn_pass(gm, fxc.RTNConfig(bits=bits, symmetric=True, granularity="per_channel"))
         nbytes = sum(t.numel() * t.element_size() for t in res.gm.state_dict().values())
         rows.append((f"RTN int{bits} per-channel", bits, accuracy(res.gm, xte, yte), nbytes))
         last = res
@@ -55,7 +55,7 @@ def _cmd_quantize(args) -> int:
     gm = fxc.load(args.dir)
     cfg = fxc.RTNConfig(bits=args.bits, symmetric=args.symmetric, granularity=args.granularity,
                         group_size=args.group_size)
-    res = fxc.quantize_rtn(gm, cfg, progress=True)
+    res = fxc.rtn_pass(gm, cfg, progress=True)
     fxc.save(res.gm, args.out)
     print(res.report)
     return 0
