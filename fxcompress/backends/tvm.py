@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn import QuantConv2d, QuantLinear
+from ..passes.program import materialize_quant_modules
 from ..quant import QuantWeight
 from . import tvm_gemv
 
@@ -403,6 +404,7 @@ def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | Non
     Returns ``(mod, info)`` where ``info`` holds input / output names and per-layer details.
     ``dtype`` (e.g. ``torch.float16``) casts the model's float parameters and the example inputs first.
     """
+    model = materialize_quant_modules(model)  # ExportedProgram / fxcompress:: op nodes -> QuantLinear modules
     tvm = _tvm()
     from tvm.relax.frontend.torch import from_exported_program
 

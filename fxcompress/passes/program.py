@@ -156,7 +156,7 @@ def materialize_quant_modules(model):
         except AttributeError:
             existing = None
         if existing is not None and (list(existing.children()) or
-                                     set(existing._parameters) | set(existing._buffers) -
+                                     (set(existing._parameters) | set(existing._buffers)) -
                                      {"qweight", "scale", "zero_point", "bias"}):
             path = node.name
         gm.add_submodule(path, mod)
@@ -165,9 +165,7 @@ def materialize_quant_modules(model):
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
+    return cleanup(gm)
 
 
 # ----------------------------------------------------------------------------------------------------------
