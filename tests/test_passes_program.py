@@ -5,14 +5,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from toymodels import DecoderBlock
 
 import fxcompress as fxc
 from fxcompress.models import pretrained_digits_resnet
-from toymodels import DecoderBlock
 
 
-def _lowerings_match(ep, x, tmp_path, atol=1e-4):
-    """save/load with torch.export, then ORT (export_onnx and torch.onnx dynamo) and TVM llvm vs the program."""
+def _lowerings_match(ep, x, tmp_path, atol=1e-4, dynamo=False):
+    """save/load with torch.export, then ORT (export_onnx, and with ``dynamo`` torch.onnx's dynamo exporter
+    with the fxcompress translations) and TVM llvm, against the program's own output."""
     import onnxruntime as ort
 
     from fxcompress.backends.onnx_custom_ops import translation_table
@@ -23,10 +24,11 @@ def _lowerings_match(ep, x, tmp_path, atol=1e-4):
     assert torch.equal(ep2.module()(x), ref)
     runner = fxc.runtime.load(str(fxc.export_onnx(ep2, (x,), tmp_path / "m.onnx")), backend="ort", device="cpu")
     np.testing.assert_allclose(np.asarray(runner(x)), ref.numpy(), atol=atol)
-    prog = torch.onnx.export(ep2, dynamo=True, custom_translation_table=translation_table())
-    prog.save(str(tmp_path / "d.onnx"))
-    s = ort.InferenceSession(str(tmp_path / "d.onnx"))
-    np.testing.assert_allclose(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0], ref.numpy(), atol=atol)
+    if dynamo:
+        prog = torch.onnx.export(ep2, dynamo=True, custom_translation_table=translation_table())
+        prog.save(str(tmp_path / "d.onnx"))
+        s = ort.InferenceSession(str(tmp_path / "d.onnx"))
+        np.testing.assert_allclose(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0], ref.numpy(), atol=atol)
     tr = fxc.compile_tvm(ep2, (x,), target="llvm")
     np.testing.assert_allclose(np.asarray(tr(x)), ref.numpy(), atol=atol)
     return ep2
@@ -45,12 +47,26 @@ def test_rtn_and_udfc_on_cnn_program(tmp_path):
     assert _ops(q) == {"fxcompress.quant_conv2d.default", "fxcompress.quant_linear.default"}
     assert torch.allclose(q.module()(x), m(x), atol=0.2)
     assert len(fxc.report(q)) == 11
-    _lowerings_match(q, x, tmp_path)
+    _lowerings_match(q, x, tmp_path, dynamo=True)
     u = fxc.udfc(ep, config=fxc.UDFCConfig(prune_ratio=0.3, weight_bits=6))
     assert isinstance(u, torch.export.ExportedProgram) and "fxcompress.quant_conv2d.default" in _ops(u)
     ref = fxc.udfc(m, (x,), fxc.UDFCConfig(prune_ratio=0.3, weight_bits=6)).eval()
     assert torch.allclose(u.module()(x), ref(x), atol=1e-4)  # the same compression as on the traced graph
     _lowerings_match(u, x, tmp_path)
+    p = fxc.prepare_l4q(ep, config=fxc.L4QConfig(bits=4, group_size=32, lora_rank=4, exclude=()))
+    assert _ops(p) == {"fxcompress.l4q_linear.default"} and fxc.report(p).rows("prepared")[0].layer == "fc"
+    c = fxc.convert_l4q(p)
+    assert torch.allclose(c.module()(x), p.module()(x), atol=1e-4)  # converted == fake-quant forward
+    _lowerings_match(c, x, tmp_path)
+
+
+def test_udfc_on_decoder_block_program():
+    m = DecoderBlock().eval()
+    x = torch.randn(1, 6, 64)
+    cfg = fxc.UDFCConfig(weight_bits=8, skip=())
+    u = fxc.udfc(torch.export.export(m, (x,)), config=cfg)  # no BatchNorm: quantized, not pruned
+    assert _ops(u) == {"fxcompress.quant_linear.default"}
+    assert torch.allclose(u.module()(x), fxc.udfc(m, (x,), cfg)(x), atol=1e-5)
 
 
 def test_l4q_on_decoder_block_program(tmp_path):
@@ -84,8 +100,8 @@ def test_l4q_on_decoder_block_program(tmp_path):
     c = fxc.convert_l4q(torch.export.export(qm, (x,)))
     assert torch.allclose(c.module()(x), fake, atol=1e-4)
     _lowerings_match(c, x, tmp_path)
-    r = fxc.quantize_rtn(ep, fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=32))
-    _lowerings_match(r, x, tmp_path)
+    r = fxc.quantize_rtn(ep, fxc.RTNConfig(bits=3, symmetric=False, granularity="per_group", group_size=32))
+    _lowerings_match(r, x, tmp_path, dynamo=True)
 
 
 def test_dynamic_batch_is_kept():
@@ -141,3 +157,22 @@ def test_import_is_lazy():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime', 'tvm', 'onnxscript')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_program_inputs_the_pass_cannot_reexport_are_named():
+    class KwModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, *, x):
+            return self.fc(x)
+
+    ep = torch.export.export(KwModel(), (), {"x": torch.randn(2, 8)},
+                             dynamic_shapes={"x": {0: torch.export.Dim("batch")}})
+    with pytest.raises(ValueError, match=r"input 0 dim 0 \(s\d+\) is dynamic"):
+        fxc.quantize_rtn(ep, fxc.RTNConfig(bits=8))
+    static = torch.export.export(KwModel(), (), {"x": torch.randn(2, 8)})
+    static.example_inputs = None
+    with pytest.raises(ValueError, match="carries no example inputs"):
+        fxc.quantize_rtn(static, fxc.RTNConfig(bits=8))

@@ -13,7 +13,6 @@ needs to know which form it met.
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
 from dataclasses import dataclass, field
 
@@ -122,11 +121,11 @@ def _sites(gm: fx.GraphModule, kinds: tuple) -> list[Site]:
             s = _function_site(gm, node)
         if s is None or s.kind not in kinds:
             continue
-        if s.name in seen:  # one module called twice: two sites, distinct names
+        if s.module is None and s.name in seen:  # one exported layer called twice: two sites, distinct names
             seen[s.name] += 1
             s.name = f"{s.name}#{seen[s.name]}"
         else:
-            seen[s.name] = 0
+            seen.setdefault(s.name, 0)
         sites.append(s)
     return sites
 

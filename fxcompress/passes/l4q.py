@@ -12,8 +12,8 @@ from ..nn import L4QLinear
 from ..quant import SUPPORTED_BITS, QuantSpec
 from .base import (NOOP_MODES, LayerReport, NothingToCompressError, PassResult, Report, check_modified,
                    group_size_hint, record)
-from .program import apply_pass
 from .graph import cleanup, linear_sites, match_names, replace_site
+from .program import apply_pass
 
 
 @dataclass(frozen=True)

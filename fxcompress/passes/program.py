@@ -88,7 +88,7 @@ def to_program(gm: fx.GraphModule, inputs: ProgramInputs, pass_name: str) -> Exp
     gm.eval()
     try:
         ep = torch.export.export(gm, inputs.args, inputs.kwargs, dynamic_shapes=inputs.dynamic_shapes)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - any export failure is reported below
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if inputs.dynamic_dims:
             raise ValueError(f"{pass_name}: the rewritten program could not keep the dynamic dimension(s) "

@@ -41,8 +41,8 @@ from torch import nn
 from ..nn import QuantConv2d, QuantLinear
 from ..quant import QuantSpec, QuantWeight
 from .base import LayerReport, PassResult, Report, check_modified, record
-from .program import apply_pass, modularize
 from .channel_groups import Chain, analyze, is_relu
+from .program import apply_pass, modularize
 
 NATIVE_BITS = (2, 3, 4, 8)
 CRITERIA = ("l1", "l2")
