@@ -15,6 +15,9 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _LAZY = {
     "capture": "fxcompress.capture", "CaptureError": "fxcompress.capture",
+    "NonFiniteWeightError": "fxcompress.capture",
+    "NothingToCompressError": "fxcompress.passes", "rtn_pass": "fxcompress.passes", "l4q_pass": "fxcompress.passes",
+    "convert_pass": "fxcompress.passes", "materialize_quant_modules": "fxcompress.passes",
     "report": "fxcompress.passes", "Report": "fxcompress.passes", "LayerReport": "fxcompress.passes",
     "PassResult": "fxcompress.passes", "Pipeline": "fxcompress.passes", "as_fx_pass": "fxcompress.passes",
     "RTNConfig": "fxcompress.passes", "quantize_rtn": "fxcompress.passes",

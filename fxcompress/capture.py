@@ -9,6 +9,7 @@ is tried on the model in eval mode and its unlifted graph is used (linear layers
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 import torch.fx as fx
@@ -17,6 +18,42 @@ from torch import nn
 
 class CaptureError(ValueError):
     """The model could not be turned into a graph; the message names where and why."""
+
+
+class NonFiniteWeightError(ValueError):
+    """A parameter or buffer holds NaN or Inf values; the message names it."""
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Raise :class:`NonFiniteWeightError` naming the first float parameter / buffer with NaN or Inf values."""
+    seen = set()
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        if id(t) in seen or not t.is_floating_point() or t.device.type == "meta":
+            continue
+        seen.add(id(t))
+        ok = torch.isfinite(t.detach())
+        if not bool(ok.all()):
+            n_nan = int(torch.isnan(t.detach()).sum())
+            n_inf = int((~ok).sum()) - n_nan
+            raise NonFiniteWeightError(
+                f"{what}: {name!r} (shape {tuple(t.shape)}) holds {n_nan} NaN and {n_inf} Inf value(s); "
+                "fix or reload the weights before compressing (e.g. check the checkpoint that produced them)")
+
+
+def _hf_without_cache(model: nn.Module) -> nn.Module:
+    """A copy of a Hugging Face model with ``config.use_cache=False`` (a KV cache object cannot be captured)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not getattr(cfg, "use_cache", False):
+        return model
+    work = copy.deepcopy(model)
+    work.config.use_cache = False
+    gen = getattr(work, "generation_config", None)
+    if gen is not None and getattr(gen, "use_cache", None):
+        gen.use_cache = False
+    warnings.warn(f"capture: {type(model).__name__} has config.use_cache=True; capturing with use_cache=False "
+                  "(a DynamicCache cannot be part of a graph). Set model.config.use_cache = False to silence this.",
+                  stacklevel=3)
+    return work
 
 
 class _PathTracer(fx.Tracer):
@@ -61,10 +98,12 @@ def capture(model: nn.Module, example_inputs=None, *, method: str = "auto", chec
     if method not in ("auto", "symbolic_trace", "export"):
         raise ValueError(f"method must be 'auto', 'symbolic_trace' or 'export', got {method!r}")
     args = _as_tuple(example_inputs)
+    check_finite(model, "capture")
     if isinstance(model, fx.GraphModule):
         gm = copy.deepcopy(model)
         gm.meta.setdefault("fxcompress_capture", "graph_module")
         return gm
+    model = _hf_without_cache(model)
     work = copy.deepcopy(model)
     trace_err = export_err = None
     where = ""
@@ -88,6 +127,10 @@ def capture(model: nn.Module, example_inputs=None, *, method: str = "auto", chec
                 gm.meta["fxcompress_capture"] = "torch.export"
             except Exception as e:  # noqa: BLE001
                 export_err = e
+    if gm is None and export_err is not None and "Cache" in f"{type(export_err).__name__} {export_err}":
+        raise CaptureError(f"could not capture {type(model).__name__}: torch.export failed on a KV cache object "
+                           f"({_short(export_err, 200)}); set model.config.use_cache = False (or pass "
+                           "use_cache=False) and capture again")
     if gm is None:
         parts = [f"could not capture {type(model).__name__} as a graph"]
         if trace_err is not None:

@@ -81,7 +81,7 @@ def _cmd_demo(args) -> int:
     rows = [("fp32", 32, base, sum(p.numel() * 4 for p in model.state_dict().values()))]
     last = None
     for bits in args.bits:
-        res = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=bits, symmetric=True, granularity="per_channel"))
+        res = fxc.rtn_pass(gm, fxc.RTNConfig(bits=bits, symmetric=True, granularity="per_channel"))
         nbytes = sum(t.numel() * t.element_size() for t in res.gm.state_dict().values())
         rows.append((f"RTN int{bits} per-channel", bits, accuracy(res.gm, xte, yte), nbytes))
         last = res
@@ -115,11 +115,12 @@ def _cmd_quantize(args) -> int:
     gm = fxc.load(args.dir)
     cfg = fxc.RTNConfig(bits=args.bits, symmetric=args.symmetric, granularity=args.granularity,
                         group_size=args.group_size)
-    res = fxc.quantize_rtn(gm, cfg, progress=_progress())
-    if not res.report.rows("quantized"):
-        raise UsageError(f"{args.dir}: nothing was quantized ({_skip_summary(gm, res.report)}); "
-                         "quantize takes an artifact with float Linear / Conv2d layers (e.g. one written by "
-                         "fxc.save of a captured model), not one that is already quantized")
+    try:
+        res = fxc.rtn_pass(gm, cfg, progress=_progress())
+    except fxc.NothingToCompressError as e:
+        raise UsageError(f"{args.dir}: nothing was quantized ({e}); quantize takes an artifact with float "
+                         "Linear / Conv2d layers (e.g. one written by fxc.save of a captured model), not one that "
+                         "is already quantized") from None
     fxc.save(res.gm, args.out)
     print(res.report)
     return 0

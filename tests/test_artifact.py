@@ -11,7 +11,7 @@ from toymodels import DecoderBlock
 def quantized():
     x = torch.randn(1, 4, 64)
     gm = fxc.capture(DecoderBlock().eval(), (x,))
-    res = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=3, symmetric=False, granularity="per_group", group_size=32))
+    res = fxc.rtn_pass(gm, fxc.RTNConfig(bits=3, symmetric=False, granularity="per_group", group_size=32))
     return res.gm, x
 
 

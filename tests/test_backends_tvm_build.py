@@ -22,7 +22,7 @@ HAS_GPU = bool(tvm.cuda(0).exist)
 
 def _rtn(model, x, **cfg):
     gm = fxc.capture(model, (x,))
-    return fxc.quantize_rtn(gm, fxc.RTNConfig(**cfg)).gm
+    return fxc.quantize_rtn(gm, fxc.RTNConfig(**cfg))
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,7 @@ def test_tvm_build_and_load_print_no_scope_lines(tmp_path, capfd):
 
     torch.manual_seed(0)
     x = torch.randn(2, 32)
-    gm = fxc.quantize_rtn(fxc.capture(nn.Sequential(nn.Linear(32, 16), nn.ReLU()), (x,)), fxc.RTNConfig(bits=8)).gm
+    gm = fxc.quantize_rtn(fxc.capture(nn.Sequential(nn.Linear(32, 16), nn.ReLU()), (x,)), fxc.RTNConfig(bits=8))
     r = fxc.compile_tvm(gm, (x,), target="llvm")
     path = r.export_library(tmp_path / "m.so")
     r2 = fxc.runtime.load_runner(str(path), backend="tvm")

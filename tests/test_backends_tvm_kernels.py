@@ -19,7 +19,7 @@ from fxcompress.runtime import check_parity  # noqa: E402
 
 def _rtn(model, x, **cfg):
     gm = fxc.capture(model, (x,))
-    return fxc.quantize_rtn(gm, fxc.RTNConfig(**cfg)).gm
+    return fxc.quantize_rtn(gm, fxc.RTNConfig(**cfg))
 
 
 def _small_batch_lin(k=512, n=256):

@@ -33,7 +33,7 @@ def artifacts(tmp_path_factory):
     _, _, xte, _ = load_digits_split()
     gm = fxc.capture(pretrained_digits_resnet(), (xte[:1],))
     fxc.save(gm, d / "float")
-    fxc.save(fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8)).gm, d / "q8")
+    fxc.save(fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8)), d / "q8")
     return d
 
 

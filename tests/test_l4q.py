@@ -99,7 +99,7 @@ def test_step0_equals_rtn_and_only_adapters_train():
     sd = state_copy(m)
     qm = fxc.prepare_l4q(m, (x,), CFG)
     assert same_state(m, sd)
-    rtn = fxc.quantize_rtn(fxc.capture(m, (x,)), fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group",
+    rtn = fxc.rtn_pass(fxc.capture(m, (x,)), fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group",
                                                                group_size=32))
     for name in ("q_proj", "down_proj"):
         layer = qm.get_submodule(name)

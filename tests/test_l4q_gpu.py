@@ -46,6 +46,6 @@ def test_fused_matches_naive_on_cuda():
 def test_rtn_on_cuda():
     m = DecoderBlock().cuda().eval()
     x = torch.randn(1, 4, 64, device="cuda")
-    res = fxc.quantize_rtn(fxc.capture(m, (x,)), fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group",
+    res = fxc.rtn_pass(fxc.capture(m, (x,)), fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group",
                                                                group_size=32))
     assert torch.allclose(res.gm(x), m(x), atol=0.1)

@@ -56,7 +56,7 @@ DECODER_CASES = [
 @pytest.mark.parametrize("case,cfg,fmt", DECODER_CASES, ids=[c[0] for c in DECODER_CASES])
 def test_decoder_block_parity(block, tmp_path, case, cfg, fmt):
     gm, x = block
-    q = fxc.quantize_rtn(gm, fxc.RTNConfig(**cfg)).gm
+    q = fxc.quantize_rtn(gm, fxc.RTNConfig(**cfg))
     before = state_copy(q)
     path = export_onnx(q, (x,), tmp_path / "m.onnx", opset=21, weight_format=fmt)
     assert same_state(q, before)  # export never changes the source module
@@ -91,7 +91,7 @@ def test_file_size_tracks_bits(tmp_path):
     sizes = {}
     for bits in (8, 4):
         q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=bits, symmetric=True, granularity="per_group",
-                                                group_size=128)).gm
+                                                group_size=128))
         p = export_onnx(q, (x,), tmp_path / f"m{bits}.onnx")
         sizes[bits] = p.stat().st_size
         scales = 4 * n_weights // 128
@@ -105,7 +105,7 @@ def test_digits_resnet_parity(digits, tmp_path, bits, sym):
     gm, xte, yte = digits
     from fxcompress.models import accuracy
 
-    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=bits, symmetric=sym, granularity="per_channel")).gm
+    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=bits, symmetric=sym, granularity="per_channel"))
     path = export_onnx(q, (xte[:4],), tmp_path / "digits.onnx")
     runner = load_ort(path)
     rep = check_parity(q, runner, (xte[:64],))
@@ -162,7 +162,7 @@ def test_fractional_zero_point_conv(tmp_path):
 
 def test_matmulnbits_fusion_detected(block, tmp_path):
     gm, x = block
-    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=True, granularity="per_group", group_size=32)).gm
+    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=True, granularity="per_group", group_size=32))
     path = export_onnx(q, (x,), tmp_path / "m.onnx")
     runner = load_ort(path)
     written, optimized = runner.op_types(), runner.optimized_op_types()
@@ -175,14 +175,14 @@ def test_matmulnbits_fusion_detected(block, tmp_path):
 
 def test_opset_below_21(block, tmp_path):
     gm, x = block
-    q4 = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=True, granularity="per_channel")).gm
+    q4 = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=True, granularity="per_channel"))
     with pytest.raises(ExportError, match=r"'q_proj'.*opset >= 21"):
         export_onnx(q4, (x,), tmp_path / "a.onnx", opset=20)
     # the documented opt-in: int8 containers for 4-bit codes work at opset 20
     p = export_onnx(q4, (x,), tmp_path / "b.onnx", opset=20, low_bit_container="int8")
     assert onnx.load(str(p)).opset_import[0].version == 20
     assert check_parity(q4, load_ort(p), (x,)).ok(atol=TOL)
-    qg = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8, symmetric=True, granularity="per_group", group_size=32)).gm
+    qg = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8, symmetric=True, granularity="per_group", group_size=32))
     with pytest.raises(ExportError, match="blocked DequantizeLinear"):
         export_onnx(qg, (x,), tmp_path / "c.onnx", opset=17)
     with pytest.raises(ValueError, match="opset"):
@@ -202,14 +202,14 @@ class _Unsupported(nn.Module):
 
 def test_unlowerable_op_names_the_node(tmp_path):
     x = torch.randn(2, 4)
-    gm = fxc.quantize_rtn(fxc.capture(_Unsupported(), (x,)), fxc.RTNConfig(bits=8)).gm
+    gm = fxc.quantize_rtn(fxc.capture(_Unsupported(), (x,)), fxc.RTNConfig(bits=8))
     with pytest.raises(ExportError, match=r"graph node 'cummax'.*aten::cummax"):
         export_onnx(gm, (x,), tmp_path / "u.onnx")
 
 
 def test_corrupt_and_truncated_files(block, tmp_path):
     gm, x = block
-    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8)).gm
+    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8))
     good = export_onnx(q, (x,), tmp_path / "good.onnx").read_bytes()
     (tmp_path / "trunc.onnx").write_bytes(good[: len(good) // 2])
     (tmp_path / "junk.onnx").write_bytes(b"\x00\xffnot an onnx model" * 10)
@@ -222,7 +222,7 @@ def test_corrupt_and_truncated_files(block, tmp_path):
 
 def test_bad_inputs_rejected_before_ort(block, tmp_path):
     gm, x = block
-    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8)).gm
+    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8))
     r = load_ort(export_onnx(q, (x,), tmp_path / "m.onnx"))
     assert r.input_names == ["x"] and r.backend == "ort" and r.device == "cpu" and isinstance(r, Runner)
     with pytest.raises(RunnerInputError, match=r"'x' must have shape \(batch, 8, 64\).*dim 2"):
@@ -239,7 +239,7 @@ def test_bad_inputs_rejected_before_ort(block, tmp_path):
 
 def test_load_dispatch_and_devices(block, tmp_path):
     gm, x = block
-    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8)).gm
+    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8))
     p = export_onnx(q, (x,), tmp_path / "m.onnx")
     r = load_runner(p, backend="ort", device="cpu")
     assert isinstance(r, OrtRunner) and torch.allclose(r(x), q(x), atol=TOL)
@@ -257,14 +257,14 @@ def test_load_dispatch_and_devices(block, tmp_path):
 @pytest.mark.gpu
 def test_cuda_parity(block, tmp_path):
     gm, x = block
-    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=32)).gm
+    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=32))
     r = load_ort(export_onnx(q, (x,), tmp_path / "m.onnx"), device="cuda")
     assert check_parity(q, r, (x,)).ok(atol=1e-3)
 
 
 def test_cli_export_and_bench(digits, tmp_path, capsys):
     gm, xte, _ = digits
-    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8)).gm
+    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8))
     fxc.save(q, tmp_path / "art")
     assert main(["export", str(tmp_path / "art"), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
                  "--input-shape", "1,1,8,8"]) == 0
@@ -289,7 +289,7 @@ class _Shared(nn.Module):
 def test_layer_used_twice(tmp_path, fmt):
     x = torch.randn(3, 32)
     q = fxc.quantize_rtn(fxc.capture(_Shared(), (x,)), fxc.RTNConfig(bits=4, symmetric=True, granularity="per_group",
-                                                                      group_size=16)).gm
+                                                                      group_size=16))
     path = export_onnx(q, (x,), tmp_path / "s.onnx", weight_format=fmt)
     inits = [t.name for t in onnx.load(str(path)).graph.initializer]
     assert inits.count("fc.qweight") == 1 and len(layer_formats(path)) == 1
@@ -300,7 +300,7 @@ def _nbits_fp16(tmp_path, x):
     from fxcompress.backends.onnx import to_float16
 
     q = fxc.quantize_rtn(fxc.capture(DecoderBlock().eval(), (x,)),
-                         fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=32)).gm
+                         fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=32))
     p32 = export_onnx(q, (x,), tmp_path / "b32.onnx", weight_format="matmulnbits")
     m16 = to_float16(onnx.load(str(p32)))
     p16 = tmp_path / "b16.onnx"

@@ -13,7 +13,7 @@ def test_rtn_pass_replaces_layers_and_reports():
     x = torch.randn(2, 3, 8, 8)
     gm = fxc.capture(m, (x,))
     sd = state_copy(gm)
-    res = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8))
+    res = fxc.rtn_pass(gm, fxc.RTNConfig(bits=8))
     assert same_state(gm, sd)  # the pass did not touch its input
     kinds = {type(mod) for mod in res.gm.modules()}
     assert QuantConv2d in kinds and QuantLinear in kinds
@@ -26,7 +26,7 @@ def test_rtn_pass_replaces_layers_and_reports():
 def test_rtn_matches_reference_weights():
     gm = fxc.capture(DecoderBlock().eval(), (torch.randn(1, 3, 64),))
     spec = QuantSpec(4, False, "per_group", 32)
-    res = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=32))
+    res = fxc.rtn_pass(gm, fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=32))
     q = res.gm.get_submodule("q_proj")
     assert isinstance(q, QuantLinear)
     ref = QuantWeight.from_float(gm.get_submodule("q_proj").weight, spec).dequantize()
@@ -35,7 +35,7 @@ def test_rtn_matches_reference_weights():
 
 def test_group_size_not_dividing_is_skipped_and_reported():
     gm = fxc.capture(DecoderBlock(d=64, ffn=96).eval(), (torch.randn(1, 3, 64),))
-    res = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=64))
+    res = fxc.rtn_pass(gm, fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=64))
     skipped = {r.layer: r.note for r in res.report if r.action == "skipped"}
     assert set(skipped) == {"down_proj"} and "does not divide in_features=96" in skipped["down_proj"]
 
@@ -45,7 +45,7 @@ def test_export_graph_function_linears_are_rewritten():
     x = torch.randn(3, 4)
     gm = fxc.capture(m, (x,))
     assert gm.meta["fxcompress_capture"] == "torch.export"
-    res = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8))
+    res = fxc.rtn_pass(gm, fxc.RTNConfig(bits=8))
     assert [r.layer for r in res.report] == ["fc"]
     assert any(isinstance(mod, QuantLinear) for mod in res.gm.modules())
     assert torch.allclose(res.gm(x), m(x), atol=0.02)
@@ -56,8 +56,8 @@ def test_pipeline_and_pass_manager():
     gm = fxc.capture(ResidualCNN().eval(), (x,))
     cfg8 = fxc.RTNConfig(bits=8, targets=("head",))
     cfg4 = fxc.RTNConfig(bits=4, targets=("stem", "conv*"))
-    pres = fxc.Pipeline([(fxc.quantize_rtn, cfg8), (fxc.quantize_rtn, cfg4)])(gm)
-    pm = PassManager(passes=[fxc.as_fx_pass(fxc.quantize_rtn, cfg8), fxc.as_fx_pass(fxc.quantize_rtn, cfg4)])
+    pres = fxc.Pipeline([(fxc.rtn_pass, cfg8), (fxc.rtn_pass, cfg4)])(gm)
+    pm = PassManager(passes=[fxc.as_fx_pass(fxc.rtn_pass, cfg8), fxc.as_fx_pass(fxc.rtn_pass, cfg4)])
     mres = pm(gm)
     for out in (pres.gm, mres.graph_module):
         assert out.get_submodule("head").spec.bits == 8 and out.get_submodule("stem").spec.bits == 4
@@ -80,5 +80,5 @@ def test_report_on_plain_module_errors():
 def test_user_model_unchanged_through_capture_and_pass():
     m = ResidualCNN().eval()
     sd = state_copy(m)
-    fxc.quantize_rtn(fxc.capture(m, (torch.randn(1, 3, 8, 8),)), fxc.RTNConfig(bits=2))
+    fxc.rtn_pass(fxc.capture(m, (torch.randn(1, 3, 8, 8),)), fxc.RTNConfig(bits=2))
     assert same_state(m, sd)

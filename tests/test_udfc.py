@@ -225,7 +225,7 @@ def test_no_compensation_is_plain_pruning_and_plain_rtn():
     # plain RTN through the same code path == the rtn pass at 4 bits
     a = udfc_pass(gm, UDFCConfig(prune=False, weight_bits=4, compensate=False)).gm.eval()
     b = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=True, granularity="per_channel",
-                                           exclude=("fc",))).gm.eval()
+                                           exclude=("fc",))).eval()
     torch.testing.assert_close(a(x[:16]), b(x[:16]))
     # plain L1 pruning: the next layer is the original one with the pruned input channels removed
     res = udfc_pass(gm, UDFCConfig(prune_ratio=0.5, quantize=False, compensate=False, criterion="l1"))

@@ -58,7 +58,7 @@ def make_models(cfg_kwargs: dict, device: str, steps: int, rtn: bool):
     if rtn:
         gm = fxc.capture(model, (ids,))
         dm = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=128,
-                                                exclude=("lm_head",))).gm
+                                                exclude=("lm_head",)))
         return model, dm.eval(), ids, "RTN int4 g128 asymmetric (integer zero points)"
     qm = fxc.prepare_l4q(model, (ids,), fxc.L4QConfig(bits=4, group_size=128, symmetric=False, lora_rank=16,
                                                       fused=False))

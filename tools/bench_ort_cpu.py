@@ -79,8 +79,8 @@ def main(argv=None):
         cnns.append(("ResNet w128 32x32 (random)", wide, x32[:1], [(1, x32[:1]), (8, x32)]))
         for label, model, ex, batches in cnns:
             gm = fxc.capture(model, (ex,))
-            q8 = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8, symmetric=True, granularity="per_channel")).gm
-            q4 = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=True, granularity="per_channel")).gm
+            q8 = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8, symmetric=True, granularity="per_channel"))
+            q4 = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=True, granularity="per_channel"))
             for bs, xb in batches:
                 run_case(rows, f"{label} b{bs}", model, (ex,), (xb,),
                          [("ORT fp32", None, {}, {}),
@@ -92,8 +92,8 @@ def main(argv=None):
         ex = torch.randn(1, 8, d)
         gm = fxc.capture(blk, (ex,))
         q4 = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group",
-                                                group_size=128)).gm
-        q8 = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8, symmetric=True, granularity="per_channel")).gm
+                                                group_size=128))
+        q8 = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8, symmetric=True, granularity="per_channel"))
         dyn = {"input_names": ["x"], "dynamic_axes": {"x": {0: "batch", 1: "seq"}, "output": {0: "batch", 1: "seq"}}}
         for tokens in (1, 128):
             x = torch.randn(1, tokens, d)

@@ -77,7 +77,7 @@ def decode_models(workdir: Path, cfg_kwargs: dict):
             if p.dim() == 2:
                 p.mul_(0.5)
     gm = fxc.capture(model, (ids,))
-    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=GROUP)).gm
+    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=GROUP))
     for tag, mod, fmt in (("fp16", gm, "qdq"), ("int4", q, "matmulnbits")):
         p32 = workdir / f"{tag}_fp32.onnx"
         fxc.export_onnx(mod, (ids,), p32, weight_format=fmt, dynamic_batch=False)

@@ -56,7 +56,7 @@ def main():
     for bits, group in settings:
         rtn = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=bits, symmetric=False, granularity="per_group",
                                                  group_size=group, targets=None, exclude=("lm_head",),
-                                                 include_conv=False)).gm
+                                                 include_conv=False))
         results.append(("RTN", f"{bits}-bit g{group}", perplexity(rtn, eval_batches, dev), None))
         print(results[-1], flush=True)
         del rtn

@@ -1,15 +1,17 @@
-"""Integer-weight layers: packed codes + scales, dequantized in forward (the CPU reference path).
+"""Integer-weight layers: packed codes + scales as buffers; forward calls the ``fxcompress::quant_linear`` /
+``fxcompress::quant_conv2d`` ops (:mod:`fxcompress.nn.ops`).
 
-Backends read ``quant_weight`` and lower it to integer kernels; in PyTorch the forward
-unpacks and dequantizes, so outputs equal the fake-quantized model's to float tolerance.
+Backends read ``quant_weight`` and lower it to integer kernels; in PyTorch the ops' reference kernels
+unpack and dequantize, so outputs equal the fake-quantized model's to float tolerance, and
+``torch.export`` keeps each layer as one op node over its packed buffers.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..quant import QuantSpec, QuantWeight
+from . import ops
 
 
 class _QuantWeightMixin:
@@ -28,6 +30,10 @@ class _QuantWeightMixin:
         return self.quant_weight.dequantize(dtype)
 
 
+def _pair(v) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+
+
 class QuantLinear(_QuantWeightMixin, nn.Module):
     """``y = x @ dequant(W)^T + bias`` with W stored as packed ``spec.bits``-bit codes."""
 
@@ -44,7 +50,9 @@ class QuantLinear(_QuantWeightMixin, nn.Module):
         return cls(QuantWeight.from_float(linear.weight, spec), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        s = self.spec
+        return ops.quant_linear(x, self.qweight, self.scale, self.zero_point, self.bias, s.bits, s.symmetric,
+                                s.granularity, s.group_size or 0, self.out_features, self.in_features)
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -75,9 +83,10 @@ class QuantConv2d(_QuantWeightMixin, nn.Module):
                    conv.dilation, conv.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.conv2d(x, self.dequantized_weight(x.dtype), b, self.stride, self.padding, self.dilation,
-                        self.groups)
+        s = self.spec
+        return ops.quant_conv2d(x, self.qweight, self.scale, self.zero_point, self.bias, s.bits, s.symmetric,
+                                s.granularity, list(self.weight_shape), _pair(self.stride), _pair(self.padding),
+                                _pair(self.dilation), self.groups)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -1,15 +1,14 @@
 """convert_l4q: merge W0 + s·B·A, round once, and store integer weights (QuantLinear). No LoRA left."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.fx as fx
 from torch import nn
 
 from ..nn import L4QLinear, QuantLinear
 from ..quant import QuantWeight
-from .base import LayerReport, PassResult, Report, record
+from .base import LayerReport, NothingToCompressError, PassResult, Report, record
+from .program import apply_pass
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -38,25 +37,21 @@ def l4q_to_quant_linear(layer: L4QLinear) -> QuantLinear:
     return QuantLinear(qw, layer.bias)
 
 
-def convert_pass(gm: fx.GraphModule, config=None) -> PassResult:
-    """Pass form of :func:`convert_l4q` (``gm`` is not modified)."""
-    gm = unwrap(gm)
-    if not isinstance(gm, fx.GraphModule):
-        raise ValueError(f"convert_l4q needs the GraphModule returned by prepare_l4q, got {type(gm).__name__}")
-    layers = [(n.target, gm.get_submodule(n.target)) for n in gm.graph.nodes
-              if n.op == "call_module" and isinstance(gm.get_submodule(n.target), L4QLinear)]
-    if not layers:
-        raise ValueError("convert_l4q: the model has no L4QLinear layers; was it prepared with prepare_l4q?")
-    gm = copy.deepcopy(gm)
+def _rewrite(gm: fx.GraphModule) -> PassResult:
     report = Report()
-    for name, _ in layers:
-        layer = gm.get_submodule(name)
+    for n in gm.graph.nodes:
+        if n.op != "call_module" or not isinstance(gm.get_submodule(n.target), L4QLinear):
+            continue
+        name, layer = n.target, gm.get_submodule(n.target)
         ql = l4q_to_quant_linear(layer)
         gm.add_submodule(name, ql)
         zp_note = "integer zero point" if ql.quant_weight.zero_point_is_integer else "fractional zero point"
         report.append(LayerReport(name, "linear", "quantized", layer.spec.bits, tuple(layer.weight.shape),
                                   tuple(layer.weight.shape),
                                   f"L4Q merged (rank={layer.rank}), {layer.spec.granularity}, {zp_note}"))
+    if not report:
+        raise NothingToCompressError("convert_l4q: the model has no L4QLinear layers; was it prepared with "
+                                     "prepare_l4q (and did prepare_l4q prepare any layer)?")
     for p in gm.parameters():
         p.requires_grad_(False)
     gm.meta.pop("fxcompress_l4q", None)
@@ -64,6 +59,19 @@ def convert_pass(gm: fx.GraphModule, config=None) -> PassResult:
     return record(gm, "convert_l4q", report)
 
 
-def convert_l4q(model: nn.Module) -> fx.GraphModule:
-    """A plain integer-weight GraphModule from a prepared (and trained) L4Q model."""
+def convert_pass(gm, config=None) -> PassResult:
+    """Pass form of :func:`convert_l4q` (``gm`` is not modified); ``config`` is unused (no knobs).
+
+    ``gm``: the prepared GraphModule (under torch.compile / DDP wrappers too), or a prepared ExportedProgram
+    (or its trained ``ep.module()``); an ExportedProgram gives an ExportedProgram.
+    """
+    gm = unwrap(gm)
+    if not isinstance(gm, (fx.GraphModule, torch.export.ExportedProgram)):
+        raise ValueError(f"convert_l4q needs the GraphModule (or ExportedProgram) returned by prepare_l4q, "
+                         f"got {type(gm).__name__}")
+    return apply_pass(gm, "convert_l4q", _rewrite)
+
+
+def convert_l4q(model):
+    """A plain integer-weight model (no LoRA left) from a prepared (and trained) L4Q model."""
     return convert_pass(model).gm

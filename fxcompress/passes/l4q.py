@@ -1,7 +1,6 @@
 """prepare_l4q: rewrite each target linear layer into an L4QLinear (LoRA + LSQ+ fake quant)."""
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -11,8 +10,10 @@ from torch import nn
 from ..capture import capture
 from ..nn import L4QLinear
 from ..quant import SUPPORTED_BITS, QuantSpec
-from .base import LayerReport, PassResult, Report, record
+from .base import (NOOP_MODES, LayerReport, NothingToCompressError, PassResult, Report, check_modified,
+                   group_size_hint, record)
 from .graph import cleanup, linear_sites, match_names, replace_site
+from .program import apply_pass
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,7 @@ class L4QConfig:
     lora: bool = True
     grad_scale: str = "lsq"
     fused: bool = True
+    on_noop: str = "raise"  # when no layer is prepared: "raise" NothingToCompressError, or "warn"
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
@@ -48,6 +50,8 @@ class L4QConfig:
             v = getattr(self, f)
             if isinstance(v, str):
                 raise ValueError(f"L4QConfig.{f} must be a tuple of name globs, not the string {v!r}")
+        if self.on_noop not in NOOP_MODES:
+            raise ValueError(f"L4QConfig.on_noop must be one of {NOOP_MODES}, got {self.on_noop!r}")
         if self.grad_scale not in ("lsq", "none"):
             raise ValueError(f"L4QConfig.grad_scale must be 'lsq' or 'none', got {self.grad_scale!r}")
 
@@ -58,17 +62,14 @@ class L4QConfig:
         return QuantSpec(self.bits, self.symmetric, "per_group", self.group_size)
 
 
-def l4q_pass(gm: fx.GraphModule, config: L4QConfig, *, inplace: bool = False) -> PassResult:
-    """The graph rewrite behind :func:`prepare_l4q`; ``gm`` is deep-copied unless ``inplace``."""
-    if not inplace:
-        gm = copy.deepcopy(gm)
+def _rewrite(gm: fx.GraphModule, config: L4QConfig) -> PassResult:
     spec = config.spec
     sites = {s.name: s for s in linear_sites(gm)}
     names = match_names(list(sites), config.targets, config.exclude)
     if not names:
         avail = ", ".join(sites) or "(no linear layers with parameter weights)"
-        raise ValueError(f"L4QConfig.targets={config.targets} exclude={config.exclude} match no linear layer; "
-                         f"available: {avail}")
+        raise NothingToCompressError(f"l4q: L4QConfig.targets={config.targets} exclude={config.exclude} match no "
+                                     f"linear layer; available: {avail}")
     report = Report()
     for p in gm.parameters():
         p.requires_grad_(False)
@@ -80,8 +81,8 @@ def l4q_pass(gm: fx.GraphModule, config: L4QConfig, *, inplace: bool = False) ->
         if config.lora and config.lora_rank > min(shape):
             raise ValueError(f"L4QConfig.lora_rank={config.lora_rank} exceeds min(in, out)={min(shape)} "
                              f"of layer {name!r} (shape {shape})")
-        layer = L4QLinear(s.weight, s.bias, spec, config.lora_rank if config.lora else 0, config.lora_alpha,
-                          config.grad_scale, config.fused)
+        layer = L4QLinear(s.weight.contiguous() if s.transposed else s.weight, s.bias, spec,
+                          config.lora_rank if config.lora else 0, config.lora_alpha, config.grad_scale, config.fused)
         replace_site(gm, s, layer)
         note = f"rank={layer.rank}" + (f", g={spec.group_size}" if spec.group_size else ", per-channel")
         report.append(LayerReport(name, "linear", "prepared", spec.bits, shape, shape, note))
@@ -90,16 +91,35 @@ def l4q_pass(gm: fx.GraphModule, config: L4QConfig, *, inplace: bool = False) ->
     return record(gm, "l4q", report)
 
 
-def prepare_l4q(model: nn.Module, example_inputs, config: L4QConfig = L4QConfig()) -> fx.GraphModule:
-    """Capture ``model`` and make every target linear an L4QLinear.
+def l4q_pass(gm, config: L4QConfig = L4QConfig(), *, inplace: bool = False) -> PassResult:
+    """Make every target linear of ``gm`` an L4QLinear (LoRA + LSQ+ fake quant); ``gm`` is copied unless ``inplace``.
 
-    Only LoRA A/B and the quantizers' scale/offset have ``requires_grad``; ``model`` itself
-    is not modified.  Train the result with any loop; then :func:`convert_l4q`.
+    ``gm``: a GraphModule or a ``torch.export.ExportedProgram`` (then ``PassResult.gm`` is one, whose L4Q
+    layers are ``fxcompress::l4q_linear`` nodes; train ``ep.module()``). Raises :class:`NothingToCompressError`
+    when no layer can be prepared (``config.on_noop="warn"`` warns).
     """
     if not isinstance(config, L4QConfig):
         raise ValueError(f"config must be an L4QConfig, got {type(config).__name__}")
-    gm = capture(model, example_inputs)  # already a private copy: rewrite it in place (no second copy of W0)
-    return l4q_pass(gm, config, inplace=True).gm
+    if inplace and isinstance(gm, fx.GraphModule):
+        res = _rewrite(gm, config)
+    else:
+        res = apply_pass(gm, "l4q", lambda g: _rewrite(g, config))
+    return check_modified(res, config.on_noop, group_size_hint(res.report, "group_size=None (per-channel)"))
+
+
+def prepare_l4q(model, example_inputs=None, config: L4QConfig = L4QConfig()):
+    """Capture ``model`` and make every target linear an L4QLinear; returns the prepared model.
+
+    ``model``: an ``nn.Module`` (captured with ``example_inputs``), a GraphModule, or an ExportedProgram
+    (returns an ExportedProgram). Only LoRA A/B and the quantizers' scale/offset have ``requires_grad``;
+    ``model`` itself is not modified.  Train the result with any loop; then :func:`convert_l4q`.
+    """
+    if not isinstance(config, L4QConfig):
+        raise ValueError(f"config must be an L4QConfig, got {type(config).__name__}")
+    if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule):
+        gm = capture(model, example_inputs)  # already a private copy: rewrite it in place (no second copy of W0)
+        return l4q_pass(gm, config, inplace=True).gm
+    return l4q_pass(model, config).gm
 
 
 def l4q_trainable_parameters(gm: nn.Module) -> list[torch.nn.Parameter]:

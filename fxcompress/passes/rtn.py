@@ -5,17 +5,18 @@ integer-weight graph that the backends can lower).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch.fx as fx
 from torch import nn
 from tqdm import tqdm
 
+from ..capture import capture
 from ..nn import QuantConv2d, QuantLinear
 from ..quant import QuantSpec, QuantWeight
-from .base import LayerReport, PassResult, Report, record
-from .graph import cleanup, linear_sites, match_names, replace_site
+from .base import NOOP_MODES, LayerReport, PassResult, Report, check_modified, group_size_hint, record
+from .graph import cleanup, layer_sites, match_names, replace_site
+from .program import apply_pass
 
 
 @dataclass(frozen=True)
@@ -27,50 +28,72 @@ class RTNConfig:
     targets: tuple | None = None
     exclude: tuple = ()
     include_conv: bool = True
+    on_noop: str = "raise"  # when no layer is rewritten: "raise" NothingToCompressError, or "warn"
 
     def __post_init__(self):
         self.spec  # validates bits / granularity / group_size
         if self.targets is not None and isinstance(self.targets, str):
             raise ValueError("RTNConfig.targets must be a tuple of globs, not a single string")
+        if self.on_noop not in NOOP_MODES:
+            raise ValueError(f"RTNConfig.on_noop must be one of {NOOP_MODES}, got {self.on_noop!r}")
 
     @property
     def spec(self) -> QuantSpec:
         return QuantSpec(self.bits, self.symmetric, self.granularity, self.group_size)
 
 
-def quantize_rtn(gm: fx.GraphModule, config: RTNConfig = RTNConfig(), *, progress: bool = False) -> PassResult:
-    """Replace target Linear (and Conv2d) layers with integer-weight layers. ``gm`` is not modified."""
-    gm = copy.deepcopy(gm)
+def _rewrite(gm: fx.GraphModule, config: RTNConfig, progress: bool) -> PassResult:
     spec = config.spec
     report = Report()
-    sites = {s.name: s for s in linear_sites(gm)}
-    convs = {}
-    if config.include_conv:
-        for n in gm.graph.nodes:
-            if n.op == "call_module" and type(gm.get_submodule(n.target)) is nn.Conv2d:
-                convs[n.target] = (n, gm.get_submodule(n.target))
-    position = {n: i for i, n in enumerate(gm.graph.nodes)}
-    node_of = {**{k: s.node for k, s in sites.items()}, **{k: n for k, (n, _) in convs.items()}}
-    candidates = sorted(node_of, key=lambda k: position[node_of[k]])  # graph order
-    names = match_names(candidates, config.targets, config.exclude)
+    sites = {s.name: s for s in layer_sites(gm) if s.kind == "linear" or config.include_conv}
+    names = match_names(list(sites), config.targets, config.exclude)
     for name in tqdm(names, desc="rtn", unit="layer", disable=not progress):
-        if name in sites:
-            s = sites[name]
-            shape = tuple(s.weight.shape)
+        s = sites[name]
+        shape = tuple(s.weight.shape)
+        if s.kind == "linear":
             if report.skipped_unfit(spec, name, "linear", shape):
                 continue
             replace_site(gm, s, QuantLinear(QuantWeight.from_float(s.weight, spec), s.bias))
-            report.append(LayerReport(name, "linear", "quantized", spec.bits, shape, shape, spec.granularity))
         else:
-            conv = convs[name][1]
-            shape = tuple(conv.weight.shape)
+            ca = s.conv_args
             try:
-                qc = QuantConv2d.from_conv(conv, spec)
+                if isinstance(ca["padding"], str):
+                    raise ValueError(f"string padding {ca['padding']!r} is not supported by QuantConv2d")
+                qc = QuantConv2d(QuantWeight.from_float(s.weight, spec), s.bias, ca["stride"], ca["padding"],
+                                 ca["dilation"], ca["groups"])
             except ValueError as e:
                 report.append(LayerReport(name, "conv2d", "skipped", None, shape, shape, str(e)))
                 continue
-            gm.add_submodule(name, qc)
-            report.append(LayerReport(name, "conv2d", "quantized", spec.bits, shape, shape, spec.granularity))
+            replace_site(gm, s, qc)
+        report.append(LayerReport(name, s.kind, "quantized", spec.bits, shape, shape, spec.granularity))
+    if not sites:
+        report.append(LayerReport("(graph)", "-", "skipped", note="no Linear / Conv2d layer with a weight tensor"))
+    elif not names:
+        report.append(LayerReport("(graph)", "-", "skipped",
+                                  note=f"targets={config.targets} exclude={config.exclude} match no layer of "
+                                       f"{', '.join(list(sites)[:8])}"))
     cleanup(gm)
     return record(gm, "rtn", report)
 
+
+def rtn_pass(gm, config: RTNConfig = RTNConfig(), *, progress: bool = False) -> PassResult:
+    """Replace target Linear (and Conv2d) layers with integer-weight layers; ``gm`` is not modified.
+
+    ``gm``: a GraphModule or a ``torch.export.ExportedProgram`` (then ``PassResult.gm`` is one too).
+    Raises :class:`NothingToCompressError` when no layer is rewritten (``config.on_noop="warn"`` warns).
+    """
+    if not isinstance(config, RTNConfig):
+        raise ValueError(f"rtn_pass needs an RTNConfig, got {type(config).__name__}")
+    res = apply_pass(gm, "rtn", lambda g: _rewrite(g, config, progress))
+    return check_modified(res, config.on_noop, group_size_hint(res.report, "granularity='per_channel'"))
+
+
+def quantize_rtn(model, config: RTNConfig = RTNConfig(), example_inputs=None, *, progress: bool = False):
+    """Round-to-nearest integer weights; returns the model (GraphModule, or ExportedProgram for one).
+
+    ``model``: a GraphModule, an ExportedProgram, or an ``nn.Module`` (captured with ``example_inputs``).
+    The report is in ``fxc.report(result)``.
+    """
+    if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule):
+        model = capture(model, example_inputs)
+    return rtn_pass(model, config, progress=progress).gm

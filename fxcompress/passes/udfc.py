@@ -28,7 +28,6 @@ channel whose filter is most correlated with it (sign-corrected cosine), each wi
 """
 from __future__ import annotations
 
-import copy
 import fnmatch
 import math
 import time
@@ -41,8 +40,9 @@ from torch import nn
 
 from ..nn import QuantConv2d, QuantLinear
 from ..quant import QuantSpec, QuantWeight
-from .base import LayerReport, PassResult, Report, record
+from .base import LayerReport, PassResult, Report, check_modified, record
 from .channel_groups import Chain, analyze, is_relu
+from .program import apply_pass, modularize
 
 NATIVE_BITS = (2, 3, 4, 8)
 CRITERIA = ("l1", "l2")
@@ -339,15 +339,26 @@ def _n_keep(n: int, ratio: float) -> int:
     return max(1, n - int(math.floor(ratio * n + 1e-9)))
 
 
-@torch.no_grad()
-def udfc_pass(gm: fx.GraphModule, config: UDFCConfig = UDFCConfig(), *, progress: bool = False) -> PassResult:
-    """Prune + quantize + compensate every eligible Conv2d / Linear of ``gm`` (not modified: a copy is)."""
+def udfc_pass(gm, config: UDFCConfig = UDFCConfig(), *, progress: bool = False, on_noop: str = "raise") -> PassResult:
+    """Prune + quantize + compensate every eligible Conv2d / Linear of ``gm`` (not modified: a copy is).
+
+    ``gm``: a GraphModule or a ``torch.export.ExportedProgram`` (then ``PassResult.gm`` is one too; its ATen
+    conv / batch_norm / linear nodes are read as modules first). Raises :class:`NothingToCompressError` when
+    no layer changes (``on_noop="warn"`` warns).
+    """
     if not isinstance(config, UDFCConfig):
         raise ValueError(f"udfc_pass needs a UDFCConfig, got {type(config).__name__}")
-    if not isinstance(gm, fx.GraphModule):
-        raise ValueError(f"udfc_pass needs a torch.fx.GraphModule (see fxcompress.capture), got {type(gm).__name__}")
+    if not isinstance(gm, (fx.GraphModule, torch.export.ExportedProgram)):
+        raise ValueError(f"udfc_pass needs a torch.fx.GraphModule (see fxcompress.capture) or an ExportedProgram, "
+                         f"got {type(gm).__name__}")
+    res = apply_pass(gm, "udfc", lambda g: _udfc_rewrite(modularize(g), config, progress=progress))
+    return check_modified(res, on_noop, "see the notes: skipped layers (config.skip, depthwise convs) and "
+                                        "layers without BatchNorm+ReLU chains cannot be pruned")
+
+
+@torch.no_grad()
+def _udfc_rewrite(gm: fx.GraphModule, config: UDFCConfig, *, progress: bool = False) -> PassResult:
     t0 = time.perf_counter()
-    gm = copy.deepcopy(gm)
     chains = analyze(gm)
     report = Report()
     if not chains:
@@ -455,12 +466,15 @@ def udfc_pass(gm: fx.GraphModule, config: UDFCConfig = UDFCConfig(), *, progress
     return record(gm, "udfc", report)
 
 
-def udfc(model: nn.Module, example_inputs=None, config: UDFCConfig = UDFCConfig(), *,
-         progress: bool = False) -> fx.GraphModule:
-    """Capture ``model`` (a copy) and run :func:`udfc_pass`; returns the compressed GraphModule."""
+def udfc(model, example_inputs=None, config: UDFCConfig = UDFCConfig(), *, progress: bool = False,
+         on_noop: str = "raise"):
+    """Capture ``model`` (a copy) and run :func:`udfc_pass`; returns the compressed model
+    (an ExportedProgram for an ExportedProgram, else a GraphModule)."""
     from ..capture import capture
 
-    return udfc_pass(capture(model, example_inputs), config, progress=progress).gm
+    if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule):
+        model = capture(model, example_inputs)
+    return udfc_pass(model, config, progress=progress, on_noop=on_noop).gm
 
 
 # ----------------------------------------------------------------------------------------------

@@ -52,6 +52,7 @@ from onnx import helper
 from torch import nn
 
 from ...nn import QuantConv2d, QuantLinear
+from ...passes.program import materialize_quant_modules
 from .base import _MS, _PDOMAIN, _PLACEHOLDER, MIN_OPSET, TORCH_MAX_OPSET, WEIGHT_FORMATS, ExportError, _Site
 from .qdq import rewrite_quant_weights
 
@@ -182,6 +183,7 @@ def export_onnx(gm: nn.Module, example_inputs, path, opset: int = 21, weight_for
     Returns the path written.  Per-layer formats are stored in the model's metadata
     (``fxcompress.layers``, read them with :func:`layer_formats`).
     """
+    gm = materialize_quant_modules(gm)  # ExportedProgram / fxcompress:: op nodes -> QuantLinear modules
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
     if accuracy_level not in (0, 1, 2, 3, 4):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...nn import QuantConv2d, QuantLinear
+from ...passes.program import materialize_quant_modules
 from .base import TVMBackendError, require_tvm
 from .config import TVMBuildConfig
 from .emit import DEFAULT_CONFIG, LayerInfo, emit_quant_linear
@@ -129,6 +130,7 @@ def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | Non
     ``dtype`` (e.g. ``torch.float16``) casts the model's float parameters and the example inputs first;
     ``config`` chooses the kernels of the quantized linears (:class:`TVMBuildConfig`).
     """
+    model = materialize_quant_modules(model)  # ExportedProgram / fxcompress:: op nodes -> QuantLinear modules
     tvm = require_tvm()
     from tvm.relax.frontend.torch import from_exported_program
 
