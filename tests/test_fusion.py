@@ -230,3 +230,16 @@ def test_fused_int_block_builds_with_tvm_llvm():
     out = out[0] if isinstance(out, (list, tuple)) else out
     with torch.no_grad():
         assert torch.allclose(out, q(x), atol=1e-4, rtol=1e-4)
+
+
+def test_fused_model_round_trips_through_an_artifact(lm, tmp_path):
+    model, ids = lm
+    q = fxc.quantize_rtn(fxc.capture(model, (ids,)), INT4).gm
+    fused = fuse_linears(q, (ids,))
+    save = getattr(fxc, "save_artifact", None) or fxc.save  # renamed save_artifact by the contract
+    load = getattr(fxc, "load_artifact", None) or fxc.load
+    save(fused, tmp_path / "art")
+    back = load(tmp_path / "art")
+    assert "layers.0.mlp.gate_up_proj" in linear_calls(back)
+    with torch.no_grad():
+        assert torch.equal(back(ids), fused(ids))

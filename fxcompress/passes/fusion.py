@@ -222,7 +222,7 @@ def _norm_note(gm: fx.GraphModule, x: fx.Node) -> str:
             inside = [u for u in x.users if path in [v[0] for v in (u.meta.get("nn_module_stack") or {}).values()]]
             if "rmsnorm" in str(getattr(cls, "__name__", cls)).lower() and not inside:
                 name = path
-    return f"; reads RMSNorm {name}: a backend can apply the norm in this linear's prologue" if name else ""
+    return f"; input is RMSNorm {name} (a backend can fuse it into the prologue)" if name else ""
 
 
 def _rewrite(gm: fx.GraphModule, sites: list[_Site], contiguous: bool) -> str:
