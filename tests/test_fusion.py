@@ -243,3 +243,19 @@ def test_fused_model_round_trips_through_an_artifact(lm, tmp_path):
     assert "layers.0.mlp.gate_up_proj" in linear_calls(back)
     with torch.no_grad():
         assert torch.equal(back(ids), fused(ids))
+
+
+def test_one_layer_called_twice_on_one_input_is_not_stacked():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 4), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.a(x) + self.a(x) * self.b(x)
+
+    x = torch.randn(2, 8)
+    gm = fxc.capture(Twice(), (x,))
+    res = fuse_linears_pass(gm, FusionConfig())
+    assert linear_calls(res.gm) == ["a_b", "a"] and any("second call of a" in r.note for r in res.report)
+    assert torch.allclose(res.gm(x), gm(x), atol=1e-6)

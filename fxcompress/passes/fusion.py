@@ -275,8 +275,15 @@ def fuse_linears_pass(gm: fx.GraphModule, config: FusionConfig = FusionConfig())
     chosen = set(match_names([s.name for s in all_sites], config.targets, config.exclude))
     by_input: dict[fx.Node, list[_Site]] = {}
     for s in all_sites:
-        if s.name in chosen:
-            by_input.setdefault(s.x, []).append(s)
+        if s.name not in chosen:
+            continue
+        group = by_input.setdefault(s.x, [])
+        twin = next((t for t in group if t.name == s.name), None)
+        if twin is not None:  # one layer applied twice to one tensor: stacking its weight twice gains nothing
+            report.append(LayerReport(s.name, "linear", "skipped", None, None, None,
+                                      f"a second call of {s.name} on {s.x.name} ({s.node.name}); left as it is"))
+            continue
+        group.append(s)
     fused_any = False
     for x, group in by_input.items():
         if len(group) < 2:
