@@ -101,6 +101,8 @@ def kernel_profile(runner, ids, label: str, layers: int, top: int = 12, calls: i
             rows.append((e.key, e.count // calls, t / calls))
     total = sum(t for _, _, t in rows) or 1.0
     launches = sum(c for _, c, _ in rows)
+    if not rows:
+        return ["", f"## {label}: torch.profiler saw no kernels (replays of a CUDA graph can be opaque to CUPTI)"]
     lines = ["", f"## Where the decode step's GPU time goes: {label} (torch.profiler over {calls} steps, per step; "
              "L2 warm)", "",
              f"Kernel time per step: {total:.1f} µs in {launches} kernel launches, {launches / layers:.1f} per layer "
