@@ -2,13 +2,19 @@
 import pytest
 import torch
 from torch import nn
+from toymodels import DecoderBlock, RMSNorm, same_state, state_copy
 
 import fxcompress as fxc
 from fxcompress.models.smollm2 import tiny_causal_lm
 from fxcompress.nn import QuantLinear
-from fxcompress.passes.fusion import FusionConfig, concat_quant_weights, fuse_linears, fuse_linears_pass, fused_name
+from fxcompress.passes.fusion import (
+    FusionConfig,
+    concat_quant_weights,
+    fuse_linears,
+    fuse_linears_pass,
+    fused_name,
+)
 from fxcompress.quant import QuantSpec, QuantWeight
-from toymodels import DecoderBlock, RMSNorm, same_state, state_copy
 
 INT4 = fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=32)
 

@@ -7,7 +7,7 @@ import pytest
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 
-import gpu_timing  # noqa: E402
+import gpu_timing
 
 
 def test_spread_timing_and_cpu_path():

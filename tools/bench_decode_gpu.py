@@ -27,6 +27,7 @@ Parity: max|y - ref| / max|ref| of the logits vs the torch module of the integer
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
         # scaled_dot_product_attention.
         dm_cpu, ids_cpu = __import__("copy").deepcopy(model_q).cpu(), ids.cpu()
         kw = dict(target="llvm" if dry else "cuda", dtype=None if dry else torch.float16)
-        if cfg_tvm is not None:
+        if cfg_tvm is not None and "config" in inspect.signature(fxc.compile_tvm).parameters:
             kw["config"] = cfg_tvm
         try:
             if ctx is not None:

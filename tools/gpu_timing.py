@@ -75,7 +75,7 @@ class Spread:
     hi: float
 
     @classmethod
-    def of(cls, per_repeat: list[float]) -> "Spread":
+    def of(cls, per_repeat: list[float]) -> Spread:
         return cls(statistics.median(per_repeat), min(per_repeat), max(per_repeat))
 
     def __str__(self) -> str:
@@ -90,7 +90,7 @@ class Timing:
     hot: Spread
     method: str  # "flush", "rotate N copies", "wall clock + flush", "cpu wall clock (dry run)"
 
-    def ratio_to(self, base: "Timing") -> float:
+    def ratio_to(self, base: Timing) -> float:
         """How many times faster than ``base`` (cold vs cold)."""
         return base.cold.median / self.cold.median
 

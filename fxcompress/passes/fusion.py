@@ -31,9 +31,7 @@ import operator
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from ..nn import QuantLinear
 from ..quant import QuantWeight
@@ -121,7 +119,7 @@ def _sites(gm: fx.GraphModule) -> list[_Site]:
                 continue
             if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
                 continue
-            name = w.target[: -len(".weight")] if w.target.endswith(".weight") else w.target
+            name = w.target.removesuffix(".weight")
             out.append(_Site(node, name, x, "float", None, _get_attr(gm, w.target),
                              _get_attr(gm, b.target) if b is not None else None))
     return out
@@ -368,4 +366,4 @@ def fuse_linears(model: nn.Module, example_inputs=None, config: FusionConfig = F
     return res.gm
 
 
-__all__ = ["FusionConfig", "fuse_linears", "fuse_linears_pass", "concat_quant_weights", "fused_name"]
+__all__ = ["FusionConfig", "concat_quant_weights", "fuse_linears", "fuse_linears_pass", "fused_name"]
