@@ -265,3 +265,20 @@ def test_one_layer_called_twice_on_one_input_is_not_stacked():
     res = fuse_linears_pass(gm, FusionConfig())
     assert linear_calls(res.gm) == ["a_b", "a"] and any("second call of a" in r.note for r in res.report)
     assert torch.allclose(res.gm(x), gm(x), atol=1e-6)
+
+
+def test_parity_failure_is_a_clear_error(lm, monkeypatch):
+    model, ids = lm
+    import fxcompress.passes.fusion as fusion
+
+    real = fusion._fused_module
+
+    def off_by_a_little(sites):
+        m = real(sites)
+        with torch.no_grad():
+            m.weight.add_(1e-2)  # a wrong fused weight must not pass the parity check
+        return m
+
+    monkeypatch.setattr(fusion, "_fused_module", off_by_a_little)
+    with pytest.raises(ValueError, match="fused graph differs from the model"):
+        fuse_linears(model, (ids,))
