@@ -171,6 +171,16 @@ def _path_free(gm: fx.GraphModule, path: str) -> bool:
     return not hasattr(owner, attr)
 
 
+def _free_name(owner: nn.Module, name: str) -> str:
+    """``name`` (dots made underscores), or ``name_1``, ``name_2`` ... whichever ``owner`` lacks."""
+    base = name.replace(".", "_")
+    cand, i = base, 0
+    while hasattr(owner, cand):
+        i += 1
+        cand = f"{base}_{i}"
+    return cand
+
+
 def _free_path(gm: fx.GraphModule, name: str) -> str:
     base = name.replace("#", "_")
     if _path_free(gm, base):
