@@ -47,12 +47,14 @@ def test_eval_l4q_tiny_smoke(tmp_path):
     out, js = tmp_path / "peers.md", tmp_path / "peers.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
     r = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_l4q.py"), "--tiny", "--device", "cpu", "--steps", "2",
-                        "--rows", "float,float+lora,rtn,l4q,qlora", "--out", str(out), "--json", str(js)],
+                        "--rows", "float,float+lora,rtn,l4q,qlora,qalora", "--out", str(out), "--json", str(js)],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     entries = json.loads(js.read_text())
     rows = {e["row"] for e in entries.values()}
-    assert {"float", "float+lora", "rtn", "l4q", "qlora-a", "qlora-b"} <= rows
+    assert {"float", "float+lora", "rtn", "l4q", "qlora-a", "qlora-b", "qalora"} <= rows
+    qa = entries["qalora|4-bit g32|0"]  # QA-LoRA merged into zero points = QA-LoRA as trained
+    assert abs(float(qa["note"].split()[-1]) - qa["ppl"]) <= 1e-3 * qa["ppl"]
     l4q = entries["l4q|4-bit g32|0"]
     assert l4q["merges"] == "yes" and l4q["ppl"] > 1 and l4q["bits"] == "5.00"
     text = out.read_text()

@@ -11,7 +11,9 @@ Rows (``--rows``, comma-separated):
   LoRA, evaluated (a) as trained (NF4 base + float adapters: mixed precision) and (b) merged
   (dequantized NF4 + LoRA delta) and re-quantized by RTN to the row's integer format, which is
   what deploys on an integer runtime.  Needs ``bitsandbytes`` and CUDA; skipped with the reason
-  otherwise.
+  otherwise;
+- ``qalora``: QA-LoRA, implemented here from its paper (group-pooled LoRA input, merged into the
+  zero points), on an RTN base.
 
 Every trained row sees the same token budget and data order (the same shuffled windows, the
 same loop ``fxcompress.finetune.train_lm``: AdamW, 10% warm-up, same LoRA rank / alpha / lr).
@@ -41,7 +43,10 @@ import json
 import time
 from pathlib import Path
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxcompress as fxc
@@ -50,7 +55,7 @@ from fxcompress.finetune import perplexity, train_lm
 from fxcompress.passes.l4q import l4q_pass
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ROWS = ("float", "float+lora", "rtn", "lsq", "l4q", "qlora")
+ROWS = ("float", "float+lora", "rtn", "lsq", "l4q", "qlora", "qalora")
 HELDOUT_PLAYS = 4  # the last four documents (all plays) in the corpus' file order
 SETTINGS = "4:64,3:64,2:32"  # SmolLM2's hidden size 576 is not a multiple of 128
 LABELS = {
@@ -61,6 +66,7 @@ LABELS = {
     "l4q": "**L4Q** (LoRA + LSQ+, merged)",
     "qlora-a": "QLoRA (a) as trained: NF4 + LoRA, mixed precision",
     "qlora-b": "QLoRA (b) merged, RTN re-quantized",
+    "qalora": "QA-LoRA (ours, from the paper; RTN base), merged into zero points",
 }
 
 
@@ -171,6 +177,52 @@ def merge_lora(peft_model, dequant=None) -> nn.Module:
 def dequant_nf4(layer) -> torch.Tensor:
     from peft.utils.integrations import dequantize_bnb_weight
     return dequantize_bnb_weight(layer.weight, state=layer.weight.quant_state)
+
+
+class QALoRALinear(nn.Module):
+    """QA-LoRA (Xu et al., arXiv 2309.14717), implemented here from the paper: the frozen group-quantized
+    weight plus a LoRA whose input is x average-pooled over each quantization group.  B·A then has one
+    value per (row, group), i.e. it shifts every weight of a group by the same amount, which merges
+    exactly into that group's zero point: zp' = zp - scaling·(B·A)/group / scale.  The base here is
+    RTN (the paper uses GPTQ)."""
+
+    def __init__(self, ql, rank: int, alpha: float):
+        super().__init__()
+        qw = ql.quant_weight
+        if qw.spec.granularity != "per_group":
+            raise ValueError("QA-LoRA needs per-group quantization")
+        self.spec, self.group = qw.spec, qw.spec.group_size
+        out_f, in_f = qw.shape
+        self.register_buffer("codes", qw.codes())
+        self.register_buffer("qscale", qw.scale.clone())
+        self.register_buffer("zero_point", qw.zero_point.clone())
+        self.register_buffer("w", qw.dequantize(torch.float32))
+        self.bias = ql.bias
+        dev = self.w.device
+        self.lora_A = nn.Parameter(torch.empty(rank, in_f // self.group, device=dev))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, rank, device=dev))
+        self.scaling = alpha / rank
+
+    def forward(self, x):
+        pooled = x.reshape(*x.shape[:-1], -1, self.group).mean(-1)
+        return F.linear(x, self.w.to(x.dtype), self.bias) + self.scaling * F.linear(F.linear(pooled, self.lora_A),
+                                                                                   self.lora_B)
+
+    @torch.no_grad()
+    def to_quant_linear(self):
+        from fxcompress.nn import QuantLinear
+        from fxcompress.quant import QuantWeight
+        shift = self.scaling * (self.lora_B @ self.lora_A) / self.group  # (out, groups): one shift per group
+        qw = QuantWeight.from_codes(self.codes, self.qscale, self.zero_point - shift / self.qscale, self.spec)
+        return QuantLinear(qw, self.bias)
+
+
+def swap_layers(gm, cls, make):
+    """``gm`` (modified) with every ``cls`` submodule replaced by ``make(module)``."""
+    for name, m in [(n, m) for n, m in gm.named_modules() if isinstance(m, cls)]:
+        gm.add_submodule(name, make(m))
+    return gm
 
 
 def peer_unavailable(row, dev):
@@ -290,6 +342,18 @@ def main():
             put(row, setting, perplexity(dm, eval_batches, dev), f"{int_bits(bits, group):.2f}", "yes",
                 (losses, secs, peak), note="converted integer model")
             del qm, dm
+        if "qalora" in rows:
+            from fxcompress.nn import QuantLinear
+            torch_seed()
+            qa = swap_layers(rtn(gm, bits, group), QuantLinear, lambda m: QALoRALinear(m, args.rank, 2.0 * args.rank))
+            train = measured(lambda: train_lm(qa, train_batches, args.steps, param_groups=trainable_groups(
+                qa, args.lora_lr), **train_kw), dev)
+            ppl_unmerged = perplexity(qa, eval_batches, dev)
+            merged = swap_layers(qa, QALoRALinear, QALoRALinear.to_quant_linear)
+            ppl = perplexity(merged, eval_batches, dev)
+            put("qalora", setting, ppl, f"{int_bits(bits, group):.2f}", "yes (fractional zero points)", train,
+                note=f"unmerged ppl {ppl_unmerged:.4f}")
+            del qa, merged
     if "qlora" in rows:
         why = peer_unavailable("qlora", dev)
         if why:
@@ -323,7 +387,7 @@ def main():
 
 
 def render(entries, args, model_name, held_titles, secs):
-    order = {"float": 0, "float+lora": 1, "rtn": 2, "lsq": 3, "qlora-a": 4, "qlora-b": 5, "l4q": 6}
+    order = {"float": 0, "float+lora": 1, "rtn": 2, "lsq": 3, "qlora-a": 4, "qlora-b": 5, "qalora": 6, "l4q": 7}
 
     def key(e):
         s = e["setting"]
@@ -356,7 +420,8 @@ def render(entries, args, model_name, held_titles, secs):
         tr = (f"{e['train_s']:.0f}", f"{e['peak_mib']:.0f}" if e.get("peak_mib") else "-",
               f"{e['loss_first']:.3f} -> {e['loss_last']:.3f}") if "train_s" in e else ("-", "-", "-")
         lines.append(f"| {label} | {e['setting']} | {e['ppl']:.3f} | {e['bits']} | {e['merges']} | {tr[0]} | {tr[1]} | "
-                     f"{tr[2]} | {e['device']}, {e['date']}, seed {e['seed']}, {e['steps']} steps |")
+                     f"{tr[2]} | {e['device']}, {e['date']}, seed {e['seed']}, {e['steps']} steps"
+                     f"{'; ' + e['note'] if e.get('note') else ''} |")
     lines += ["", f"(last command took {secs:.0f} s)", ""]
     return "\n".join(lines)
 
