@@ -61,3 +61,19 @@ def test_eval_l4q_tiny_smoke(tmp_path):
     assert "held out by whole plays".lower() in text.lower() and "winters_tale" in text
     if importlib.util.find_spec("bitsandbytes") is None:
         assert "skipped: bitsandbytes is not installed" in text
+
+
+def test_qalora_merges_exactly_into_zero_points():
+    from fxcompress.nn import QuantLinear
+    from fxcompress.quant import QuantSpec
+    ev = _eval_module()
+    ql = QuantLinear.from_linear(torch.nn.Linear(64, 16), QuantSpec(bits=3, symmetric=False,
+                                                                      granularity="per_group", group_size=16))
+    qa = ev.QALoRALinear(ql, rank=4, alpha=8.0)
+    with torch.no_grad():
+        qa.lora_B.normal_(0, 0.1)
+    x = torch.randn(5, 64)
+    merged = qa.to_quant_linear()
+    assert isinstance(merged, QuantLinear) and torch.equal(merged.quant_weight.codes(), ql.quant_weight.codes())
+    assert torch.allclose(merged(x), qa(x), atol=1e-5)
+    assert (qa(x) - ql(x)).abs().max() > 1e-2  # the adapter did change the output
