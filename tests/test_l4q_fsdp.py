@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 import fxcompress as fxc
 from fxcompress.distributed import shard_l4q
-from fsdp_worker import RESUME_AT, STEPS, make_opt, setup_model_and_data, train, trained_state
+from fsdp_worker import STEPS, make_opt, setup_model_and_data, train, trained_state
 from toymodels import DecoderBlock
 
 

@@ -46,7 +46,8 @@ def test_merge_lora_equals_the_peft_forward():
 def test_eval_l4q_tiny_smoke(tmp_path):
     out, js = tmp_path / "peers.md", tmp_path / "peers.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="2")
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_l4q.py"), "--tiny", "--device", "cpu", "--steps", "2",
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_l4q.py"), "--tiny", "--device", "cpu",
+                        "--steps", "2",
                         "--rows", "float,float+lora,rtn,l4q,qlora,qalora", "--out", str(out), "--json", str(js)],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]

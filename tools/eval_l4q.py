@@ -40,10 +40,9 @@ import argparse
 import copy
 import importlib.util
 import json
+import math
 import time
 from pathlib import Path
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -320,15 +319,17 @@ def main():
             import peft
             torch_seed()
             pm = peft.get_peft_model(copy.deepcopy(base), lora_config(args))
-            (losses, secs, peak) = measured(lambda: train_lm(pm, train_batches, args.steps, param_groups=trainable_groups(
-                pm, args.lora_lr), **train_kw), dev)
+            groups = trainable_groups(pm, args.lora_lr)
+            (losses, secs, peak) = measured(
+                lambda: train_lm(pm, train_batches, args.steps, param_groups=groups, **train_kw), dev)
             put("float+lora", "-", perplexity(pm, eval_batches, dev), "16 (bf16, LoRA merged)", "no (float)",
                 (losses, secs, peak))
             del pm
     for bits, group in settings:
         setting = f"{bits}-bit g{group}"
         if "rtn" in rows:
-            put("rtn", setting, perplexity(rtn(gm, bits, group), eval_batches, dev), f"{int_bits(bits, group):.2f}", "yes")
+            put("rtn", setting, perplexity(rtn(gm, bits, group), eval_batches, dev), f"{int_bits(bits, group):.2f}",
+                "yes")
         for row, lora in (("lsq", False), ("l4q", True)):
             if row not in rows:
                 continue
@@ -341,7 +342,7 @@ def main():
             dm = fxc.convert_l4q(qm)
             put(row, setting, perplexity(dm, eval_batches, dev), f"{int_bits(bits, group):.2f}", "yes",
                 (losses, secs, peak), note="converted integer model")
-            del qm, dm
+            qm = dm = None  # free before the next row
         if "qalora" in rows:
             from fxcompress.nn import QuantLinear
             torch_seed()

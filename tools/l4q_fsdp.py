@@ -204,10 +204,11 @@ def launch(args):
             n_params = sum(p.numel() for p in CausalLM(model_config(args)).parameters())
     except Exception:  # noqa: BLE001 - the count is only descriptive
         pass
+    device = torch.cuda.get_device_name(0) + " x 2 (NCCL)" if args.device == "cuda" else "CPU (gloo; smoke run)"
     lines = [
         "# L4Q under FSDP2: 1 GPU vs 2 GPUs, L4Q vs plain LoRA",
         "",
-        f"Device: {torch.cuda.get_device_name(0) + ' x 2 (NCCL)' if args.device == 'cuda' else 'CPU (gloo; smoke run)'}, torch {torch.__version__}; total wall {total:.0f} s.",
+        f"Device: {device}, torch {torch.__version__}; total wall {total:.0f} s.",
         f"Model: LLaMA-style random init, {args.layers} layers, hidden {args.hidden}, FFN {args.ffn}, {args.heads} "
         f"heads ({args.kv_heads} KV), vocab {args.vocab}"
         + (f", {n_params / 1e9:.2f} B parameters" if n_params else "") + ", bf16 weights and activations. "
@@ -217,8 +218,8 @@ def launch(args):
         f"slower rank). 2 GPUs: `fully_shard` on every adapted linear and then the root "
         f"(`fxcompress.distributed.shard_l4q`; LoRA sharded the same way), no parameter cast, fp32 gradient reduction.",
         "",
-        f"Command: `PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/l4q_fsdp.py --layers {args.layers} --batch {args.batch} "
-        f"--seq {args.seq} --iters {args.iters}`",
+        f"Command: `PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/l4q_fsdp.py --layers {args.layers} "
+        f"--batch {args.batch} --seq {args.seq} --iters {args.iters}`",
         "",
         "| method | GPUs | step ms [min-max] | tokens/s | tokens/s vs 1 GPU | step vs LoRA | peak MiB per GPU | "
         "memory vs LoRA |",
@@ -239,7 +240,8 @@ def launch(args):
                   f"resumed model took a training step: {'ok' if ck['resumed_step_ok'] else 'NOT FINITE'}. Gathered "
                   f"state ({ck['gather_s']:.1f} s) loaded into an unsharded copy and converted with `convert_l4q` "
                   f"({ck.get('convert_s', float('nan')):.1f} s): converted vs fake-quant logits max |diff| "
-                  f"{ck.get('convert_max_abs_diff', float('nan')):.4f} (logits up to {ck.get('logit_max_abs', 0):.2f})."]
+                  f"{ck.get('convert_max_abs_diff', float('nan')):.4f} "
+                  f"(logits up to {ck.get('logit_max_abs', 0):.2f})."]
     lines += ["", "Targets (issue 15): >= 1.7x tokens/s on 2 GPUs; L4Q <= 1.3x LoRA step time, <= 1.1x memory per GPU.",
               f"(run at {time.strftime('%Y-%m-%d %H:%M')})", ""]
     text = "\n".join(lines)
