@@ -28,6 +28,7 @@ is rebuilt from all entries, so the GPU run can be split into commands under 10 
     python3 tools/eval_l4q.py --rows rtn,lsq,l4q --settings 3:64
     python3 tools/eval_l4q.py --rows rtn,lsq,l4q --settings 2:32
     python3 tools/eval_l4q.py --rows qlora --settings 4:64,3:64,2:32
+    python3 tools/eval_l4q.py --rows qalora --settings 4:64,3:64,2:32
 
 Smoke mode (a random-init tiny model with SmolLM2's tokenizer, a few documents, CPU, < 2 min;
 writes under /tmp unless --out/--json are given):
@@ -292,6 +293,10 @@ def main():
     store = Path(args.json)
     entries = json.loads(store.read_text()) if store.exists() else {}
 
+    def save():
+        store.parent.mkdir(parents=True, exist_ok=True)
+        store.write_text(json.dumps(entries, indent=1, sort_keys=True))
+
     def put(row, setting, ppl, bits, merges, train=None, note=""):
         e = dict(row=row, setting=setting, ppl=ppl, bits=bits, merges=merges, note=note, seed=args.seed,
                  steps=args.steps, device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU",
@@ -300,10 +305,12 @@ def main():
             (losses, secs, peak) = train
             e.update(train_s=secs, peak_mib=peak, loss_first=losses[0], loss_last=losses[-1])
         entries[f"{row}|{setting}|{args.seed}"] = e
+        save()  # at once: a later row that fails does not lose this one
         print(json.dumps(e), flush=True)
 
     def skip(row, setting, reason):
         entries[f"{row}|{setting}|{args.seed}"] = dict(row=row, setting=setting, skipped=reason, seed=args.seed)
+        save()
         print(f"skip {row} {setting}: {reason}", flush=True)
 
     def torch_seed():
@@ -379,8 +386,7 @@ def main():
                     f"{int_bits(bits, group):.2f}", "yes", train, note="train time / memory of the NF4 run")
             del pm, merged, mgm
 
-    store.parent.mkdir(parents=True, exist_ok=True)
-    store.write_text(json.dumps(entries, indent=1, sort_keys=True))
+    save()
     text = render(entries, args, model_name, held_titles, time.time() - t_start)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
