@@ -23,10 +23,15 @@ def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def train_lm(model, batches: Iterable[torch.Tensor], steps: int, *, lora_lr: float = 2e-4, quant_lr: float = 1e-5,
-             device="cpu", progress: bool = True, log_every: int = 0) -> list[float]:
+             device="cpu", progress: bool = True, log_every: int = 0, param_groups: list | None = None) -> list[float]:
     """Train the L4Q parameters of ``model`` for ``steps`` batches (``batches`` is cycled) with AdamW
-    and a 10% linear warm-up; returns the loss curve."""
-    opt = torch.optim.AdamW(l4q_param_groups(model, lora_lr, quant_lr), weight_decay=0.0)
+    and a 10% linear warm-up; returns the loss curve.  ``param_groups`` (optimizer groups) replaces the
+    L4Q groups, e.g. to train a peft LoRA model with the same loop, data order and schedule."""
+    groups = l4q_param_groups(model, lora_lr, quant_lr) if param_groups is None else param_groups
+    if not any(p.requires_grad for g in groups for p in g["params"]):
+        raise ValueError("train_lm: nothing to train (no L4QLinear layer and no param_groups given); "
+                         "prepare the model with fxcompress.prepare_l4q or pass param_groups")
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10)))
     model.train()
     losses = []

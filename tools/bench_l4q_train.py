@@ -77,6 +77,14 @@ def measure(method, cfg, args, device):
     for _ in range(args.warmup):
         step()
     torch.cuda.synchronize()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                step()
+            torch.cuda.synchronize()
+        print(f"--- profile of 3 steps: {method} ---")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.iters):
@@ -119,6 +127,9 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per method (fresh model each), interleaved")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive-composition row")
+    ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 3 steps per method")
     ap.add_argument("--out", default="tools/results/l4q_train_bench.md")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -129,29 +140,41 @@ def main():
                         max_position_embeddings=max(2048, args.seq + 1), tie_word_embeddings=False)
     dev = torch.device("cuda")
     rows = {}
-    for method in ("lora", "l4q", "naive"):
-        rows[method] = measure(method, cfg, args, dev)
-        print(method, rows[method], flush=True)
+    methods = ("lora", "l4q") if args.no_naive else ("lora", "l4q", "naive")
+    runs = {m: [] for m in methods}
+    for rep in range(args.repeats):  # methods interleaved, a fresh model each time: drift hits all alike
+        for method in methods:
+            runs[method].append(measure(method, cfg, args, dev))
+            print(f"repeat {rep}: {method} {runs[method][-1]}", flush=True)
+    for m in methods:
+        ts = [r[0] for r in runs[m]]
+        rows[m] = (statistics.median(ts), max(r[1] for r in runs[m]), runs[m][0][2], min(ts), max(ts))
     name = torch.cuda.get_device_name(0)
-    lt, lm, _ = rows["lora"]
+    lt, lm, _, _, _ = rows["lora"]
+    ratios = {m: [a[0] / b[0] for a, b in zip(runs[m], runs["lora"])] for m in methods}
     lines = [
         "# L4Q training step: time and peak memory vs plain LoRA and naive fake-quant",
         "",
         f"Device: {name}, torch {torch.__version__}. Model: LLaMA-style, {args.layers} layers, hidden {args.hidden}, "
         f"FFN {args.ffn}, {args.heads} heads, vocab {args.vocab}, bf16; batch {args.batch} x seq {args.seq}; "
         f"LoRA rank {args.rank} on all q/k/v/o/gate/up/down projections (lm_head frozen); L4Q 4-bit g128; "
-        f"AdamW; median of {args.iters} steps after {args.warmup} warm-up steps.",
+        f"AdamW; per run the median of {args.iters} steps after {args.warmup} warm-up steps; {args.repeats} runs per "
+        f"method, interleaved, each in a fresh model; step ms = median over runs [min-max]; the ratio columns "
+        f"pair each run with the LoRA run of the same repeat.",
         "",
         f"Command: `PYTHONPATH=$PWD python tools/bench_l4q_train.py --layers {args.layers} --hidden {args.hidden} "
-        f"--ffn {args.ffn} --batch {args.batch} --seq {args.seq} --rank {args.rank}`",
+        f"--ffn {args.ffn} --batch {args.batch} --seq {args.seq} --rank {args.rank} --warmup {args.warmup} "
+        f"--iters {args.iters} --repeats {args.repeats}`",
         "",
-        "| method | step ms | vs LoRA | peak MiB | vs LoRA | trainable params |",
+        "| method | step ms [min-max] | vs LoRA, median [min-max] of runs | peak MiB | vs LoRA | trainable params |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     labels = {"lora": "LoRA (bf16, no quantization)", "l4q": "L4Q fused autograd (ours)",
               "naive": "L4Q naive composition (autograd through fake quant)"}
-    for m, (t, pk, n) in rows.items():
-        lines.append(f"| {labels[m]} | {t:.2f} | {t / lt:.2f}x | {pk:.0f} | {pk / lm:.2f}x | {n:,} |")
+    for m, (t, pk, n, tmin, tmax) in rows.items():
+        rs = ratios[m]
+        lines.append(f"| {labels[m]} | {t:.2f} [{tmin:.2f}-{tmax:.2f}] | {statistics.median(rs):.2f}x "
+                     f"[{min(rs):.2f}-{max(rs):.2f}] | {pk:.0f} | {pk / lm:.2f}x | {n:,} |")
     lines.append("")
     text = "\n".join(lines)
     print(text)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..quant import QuantSpec, lsq_grad_scale, minmax_params
-from ..quant.l4q_fn import l4q_linear, l4q_linear_naive, merged_weight, quantized_weight
+from ..quant.l4q_fn import acc_dtype, l4q_linear, l4q_linear_naive, merged_weight, quantized_weight
 
 
 class L4QLinear(nn.Module):
@@ -18,6 +18,12 @@ class L4QLinear(nn.Module):
     from each group's range exactly as round-to-nearest does (``offset = -scale·zp``), so
     the layer starts out equal to RTN quantization of W0.  ``rank=0`` gives the
     LSQ-only baseline (no adapter: only scale and offset learn).
+
+    Dtypes: W0 and bias keep the model's dtype (e.g. bf16, the bulk of the memory); every
+    trainable parameter (A, B, scale, offset) is a float32 master (float64 for float64 weights),
+    so optimizer updates are not rounded away and all trainable parameters of the layer share
+    one dtype, which FSDP2 requires of one sharding group (see ``fxcompress.distributed``).
+    The quantizer arithmetic runs in that dtype anyway; only the GEMMs with x use x's dtype.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, spec: QuantSpec, rank: int,
@@ -31,16 +37,17 @@ class L4QLinear(nn.Module):
         self.spec, self.rank, self.alpha, self.fused = spec, int(rank), float(alpha), fused
         self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        train_dtype = acc_dtype(weight)
         if self.rank > 0:
-            a = torch.empty(self.rank, in_f, dtype=weight.dtype, device=weight.device)
+            a = torch.empty(self.rank, in_f, dtype=train_dtype, device=weight.device)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_A = nn.Parameter(a)
-            self.lora_B = nn.Parameter(torch.zeros(out_f, self.rank, dtype=weight.dtype, device=weight.device))
+            self.lora_B = nn.Parameter(torch.zeros(out_f, self.rank, dtype=train_dtype, device=weight.device))
         else:
             self.lora_A = self.lora_B = None
         scale, zp = minmax_params(weight, spec)
-        self.scale = nn.Parameter(scale)
-        self.offset = None if spec.symmetric else nn.Parameter(-scale * zp)
+        self.scale = nn.Parameter(scale.to(train_dtype))
+        self.offset = None if spec.symmetric else nn.Parameter((-scale * zp).to(train_dtype))
         group_len = in_f if spec.granularity == "per_channel" else spec.group_size
         self.grad_scale = lsq_grad_scale(group_len, spec.qmax) if grad_scale == "lsq" else 1.0
 

@@ -15,7 +15,14 @@ Gradients (L4Q, from LSQ+ and the chain rule through the merged weight W = W0 + 
 with v = (W - β)/α, and α / β's gradients multiplied by LSQ's gradient scale.
 
 On CUDA the weight-sized element-wise work (merge, quantize, masks, reductions) runs as
-inductor-compiled kernels; elsewhere, and inside a user's torch.compile trace, as eager ops.
+inductor-compiled kernels (dynamic shapes: one compile for all weight shapes); elsewhere, and
+inside a user's torch.compile trace, as eager ops.
+
+Where the time goes (vs plain LoRA): LoRA's backward needs no (out x in) weight gradient, L4Q's
+does (dL/dα, dL/dβ and the clip-masked LoRA gradients all need dL/dWq = gᵀx), so every L4Q
+layer runs three token-sized GEMMs per step (forward, dL/dx, dL/dWq) where LoRA runs two.  That
+GEMM is the algorithm, not overhead; the rest (merge + quantize twice, masks, reductions) is a
+few passes over the weights.
 """
 from __future__ import annotations
 
@@ -34,7 +41,7 @@ def merged_weight(w0, lora_a, lora_b, lora_scale):
     dt = acc_dtype(w0)
     if lora_a is None:
         return w0.to(dt, copy=True)
-    return torch.addmm(w0.to(dt), lora_b.to(dt), lora_a.to(dt), alpha=lora_scale)
+    return torch.addmm(w0.to(dt), (lora_b * lora_scale).to(dt), lora_a.to(dt))  # as the fused op rounds it
 
 
 def quantized_weight(w, scale, offset, qmin, qmax, group_size):
@@ -46,72 +53,98 @@ def quantized_weight(w, scale, offset, qmin, qmax, group_size):
     return lsq_forward(wg, scale.to(w.dtype).unsqueeze(-1), off, qmin, qmax).reshape(out_f, in_f)
 
 
-def _grouped_v(w0, lora_a, lora_b, lora_scale, scale, offset, group_size):
-    """v = (W0 + s·B·A - β) / α as a fresh (out, groups, group_len) tensor in the accumulation dtype."""
-    w = merged_weight(w0, lora_a, lora_b, lora_scale)
+def _grouped_v(w0, lora_a, lora_b, scale, offset, group_size, merge_by_sum: bool):
+    """v = (W0 + B'·A - β) / α as a fresh (out, groups, group_len) tensor in the accumulation dtype.
+
+    ``lora_b`` arrives already multiplied by the LoRA scale (B' = s·B).  ``merge_by_sum`` writes B'·A
+    as a broadcast sum over the rank: under inductor that becomes one kernel that reads W0 once and
+    never materialises an fp32 (out, in) copy of W0 or of B'·A (used only in the compiled path; in
+    eager it would allocate (out, r, in))."""
+    dt = acc_dtype(w0)
+    if lora_a is None:
+        w = w0.to(dt, copy=True)
+    elif merge_by_sum:
+        w = w0.to(dt) + (lora_b.to(dt).unsqueeze(-1) * lora_a.to(dt).unsqueeze(0)).sum(1)
+    else:
+        w = torch.addmm(w0.to(dt), lora_b.to(dt), lora_a.to(dt))
     out_f, in_f = w.shape
     gl = in_f if group_size is None else group_size
     v = w.reshape(out_f, in_f // gl, gl)
     s3 = scale.to(w.dtype).unsqueeze(-1)
     if offset is not None:
-        v.sub_(offset.to(w.dtype).unsqueeze(-1))
-    return v.div_(s3), s3
+        v = v - offset.to(w.dtype).unsqueeze(-1)
+    return v / s3, s3
 
 
 def _dequant_codes(v, s3, offset, qmin, qmax, dtype):
     """round(clamp(v)) · α + β, cast to the activation dtype, shaped (out, in)."""
-    q = torch.round(v).clamp_(qmin, qmax).mul_(s3)
+    q = torch.round(v).clamp(qmin, qmax) * s3
     if offset is not None:
-        q.add_(offset.to(q.dtype).unsqueeze(-1))
+        q = q + offset.to(q.dtype).unsqueeze(-1)
     return q.reshape(v.shape[0], -1).to(dtype)
 
 
-def _forward_weight(w0, lora_a, lora_b, lora_scale, scale, offset, qmin, qmax, group_size, dtype):
-    """Q(W0 + s·B·A) in ``dtype``, shaped (out, in): the forward's only weight-sized work."""
-    v, s3 = _grouped_v(w0, lora_a, lora_b, lora_scale, scale, offset, group_size)
+def _forward_weight(w0, lora_a, lora_b, scale, offset, qmin, qmax, group_size, dtype, merge_by_sum=False):
+    """Q(W0 + B'·A) in ``dtype``, shaped (out, in): the forward's only weight-sized work."""
+    v, s3 = _grouped_v(w0, lora_a, lora_b, scale, offset, group_size, merge_by_sum)
     return _dequant_codes(v, s3, offset, qmin, qmax, dtype)
 
 
-def _backward_weight(w0, lora_a, lora_b, lora_scale, scale, offset, gwq, qmin, qmax, group_size, grad_scale,
-                     need_wq: bool, dtype):
-    """From dL/dWq (out, in): (Wq or None, dL/dW masked (out, in), dL/dα, dL/dβ or None), one recompute of W."""
-    v, s3 = _grouped_v(w0, lora_a, lora_b, lora_scale, scale, offset, group_size)
+def _backward_weight(w0, lora_a, lora_b, scale, offset, gwq, qmin, qmax, group_size, need_wq: bool, dtype,
+                     merge_by_sum=False):
+    """From dL/dWq (out, in): (Wq or None, dL/dW masked (out, in) in ``dtype``, Σ_group dL/dWq·r,
+    Σ_group dL/dWq·outside or None) with one recompute of W; LSQ's gradient scale is applied by the caller.
+
+    The reductions accumulate in fp32; the masked weight gradient is handed back in the activation
+    dtype, since it only feeds the two rank-r GEMMs (bf16 halves that (out, in) write and its reads)."""
+    v, s3 = _grouped_v(w0, lora_a, lora_b, scale, offset, group_size, merge_by_sum)
     out_f, ng, gl = v.shape
     wq = _dequant_codes(v, s3, offset, qmin, qmax, dtype) if need_wq else None
     gw = gwq.to(v.dtype).reshape(out_f, ng, gl)
     below, above = v < qmin, v > qmax
     r = torch.round(v) - v  # round(v) - v inside the clip range, Qn / Qp outside
     r = torch.where(below, float(qmin), torch.where(above, float(qmax), r))
-    g_scale = (gw * r).sum(-1) * grad_scale
+    g_scale = (gw * r).sum(-1)
     outside = below | above
-    g_off = (gw * outside).sum(-1) * grad_scale if offset is not None else None
-    grad_w = torch.where(outside, 0.0, gw).reshape(out_f, ng * gl)
+    g_off = (gw * outside).sum(-1) if offset is not None else None
+    grad_w = torch.where(outside, 0.0, gw).reshape(out_f, ng * gl).to(dtype)
     return wq, grad_w, g_scale, g_off
 
 
 _COMPILED: dict = {}
 
 
-def _kernel(fn, device: torch.device):
-    """``fn`` compiled with inductor on CUDA (one fused kernel instead of ~20 element-wise passes over
-    each weight), plain eager elsewhere or when already inside a torch.compile trace."""
-    if device.type != "cuda" or not USE_COMPILED_KERNELS or torch.compiler.is_compiling():
-        return fn
-    if fn not in _COMPILED:
-        _COMPILED[fn] = torch.compile(fn, dynamic=False)
-    return _COMPILED[fn]
+def compiled_kernel(fn, backend="inductor"):
+    """``fn`` under torch.compile with dynamic shapes: one compiled kernel serves every weight shape
+    (with static shapes each new (out, in) recompiled, and after dynamo's recompile_limit (8) — a
+    model with many shapes, e.g. SmolLM2's 576/1536 projections — the kernel silently fell back to
+    eager).  Python floats (LoRA scale, LSQ gradient scale) stay outside the kernel, since dynamo
+    specialises on float values; what remains in the guards is dtype, which optional tensors are
+    None, ``need_wq`` and the bit range."""
+    key = (fn, backend if isinstance(backend, str) else id(backend))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, dynamic=True, backend=backend)
+    return _COMPILED[key]
 
 
-USE_COMPILED_KERNELS = True  # set False to debug with eager kernels on CUDA
+def _kernel(fn, device: torch.device, compiled: bool):
+    """The weight-sized element-wise work: inductor-compiled on CUDA (one fused kernel instead of ~20
+    passes over each weight), eager elsewhere, when ``compiled`` is False, or inside a user's
+    torch.compile trace (which compiles it anyway)."""
+    if device.type != "cuda" or not compiled or torch.compiler.is_compiling():
+        return fn, False
+    return compiled_kernel(fn), True
 
 
 class L4QLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w0, lora_a, lora_b, scale, offset, bias, lora_scale, qmin, qmax, group_size, grad_scale):
-        wq = _kernel(_forward_weight, x.device)(w0, lora_a, lora_b, lora_scale, scale, offset, qmin, qmax,
-                                                  group_size, x.dtype)
+    def forward(ctx, x, w0, lora_a, lora_b, scale, offset, bias, lora_scale, qmin, qmax, group_size, grad_scale,
+                compiled):
+        fn, by_sum = _kernel(_forward_weight, x.device, compiled)
+        lb = None if lora_b is None else lora_b * lora_scale  # (out, r): tiny
+        wq = fn(w0, lora_a, lb, scale, offset, qmin, qmax, group_size, x.dtype, by_sum)
         ctx.meta = (lora_scale, qmin, qmax, group_size, grad_scale, lora_a is not None, offset is not None,
-                    bias is not None)
+                    bias is not None, compiled)
         empty = x.new_empty(0)
         ctx.save_for_backward(x, w0, lora_a if lora_a is not None else empty,
                               lora_b if lora_b is not None else empty, scale,
@@ -121,7 +154,7 @@ class L4QLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, w0, lora_a, lora_b, scale, offset = ctx.saved_tensors
-        lora_scale, qmin, qmax, group_size, grad_scale, has_lora, has_off, has_bias = ctx.meta
+        lora_scale, qmin, qmax, group_size, grad_scale, has_lora, has_off, has_bias, compiled = ctx.meta
         lora_a = lora_a if has_lora else None
         lora_b = lora_b if has_lora else None
         offset = offset if has_off else None
@@ -130,25 +163,29 @@ class L4QLinearFunction(torch.autograd.Function):
         # dL/dWq = gᵀx in the activation dtype (tensor cores for bf16); the quantizer math runs in fp32
         gwq = g2.t() @ x.reshape(-1, in_f)
         need_x = ctx.needs_input_grad[0]
-        wq, grad_w, g_scale, g_off = _kernel(_backward_weight, g.device)(
-            w0, lora_a, lora_b, lora_scale, scale, offset, gwq, qmin, qmax, group_size, grad_scale, need_x, g.dtype)
+        fn, by_sum = _kernel(_backward_weight, g.device, compiled)
+        lb = None if lora_b is None else lora_b * lora_scale
+        wq, grad_w, g_scale, g_off = fn(w0, lora_a, lb, scale, offset, gwq, qmin, qmax, group_size, need_x,
+                                        g.dtype, by_sum)
         del gwq
         grad_x = g @ wq if need_x else None
         del wq
         grad_a = grad_b = None
-        if has_lora:
-            grad_a = (lora_scale * (lora_b.to(grad_w.dtype).t() @ grad_w)).to(lora_a.dtype)
-            grad_b = (lora_scale * (grad_w @ lora_a.to(grad_w.dtype).t())).to(lora_b.dtype)
+        if has_lora:  # rank-r GEMMs in the activation dtype (fp32 accumulation inside the GEMM)
+            grad_a = (lb.to(grad_w.dtype).t() @ grad_w).to(lora_a.dtype)
+            grad_b = (grad_w @ lora_a.to(grad_w.dtype).t()).to(lora_b.dtype).mul_(lora_scale)
         grad_bias = g2.sum(0) if has_bias and ctx.needs_input_grad[6] else None
-        return (grad_x, None, grad_a, grad_b, g_scale.to(scale.dtype),
-                g_off.to(offset.dtype) if g_off is not None else None, grad_bias, None, None, None, None, None)
+        g_off = None if g_off is None else (g_off * grad_scale).to(offset.dtype)
+        return (grad_x, None, grad_a, grad_b, (g_scale * grad_scale).to(scale.dtype), g_off, grad_bias,
+                None, None, None, None, None, None)
 
 
 def l4q_linear(x, w0, lora_a, lora_b, scale, offset, bias, lora_scale: float, qmin: int, qmax: int,
-               group_size: int | None, grad_scale: float = 1.0):
-    """Fused L4Q linear; W0 (and bias) are treated as frozen."""
+               group_size: int | None, grad_scale: float = 1.0, compiled: bool = True):
+    """Fused L4Q linear; W0 (and bias) are treated as frozen.  ``compiled=False`` keeps the weight-sized
+    work in eager ops on CUDA too (for debugging; CPU is always eager)."""
     return L4QLinearFunction.apply(x, w0, lora_a, lora_b, scale, offset, bias, float(lora_scale), int(qmin),
-                                   int(qmax), group_size, float(grad_scale))
+                                   int(qmax), group_size, float(grad_scale), bool(compiled))
 
 
 def l4q_linear_naive(x, w0, lora_a, lora_b, scale, offset, bias, lora_scale, qmin, qmax, group_size,
