@@ -21,6 +21,8 @@ _LAZY = {
     "report": "fxcompress.passes", "Report": "fxcompress.passes", "LayerReport": "fxcompress.passes",
     "PassResult": "fxcompress.passes", "Pipeline": "fxcompress.passes", "as_fx_pass": "fxcompress.passes",
     "RTNConfig": "fxcompress.passes", "quantize_rtn": "fxcompress.passes",
+    "FusionConfig": "fxcompress.passes.fusion", "fuse_linears": "fxcompress.passes.fusion",
+    "fuse_linears_pass": "fxcompress.passes.fusion",
     "L4QConfig": "fxcompress.passes", "prepare_l4q": "fxcompress.passes", "convert_l4q": "fxcompress.passes",
     "l4q_trainable_parameters": "fxcompress.passes", "l4q_param_groups": "fxcompress.passes",
     "UDFCConfig": "fxcompress.passes.udfc", "udfc": "fxcompress.passes.udfc", "udfc_pass": "fxcompress.passes.udfc",

@@ -61,7 +61,7 @@ def test_float_causal_lm_fused_parity_and_call_sites(lm):
 
 def test_int4_causal_lm_fused_bit_equal_dequant(lm):
     model, ids = lm
-    q = fxc.quantize_rtn(fxc.capture(model, (ids,)), INT4).gm
+    q = fxc.quantize_rtn(fxc.capture(model, (ids,)), INT4)
     res = fuse_linears_pass(q, FusionConfig())
     assert len(linear_calls(res.gm)) == 4 * model.config.num_layers + 1
     for i in range(model.config.num_layers):
@@ -82,7 +82,7 @@ def test_toy_decoder_block_fused(rtn):
     x = torch.randn(2, 5, 64)
     gm = fxc.capture(DecoderBlock().eval(), (x,))
     if rtn is not None:
-        gm = fxc.quantize_rtn(gm, rtn).gm
+        gm = fxc.quantize_rtn(gm, rtn)
     fused = fuse_linears(gm, (x,))
     assert linear_calls(fused) == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     with torch.no_grad():
@@ -133,14 +133,14 @@ def test_different_formats_are_not_fused_and_reported():
     x = torch.randn(1, 3, 64)
     gm = fxc.capture(DecoderBlock().eval(), (x,))
     q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=True, granularity="per_group", group_size=32,
-                                           targets=("q_proj", "k_proj", "gate_proj", "up_proj"))).gm
-    q = fxc.quantize_rtn(q, fxc.RTNConfig(bits=8, targets=("v_proj",))).gm
+                                           targets=("q_proj", "k_proj", "gate_proj", "up_proj")))
+    q = fxc.quantize_rtn(q, fxc.RTNConfig(bits=8, targets=("v_proj",)))
     res = fuse_linears_pass(q, FusionConfig())
     skipped = {r.layer: r.note for r in res.report if r.action == "skipped"}
     assert set(skipped) == {"v_proj"} and "formats differ" in skipped["v_proj"] and "int8" in skipped["v_proj"]
     assert linear_calls(res.gm) == ["qk_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
     # float next to integer: the float ones are not folded into the integer layer
-    mixed = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=True, targets=("q_proj",))).gm
+    mixed = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=True, targets=("q_proj",)))
     with pytest.raises(ValueError, match="k_proj: reads .* but is float.*formats differ"):
         fuse_linears_pass(mixed, FusionConfig(targets=("q_proj", "k_proj")))
 
@@ -197,8 +197,8 @@ def test_int8_lm_head_with_rtn_targets(lm):
     gm = fxc.capture(model, (ids,))
     body = fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=32, exclude=("lm_head",))
     head = fxc.RTNConfig(bits=8, symmetric=True, granularity="per_channel", targets=("lm_head",))
-    q4 = fxc.quantize_rtn(gm, body).gm
-    q = fxc.quantize_rtn(q4, head).gm
+    q4 = fxc.quantize_rtn(gm, body)
+    q = fxc.quantize_rtn(q4, head)
     h = q.get_submodule("lm_head")
     assert isinstance(h, QuantLinear) and h.spec.bits == 8 and h.spec.granularity == "per_channel"
     assert h.quant_weight.nbytes < 0.3 * gm.get_submodule("lm_head").weight.numel() * 4
@@ -211,10 +211,10 @@ def test_int8_lm_head_with_rtn_targets(lm):
 @pytest.mark.parametrize("fmt", ["qdq", "matmulnbits"])
 def test_fused_int_model_exports_to_onnx_with_parity(lm, tmp_path, fmt):
     model, ids = lm
-    q = fxc.quantize_rtn(fxc.capture(model, (ids,)), INT4).gm
+    q = fxc.quantize_rtn(fxc.capture(model, (ids,)), INT4)
     fused = fuse_linears(q, (ids,))
     path = fxc.export_onnx(fused, (ids,), tmp_path / "fused.onnx", weight_format=fmt)
-    from fxcompress.backends.onnx_qdq import layer_formats
+    from fxcompress.backends.onnx import layer_formats
 
     names = {d.get("layer", d.get("name")) for d in layer_formats(path)}
     assert "layers.0.self_attn.qkv_proj" in names and "layers.0.self_attn.q_proj" not in names
@@ -229,7 +229,7 @@ def test_fused_int_model_exports_to_onnx_with_parity(lm, tmp_path, fmt):
 
 def test_fused_int_block_builds_with_tvm_llvm():
     x = torch.randn(1, 4, 64)
-    q = fxc.quantize_rtn(fxc.capture(DecoderBlock().eval(), (x,)), INT4).gm
+    q = fxc.quantize_rtn(fxc.capture(DecoderBlock().eval(), (x,)), INT4)
     fused = fuse_linears(q, (x,))
     runner = fxc.compile_tvm(fused, (x,), target="llvm")
     out = runner(x)
@@ -240,7 +240,7 @@ def test_fused_int_block_builds_with_tvm_llvm():
 
 def test_fused_model_round_trips_through_an_artifact(lm, tmp_path):
     model, ids = lm
-    q = fxc.quantize_rtn(fxc.capture(model, (ids,)), INT4).gm
+    q = fxc.quantize_rtn(fxc.capture(model, (ids,)), INT4)
     fused = fuse_linears(q, (ids,))
     save = getattr(fxc, "save_artifact", None) or fxc.save  # renamed save_artifact by the contract
     load = getattr(fxc, "load_artifact", None) or fxc.load

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "fxcompress"
 LAYERS = ["quant", "nn", "passes", "runtime", "backends", "lm", "cli"]
 # modules outside the named layers, placed in the layer whose imports they may use
-PLACED = {"data": "quant", "models": "nn", "capture": "passes", "finetune": "passes", "compile_backend": "backends",
+PLACED = {"data": "quant", "models": "nn", "capture": "passes", "finetune": "passes", "distributed": "passes", "compile_backend": "backends",
           "doctor": "cli", "cli": "cli", "__init__": "cli", "__main__": "cli"}
 
 

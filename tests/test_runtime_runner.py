@@ -49,7 +49,7 @@ def test_register_backend_and_parity(monkeypatch):
 
 def test_ort_runner_through_load_runner(tmp_path):
     x = torch.randn(2, 16)
-    gm = fxc.quantize_rtn(fxc.capture(nn.Sequential(nn.Linear(16, 8)), (x,)), fxc.RTNConfig(bits=8)).gm
+    gm = fxc.quantize_rtn(fxc.capture(nn.Sequential(nn.Linear(16, 8)), (x,)), fxc.RTNConfig(bits=8))
     r = load_runner(fxc.export_onnx(gm, (x,), tmp_path / "m.onnx"), backend="ort")
     assert check_parity(gm, r, (x,)).ok(1e-5, 1e-5)
     stats = benchmark(r, (x,), warmup=0, iters=2)
