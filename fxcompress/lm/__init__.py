@@ -9,11 +9,11 @@ nodes -> :func:`.attention.cached_attention` over a static cache, positions from
 a backend stepper (:mod:`.torch_steps`, :mod:`.ort_steps`, :mod:`.tvm_steps`) -> :mod:`.sampling` (one loop).
 """
 from .attention import cached_attention
-from .capture import capture_lm
+from .capture import capture_lm, with_quant_layers
 from .compiled import BACKENDS, CompiledLM, compile_lm, load_lm
 from .errors import KVCacheRewriteError, LMError
 from .kv_cache import CacheSpec, kv_cache_pass
 from .steps import LMSpec, build_steps
 
 __all__ = ["compile_lm", "load_lm", "CompiledLM", "LMError", "KVCacheRewriteError", "kv_cache_pass", "CacheSpec",
-           "capture_lm", "cached_attention", "LMSpec", "build_steps", "BACKENDS"]
+           "capture_lm", "with_quant_layers", "cached_attention", "LMSpec", "build_steps", "BACKENDS"]

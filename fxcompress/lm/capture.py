@@ -18,7 +18,7 @@ from torch import nn
 from ..nn import QuantLinear
 from .errors import LMError
 
-__all__ = ["capture_lm", "is_hf_causal_lm"]
+__all__ = ["capture_lm", "is_hf_causal_lm", "with_quant_layers"]
 
 _ACTIVE: dict[int, QuantLinear] = {}
 _COUNTER = [0]
@@ -87,10 +87,36 @@ class _LogitsOnly(nn.Module):
         return _logits_of(self.model(input_ids))
 
 
+def with_quant_layers(model: nn.Module, quantized: nn.Module) -> nn.Module:
+    """A copy of ``model`` with the ``QuantLinear`` layers of ``quantized`` (``quantize_rtn`` / ``convert_l4q`` of a
+    graph captured from ``model``) put in place of the matching layers (same module path, or the same path below
+    a wrapper prefix).  Use it for models that ``torch.export`` captured at one fixed shape (Hugging Face models):
+    ``compile_lm(with_quant_layers(hf_model, converted_gm))``."""
+    out = copy.deepcopy(model)
+    names = {n for n, _ in out.named_modules()}
+    done = 0
+    for path, mod in quantized.named_modules():
+        if not isinstance(mod, QuantLinear):
+            continue
+        parts = path.split(".")
+        target = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in names), None)
+        if target is None:
+            raise LMError(f"quantized layer {path!r} has no matching module in {type(model).__name__}")
+        _set_submodule(out, target, copy.deepcopy(mod))
+        done += 1
+    if not done:
+        raise LMError("the quantized model holds no QuantLinear layers (run quantize_rtn / convert_l4q first)")
+    return out.eval()
+
+
 def capture_lm(model: nn.Module, batch: int, seq: int, dtype: torch.dtype | None = None) -> fx.GraphModule:
     """``model`` traced at ``input_ids`` of shape ``[batch, seq]`` -> GraphModule ``(input_ids) -> logits``."""
     if not isinstance(model, nn.Module):
         raise LMError(f"compile_lm needs a torch.nn.Module causal LM, got {type(model).__name__}")
+    if isinstance(model, fx.GraphModule) and model.meta.get("fxcompress_capture") == "torch.export":
+        raise LMError("this GraphModule was captured by torch.export at one fixed input shape and cannot be traced "
+                      "again at the prefill / decode shapes; compile the original model with its quantized layers "
+                      "instead: compile_lm(fxcompress.lm.with_quant_layers(model, graph_module), ...)")
     work = copy.deepcopy(model).eval()
     if dtype is not None:
         work = work.to(dtype)
