@@ -94,7 +94,7 @@ def int4(model, group: int):
     return getattr(res, "gm", res)
 
 
-def weight_bytes(model, dtype_bytes: int) -> int:
+def weight_bytes(model, dtype_bytes: int, tied: bool) -> int:
     """Bytes a decode step reads for weights: packed integer buffers as stored, float params at ``dtype_bytes``
     (the embedding table counts one row: only the token's row is read, unless tied to the head)."""
     total = 0
@@ -103,7 +103,7 @@ def weight_bytes(model, dtype_bytes: int) -> int:
         if id(t) in seen or name.endswith(("rope_cos", "rope_sin")):
             continue
         seen.add(id(t))
-        if "embed_tokens" in name and not getattr(model.config, "tie_word_embeddings", False):
+        if "embed_tokens" in name and not tied:
             total += t.shape[-1] * dtype_bytes
         elif t.is_floating_point():
             total += t.numel() * dtype_bytes
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
             if ref is None:
                 ref = out
             agree = float((out[:, a.prompt_len:] == ref[:, a.prompt_len:]).float().mean())
-            mb = (weight_bytes(src, dbytes) + kv_bytes(model, max_len, dbytes)) / 1e6
+            mb = (weight_bytes(src, dbytes, model.config.tie_word_embeddings) + kv_bytes(model, max_len, dbytes)) / 1e6
             bound = f"{100 * mb * 1e6 / (ms * 1e-3) / peak:.0f}%" if peak else "n/a"
             lines.append(f"| {mname} | {label} | {ttft:.1f} | {ms:.3f} | {1e3 / ms:.1f} | {mb:.1f} | {bound} | "
                          f"{agree:.3f} | |")
@@ -259,7 +259,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
             ms = ((time.perf_counter() - t) * 1e3 - ttft) / (a.new - 1)
             agree = float((out[:, a.prompt_len:] == ref[:, a.prompt_len:]).float().mean()) if ref is not None else 0
-            mb = (weight_bytes(model, 2) + kv_bytes(model, max_len, 2)) / 1e6
+            mb = (weight_bytes(model, 2, model.config.tie_word_embeddings) + kv_bytes(model, max_len, 2)) / 1e6
             bound = f"{100 * mb * 1e6 / (ms * 1e-3) / peak:.0f}%" if peak else "n/a"
             lines.append(f"| {mname} | HF generate, static cache (LlamaForCausalLM fp16) | {ttft:.1f} | {ms:.3f} | "
                          f"{1e3 / ms:.1f} | {mb:.1f} | {bound} | {agree:.3f} | |")

@@ -32,9 +32,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     scores = torch.matmul(qg, k_cache.transpose(2, 3).to(q.dtype)) * scale  # [B, KVH, rep*T, S]
     slots = torch.arange(s, device=q.device)
     visible = (slots.reshape(1, s) <= cache_position.reshape(t, 1)).repeat(rep, 1)  # [rep*T, S]
-    # additive mask in fp32: 0 where visible, -1e30 elsewhere (exp underflows to exactly 0; no -inf constants,
-    # which TVM's importer cannot build)
-    bias = (visible.to(torch.float32) - 1.0) * 1e30
+    # additive mask: 0 where visible, -30000 elsewhere (exp underflows to exactly 0; finite in fp16 too, and no
+    # -inf constant, which TVM's importer cannot build)
+    bias = (~visible).to(torch.float32) * -30000.0
     p = torch.softmax(scores.float() + bias, dim=-1).to(q.dtype)
     out = torch.matmul(p, v_cache.to(q.dtype))  # [B, KVH, rep*T, D]
     return out.reshape(b, h, t, d), k_cache, v_cache

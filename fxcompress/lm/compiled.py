@@ -106,8 +106,17 @@ def compile_lm(model, backend: str = "torch", device: str = "cpu", max_seq_len: 
         _check_device(device)  # before any tracing: no GPU -> a clear error now
     if device.startswith("cuda") and backend == "torch" and not torch.cuda.is_available():
         raise LMError(f"device={device!r}: torch sees no CUDA GPU")
+    cfg = getattr(model, "config", None)
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True) and max_seq_len > int(window):
+        raise LMError(f"{type(model).__name__} uses sliding-window attention (window {window}); the KV cache attends "
+                      f"to every earlier position, so max_seq_len must be <= {window}, got {max_seq_len}")
+    if backend == "ort" and dtype not in (None, torch.float32, torch.float16):
+        raise LMError(f"backend='ort' supports dtype None / float32 / float16, got {dtype}")
+    # ORT: the graphs are exported in fp32 and converted to fp16 afterwards (export_onnx's stand-ins are fp32)
     pre, dec, spec = build_steps(model, batch=batch_size, max_seq_len=max_seq_len,
-                                 prefill_chunk=min(prefill_chunk, max_seq_len), dtype=dtype)
+                                 prefill_chunk=min(prefill_chunk, max_seq_len),
+                                 dtype=None if backend == "ort" else dtype)
     graphs = {"prefill": pre, "decode": dec}
     if backend == "torch":
         from .torch_steps import TorchSteps
@@ -117,7 +126,11 @@ def compile_lm(model, backend: str = "torch", device: str = "cpu", max_seq_len: 
         from .ort_steps import OrtSteps, export_steps_onnx
 
         tmp = Path(tempfile.mkdtemp(prefix="fxc-lm-ort-"))
-        export_steps_onnx(graphs, spec, tmp, weight_format, accuracy_level)
+        fp16 = dtype == torch.float16
+        export_steps_onnx(graphs, spec, tmp, weight_format, accuracy_level, float16=fp16)
+        if fp16:
+            spec = LMSpec(spec.batch, spec.max_seq_len, spec.prefill_chunk, spec.vocab_size,
+                          tuple((kvh, hd, "float16") for kvh, hd, _ in spec.cache))
         opts = {"weight_format": weight_format, "accuracy_level": accuracy_level}
         return CompiledLM(OrtSteps(tmp, spec, device), spec, backend, device, tmp, opts)
     from .tvm_steps import TVMSteps, build_steps_tvm

@@ -18,8 +18,13 @@ _NP = {"float32": np.float32, "float16": np.float16}
 
 
 def export_steps_onnx(graphs: dict, spec: LMSpec, d: Path, weight_format: str = "matmulnbits",
-                      accuracy_level: int = 0) -> list[str]:
+                      accuracy_level: int = 0, float16: bool = False) -> list[str]:
+    """Write ``prefill.onnx`` / ``decode.onnx`` (fp32 graphs; ``float16`` converts activations, float weights and
+    the caches to fp16 afterwards with :func:`fxcompress.runtime.ort.to_float16`: for the CUDA EP)."""
+    import onnx
+
     from .. import export_onnx
+    from ..runtime.ort import to_float16
 
     files = []
     for kind, g in graphs.items():
@@ -27,6 +32,8 @@ def export_steps_onnx(graphs: dict, spec: LMSpec, d: Path, weight_format: str = 
         export_onnx(g, example_inputs(spec, seq), d / f"{kind}.onnx", weight_format=weight_format,
                     accuracy_level=accuracy_level, dynamic_batch=False, input_names=spec.input_names,
                     output_names=spec.output_names)
+        if float16:
+            onnx.save(to_float16(onnx.load(str(d / f"{kind}.onnx"))), str(d / f"{kind}.onnx"))
         files.append(f"{kind}.onnx")
     return files
 

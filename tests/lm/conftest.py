@@ -49,3 +49,12 @@ def greedy_reference(model, ids, n):
         nxt = logits_of(model, ids)[:, -1:].argmax(-1)
         ids = torch.cat([ids, nxt], 1)
     return ids
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models: torch's intra-op threads only add contention (200x slower on a loaded 2-core runner)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

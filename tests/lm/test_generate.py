@@ -51,9 +51,21 @@ def _prompt(n, batch=1, seed=0):
     return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", list(MODELS) + ["qwen2-eager"])
+def _hf(kind):
+    transformers = pytest.importorskip("transformers")
+    cls, cfg = {"llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig),
+                "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig)}[kind]
+    torch.manual_seed(0)
+    return cls(cfg(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256,
+                   tie_word_embeddings=False)).eval()
+
+
+@pytest.mark.parametrize("name", list(MODELS) + ["qwen2-eager", "llama-untied", "mistral-untied"])
 def test_cached_logits_equal_uncached_forward(name):
-    m = qwen2(attn="eager") if name == "qwen2-eager" else model(name)
+    extra = {"qwen2-eager": lambda: qwen2(attn="eager"), "llama-untied": lambda: _hf("llama"),
+             "mistral-untied": lambda: _hf("mistral")}
+    m = extra[name]() if name in extra else model(name)
     lm = compile_lm(m, "torch", max_seq_len=MAX_LEN, prefill_chunk=CHUNK)
     ids = _prompt(20)
     torch.testing.assert_close(lm.step_logits(ids), logits_of(m, ids), atol=2e-5, rtol=1e-4)
@@ -80,9 +92,10 @@ def test_batch_sampling_eos_and_save_load(tmp_path):
     assert torch.equal(lm.generate(ids, 12, temperature=1.0, top_k=1, seed=5), greedy_reference(m, ids, 12))
     greedy = greedy_reference(m, ids[:1].repeat(2, 1), 12)
     new = greedy[0, 9:].tolist()
-    j = next(i for i in range(1, len(new)) if new[i] not in new[:i])  # first new token not emitted before
+    j = next((i for i in range(len(new)) if new[i] not in new[:i] and i > 0), 0)  # first token not emitted before
     out = lm.generate(ids[:1].repeat(2, 1), 12, eos_token_id=new[j])
     assert out.shape[1] == 9 + j + 1 and int(out[0, -1]) == new[j]
+    assert torch.equal(out, greedy[:, :9 + j + 1])
     lm.save(tmp_path / "lm")
     lm2 = fxc.runtime.load_lm(tmp_path / "lm") if hasattr(fxc.runtime, "load_lm") else load_lm(tmp_path / "lm")
     assert torch.equal(lm2.generate(ids, 12), greedy_reference(m, ids, 12))
@@ -176,6 +189,13 @@ def test_shape_baked_graph_points_to_with_quant_layers():
     h = qwen2()
     with pytest.raises(LMError, match="with_quant_layers"):
         compile_lm(rtn_int4(h), "torch", max_seq_len=16, prefill_chunk=4)
+
+
+def test_sliding_window_longer_than_cache_is_refused():
+    m = _hf("mistral")
+    m.config.sliding_window = 8
+    with pytest.raises(LMError, match="sliding-window"):
+        compile_lm(m, "torch", max_seq_len=16, prefill_chunk=4)
 
 
 def test_user_model_not_modified():
