@@ -67,7 +67,7 @@ class CompiledLM:
             import shutil
 
             files = []
-            for f in ("prefill.onnx", "decode.onnx"):
+            for f in ("prefill.onnx", "decode.onnx", "weights.bin"):
                 shutil.copyfile(self._files_dir / f, d / f)
                 files.append(f)
         else:

@@ -35,7 +35,39 @@ def export_steps_onnx(graphs: dict, spec: LMSpec, d: Path, weight_format: str = 
         if float16:
             onnx.save(to_float16(onnx.load(str(d / f"{kind}.onnx"))), str(d / f"{kind}.onnx"))
         files.append(f"{kind}.onnx")
-    return files
+    return files + [_share_weights(d, files)]
+
+
+WEIGHTS = "weights.bin"
+
+
+def _share_weights(d: Path, files: list[str]) -> str:
+    """Move the initializers of both graphs into one external-data file, each distinct tensor stored once
+    (prefill and decode hold the same weights: without this the directory holds them twice)."""
+    import hashlib
+
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    where: dict[tuple, tuple[int, int]] = {}
+    with open(d / WEIGHTS, "wb") as f:
+        for fn in files:
+            m = onnx.load(str(d / fn))
+            for t in m.graph.initializer:
+                if not t.HasField("raw_data") or len(t.raw_data) < 1024:
+                    continue
+                raw = t.raw_data
+                key = (t.name, hashlib.sha256(raw).hexdigest())
+                if key not in where:
+                    f.write(b"\0" * (-f.tell() % 4096))  # page-aligned offsets (ORT may memory-map them)
+                    where[key] = (f.tell(), len(raw))
+                    f.write(raw)
+                off, n = where[key]
+                set_external_data(t, WEIGHTS, offset=off, length=n)
+                t.data_location = onnx.TensorProto.EXTERNAL
+                t.ClearField("raw_data")
+            onnx.save(m, str(d / fn))
+    return WEIGHTS
 
 
 def _providers(device: str):
