@@ -49,8 +49,8 @@ class CompiledLM:
         """Logits ``[B, T, V]`` of a prompt through the cache: chunked prefill of ``input_ids[:, :prefill_chunk]``
         then one decode step per remaining token (the parity check against the uncached forward)."""
         ids = input_ids.to(torch.long)
-        c = min(self.spec.prefill_chunk, ids.shape[1])
-        if c != self.spec.prefill_chunk:
+        c = self.spec.prefill_chunk
+        if ids.shape[1] < c:
             raise LMError(f"step_logits needs at least prefill_chunk={self.spec.prefill_chunk} tokens")
         if ids.shape[1] > self.spec.max_seq_len:
             raise LMError(f"{ids.shape[1]} tokens exceed max_seq_len={self.spec.max_seq_len}")

@@ -15,14 +15,12 @@ __all__ = ["TVMSteps", "build_steps_tvm"]
 
 
 def _flatten(res) -> list:
-    import tvm
-
+    """The VM's (nested) tuple of output tensors as a flat list."""
     if isinstance(res, (list, tuple)) or type(res).__name__ in ("Array", "ADT", "Tuple"):
         out = []
         for r in res:
             out += _flatten(r)
         return out
-    del tvm
     return [res]
 
 
