@@ -10,7 +10,7 @@ import torch
 
 from .errors import LMError
 from .sampling import generate_tokens
-from .steps import LMSpec, build_steps
+from .steps import LMSpec, build_steps, check_steps
 
 __all__ = ["compile_lm", "load_lm", "CompiledLM", "FORMAT", "FORMAT_VERSION", "BACKENDS"]
 
@@ -117,6 +117,7 @@ def compile_lm(model, backend: str = "torch", device: str = "cpu", max_seq_len: 
     pre, dec, spec = build_steps(model, batch=batch_size, max_seq_len=max_seq_len,
                                  prefill_chunk=min(prefill_chunk, max_seq_len),
                                  dtype=None if backend == "ort" else dtype)
+    check_steps(pre, dec, spec)
     graphs = {"prefill": pre, "decode": dec}
     if backend == "torch":
         from .torch_steps import TorchSteps

@@ -7,9 +7,10 @@ import torch
 import torch.fx as fx
 
 from .capture import capture_lm
+from .errors import KVCacheRewriteError
 from .kv_cache import kv_cache_pass
 
-__all__ = ["LMSpec", "build_steps", "example_inputs", "empty_caches"]
+__all__ = ["LMSpec", "build_steps", "example_inputs", "empty_caches", "check_steps"]
 
 _DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -75,3 +76,30 @@ def build_steps(model, *, batch: int, max_seq_len: int, prefill_chunk: int,
     spec = LMSpec(batch, max_seq_len, prefill_chunk, vocab, tuple(pc))
     pre.meta["fxc_lm_cache"], dec.meta["fxc_lm_cache"] = ps, ds
     return pre, dec, spec
+
+
+@torch.no_grad()
+def check_steps(pre: fx.GraphModule, dec: fx.GraphModule, spec: LMSpec, steps: int = 4) -> float:
+    """Self-check of the rewrite: decoding the first ``steps`` tokens one at a time must give the prefill graph's
+    logits at those positions (a graph whose positions were not rewritten fails at position 1).  Runs on the CPU;
+    returns the largest relative difference."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, spec.vocab_size, (spec.batch, spec.prefill_chunk), generator=g)
+    ref = pre(ids, torch.arange(spec.prefill_chunk), *empty_caches(spec))[0].float()
+    caches = empty_caches(spec)
+    worst = 0.0
+    tol = 1e-3 if all(dt == "float32" for _, _, dt in spec.cache) else 3e-2
+    for p in range(min(steps, spec.prefill_chunk)):
+        out = dec(ids[:, p:p + 1], torch.tensor([p]), *caches)
+        caches = list(out[1:])
+        r = ref[:, p]
+        err = float((out[0][:, 0].float() - r).abs().max() / (1.0 + r.abs().max()))
+        worst = max(worst, err)
+        if not err <= tol:
+            where = pre.meta["fxc_lm_cache"].position_nodes, dec.meta["fxc_lm_cache"].position_nodes
+            raise KVCacheRewriteError(
+                f"self-check failed: the cached decode step at position {p} disagrees with the prefill step "
+                f"(relative difference {err:.2e} > {tol:g}); the graph's positions were probably not all found "
+                f"(position nodes rewritten: prefill {where[0]}, decode {where[1]}). Compute positions from "
+                "arange(seq_len) or a rope table sliced [:seq_len], or pass a model whose forward does")
+    return worst

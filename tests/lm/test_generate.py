@@ -203,3 +203,25 @@ def test_user_model_not_modified():
     before = {k: v.clone() for k, v in m.state_dict().items()}
     compile_lm(m, "torch", max_seq_len=16, prefill_chunk=4)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+class _HiddenPositions(torch.nn.Module):
+    """Rotary-like position signal computed from a constant that the rewrite cannot see as a position source."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(VOCAB, 16)
+        self.qkv = torch.nn.Linear(16, 48)
+        self.out = torch.nn.Linear(16, VOCAB)
+        self.register_buffer("ramp", torch.linspace(0, 1, 64))
+
+    def forward(self, input_ids):
+        b, t = input_ids.shape
+        x = self.emb(input_ids) + self.ramp.flip(0)[-t:, None]  # positions via a flipped table: not rewritten
+        q, k, v = self.qkv(x).view(b, t, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, 16))
+
+
+def test_positions_not_found_fail_the_self_check():
+    with pytest.raises(KVCacheRewriteError, match="self-check failed"):
+        compile_lm(_HiddenPositions(), "torch", max_seq_len=16, prefill_chunk=4)
