@@ -23,7 +23,7 @@ def export_steps_onnx(graphs: dict, spec: LMSpec, d: Path, weight_format: str = 
     the caches to fp16 afterwards with :func:`fxcompress.runtime.ort.to_float16`: for the CUDA EP)."""
     import onnx
 
-    from .. import export_onnx
+    from ..backends.onnx import export_onnx
     from ..runtime.ort import to_float16
 
     files = []
