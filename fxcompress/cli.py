@@ -36,7 +36,7 @@ def _cmd_demo(args) -> int:
         print(f"{name:<26}{bits:>5}{acc:>10.2f}{nbytes:>10}")
     print(f"(test set: {len(yte)} real handwritten digits; {time.perf_counter() - t0:.1f} s)")
     if args.out:
-        fxc.save(last.gm, args.out)
+        fxc.save_artifact(last.gm, args.out)
         print(f"saved the int{args.bits[-1]} model to {args.out} (try: fxcompress report {args.out})")
     return 0
 
@@ -44,7 +44,7 @@ def _cmd_demo(args) -> int:
 def _cmd_report(args) -> int:
     import fxcompress as fxc
 
-    gm = fxc.load(args.dir)
+    gm = fxc.load_artifact(args.dir)
     print(fxc.report(gm))
     return 0
 
@@ -52,11 +52,11 @@ def _cmd_report(args) -> int:
 def _cmd_quantize(args) -> int:
     import fxcompress as fxc
 
-    gm = fxc.load(args.dir)
+    gm = fxc.load_artifact(args.dir)
     cfg = fxc.RTNConfig(bits=args.bits, symmetric=args.symmetric, granularity=args.granularity,
                         group_size=args.group_size)
     res = fxc.quantize_rtn(gm, cfg, progress=True)
-    fxc.save(res.gm, args.out)
+    fxc.save_artifact(res.gm, args.out)
     print(res.report)
     return 0
 
@@ -77,7 +77,7 @@ def _load_lm(name: str):
     if Path(name).is_dir():
         import fxcompress as fxc
 
-        return fxc.load(name), lambda text: list(text.encode("utf-8"))
+        return fxc.load_artifact(name), lambda text: list(text.encode("utf-8"))
     raise ValueError(f"--model must be 'smollm2', 'tiny' or an fxcompress artifact directory, got {name!r}")
 
 
@@ -111,7 +111,7 @@ def _cmd_l4q(args) -> int:
     train_lm(qm, train_batches, args.steps, lora_lr=args.lr, quant_lr=args.quant_lr)
     dm = fxc.convert_l4q(qm)
     ppl1 = perplexity(dm, eval_batches)
-    fxc.save(dm, args.out, extra={"l4q": {"bits": cfg.bits, "group_size": cfg.group_size, "steps": args.steps,
+    fxc.save_artifact(dm, args.out, extra={"l4q": {"bits": cfg.bits, "group_size": cfg.group_size, "steps": args.steps,
                                           "model": args.model, "ppl_rtn": ppl0, "ppl_l4q": ppl1}})
     print(fxc.report(dm))
     print(f"held-out perplexity: step 0 (= RTN) {ppl0:.3f} -> after {args.steps} L4Q steps, converted {ppl1:.3f}")
@@ -140,7 +140,7 @@ def _cmd_udfc(args) -> int:
           f"(prune {cfg.prune_ratio:g}, {cfg.weight_bits}-bit{'' if cfg.compensate else ', no compensation'}) "
           f"{accuracy(res.gm, xte, yte):.2f}%   (pass took {res.gm.meta['udfc_seconds']:.2f} s)")
     if args.out:
-        fxc.save(res.gm, args.out, extra={"udfc_config": {k: (list(v) if isinstance(v, tuple) else v)
+        fxc.save_artifact(res.gm, args.out, extra={"udfc_config": {k: (list(v) if isinstance(v, tuple) else v)
                                                           for k, v in cfg.__dict__.items()}})
         print(f"saved to {args.out}")
     return 0

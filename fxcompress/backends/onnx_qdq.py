@@ -535,7 +535,7 @@ def cli_export(args) -> int:
     import fxcompress as fxc
     from fxcompress.runtime.artifact import read_manifest
 
-    gm = fxc.load(args.dir)
+    gm = fxc.load_artifact(args.dir)
     shapes = [_parse_shape(s) for s in args.input_shape] if args.input_shape else \
         [tuple(s) for s in read_manifest(args.dir).get("extra", {}).get("input_shapes", [])]
     if not shapes:

@@ -1049,7 +1049,7 @@ def cli_export_tvm(args) -> int:
     plus ``model.so.json``.  Expects ``args.model`` (the saved dir), ``args.out`` and ``args.input_shape``
     (a list of shapes, as the ONNX export command takes).
     """
-    from ..runtime.artifact import load as load_artifact
+    from ..runtime.artifact import load_artifact
     from ..runtime.artifact import read_manifest
 
     src = getattr(args, "dir", None) or getattr(args, "model", None)
