@@ -36,7 +36,7 @@ def _cmd_demo(args) -> int:
         print(f"{name:<26}{bits:>5}{acc:>10.2f}{nbytes:>10}")
     print(f"(test set: {len(yte)} real handwritten digits; {time.perf_counter() - t0:.1f} s)")
     if args.out:
-        fxc.save_artifact(last.gm, args.out)
+        fxc.save_artifact(last.gm, args.out, example_inputs=(xte[:1],))
         print(f"saved the int{args.bits[-1]} model to {args.out} (try: fxcompress report {args.out})")
     return 0
 
@@ -59,6 +59,25 @@ def _cmd_quantize(args) -> int:
     fxc.save_artifact(res.gm, args.out)
     print(res.report)
     return 0
+
+
+# --- convert-artifact (firsthour): a self-contained block --------------------------------------------------
+def _cmd_convert_artifact(args) -> int:
+    from fxcompress.runtime.artifact import convert_v1
+
+    out = convert_v1(args.old, args.new, trust=args.trust)
+    print(f"converted {args.old} (format 1, pickle) to {out} (format 2, data only)")
+    return 0
+
+
+def _add_convert_artifact(sub) -> None:
+    c = sub.add_parser("convert-artifact", help="convert a version-1 artifact (pickled structure.pt) to the "
+                       "current data-only format; unpickles the old file, so only for artifacts you trust")
+    c.add_argument("old", help="version-1 artifact directory")
+    c.add_argument("new", help="directory for the converted artifact")
+    c.add_argument("--trust", action="store_true", help="required: confirms you trust OLD (loading it runs its pickle)")
+    c.set_defaults(fn=_cmd_convert_artifact)
+# --- end convert-artifact -------------------------------------------------------------------------------------
 
 
 def _load_lm(name: str):
@@ -216,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmark a deployed model (ONNX Runtime)")
     add_bench_args(b)
     b.set_defaults(fn=cli_bench)
+    _add_convert_artifact(sub)
     return p
 
 

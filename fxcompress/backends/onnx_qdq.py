@@ -537,6 +537,7 @@ def cli_export(args) -> int:
 
     gm = fxc.load_artifact(args.dir)
     shapes = [_parse_shape(s) for s in args.input_shape] if args.input_shape else \
+        [tuple(s["shape"]) for s in read_manifest(args.dir).get("example_inputs") or []] or \
         [tuple(s) for s in read_manifest(args.dir).get("extra", {}).get("input_shapes", [])]
     if not shapes:
         raise ValueError("no example input shape: pass --input-shape (e.g. --input-shape 1,1,8,8)")

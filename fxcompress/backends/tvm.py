@@ -1057,7 +1057,8 @@ def cli_export_tvm(args) -> int:
     shapes = [_parse_shape(s) for s in (getattr(args, "input_shape", None) or [])]
     if not shapes:
         man = read_manifest(src)
-        shapes = [tuple(s) for s in (man.get("extra", {}) or {}).get("input_shapes", [])] or None
+        shapes = [tuple(s["shape"]) for s in man.get("example_inputs") or []] or \
+            [tuple(s) for s in (man.get("extra", {}) or {}).get("input_shapes", [])] or None
     if not shapes:
         raise TVMBackendError("--input-shape is needed (e.g. --input-shape 1,1,8,8): TVM builds for static shapes")
     dt = torch.float16 if getattr(args, "dtype", "float32") == "float16" else None
