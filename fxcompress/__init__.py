@@ -8,6 +8,7 @@ from . import runtime
 from .backends.onnx_qdq import ExportError, export_onnx
 from .backends.tvm import TVMBackendError, build_tvm, compile_tvm
 from .runtime.artifact import ArtifactError, load_artifact, save_artifact
+from .compile_backend import compile_backend
 
 __version__ = "0.1.0"
 
@@ -15,5 +16,5 @@ __all__ = [
     "capture", "CaptureError", "report", "Report", "LayerReport", "PassResult", "Pipeline", "as_fx_pass",
     "QuantSpec", "QuantWeight", "save_artifact", "load_artifact", "ArtifactError", "RTNConfig", "quantize_rtn", "L4QConfig", "prepare_l4q", "convert_l4q",
     "l4q_trainable_parameters", "l4q_param_groups", "UDFCConfig", "udfc", "udfc_pass",
-    "export_onnx", "ExportError", "compile_tvm", "build_tvm", "TVMBackendError", "runtime", "__version__",
+    "compile_backend", "export_onnx", "ExportError", "compile_tvm", "build_tvm", "TVMBackendError", "runtime", "__version__",
 ]
