@@ -106,6 +106,19 @@ def test_export_captured_graph_round_trip(tmp_path):
     assert sum(isinstance(m, fxc.nn.QuantLinear) for m in q2.modules()) == 7
 
 
+def test_hugging_face_llama_export_captured_round_trip(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (1, 8))
+    gm = fxc.capture(transformers.LlamaForCausalLM(cfg).eval(), (ids,), method="export")
+    q = _gm(fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, granularity="per_group", group_size=32)))
+    q2 = load_artifact(save_artifact(q, tmp_path / "a"))
+    out, out2 = q(ids), q2(ids)
+    assert type(out2) is type(out) and torch.equal(out.logits, out2.logits)
+
+
 def test_tied_parameters_stay_tied(tmp_path):
     class Tied(torch.nn.Module):
         def __init__(self):

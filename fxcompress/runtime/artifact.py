@@ -361,7 +361,15 @@ def _graph_from_json(data: dict, where: str) -> fx.Graph:
     cg = data.get("codegen")
     if cg is not None:
         p = cg["pytree"]
-        loads = torch.utils._pytree.treespec_loads
+
+        def loads(spec: str):
+            try:
+                return torch.utils._pytree.treespec_loads(spec)
+            except NotImplementedError as e:  # a pytree node type whose library is not imported: import nothing
+                raise ArtifactError(f"{where}: the graph's inputs/outputs use a container type that is not registered "
+                                    f"in this process ({e}); import the library that defines it (e.g. `import "
+                                    "transformers` for a Hugging Face model's output class) before load_artifact"
+                                    ) from None
         g.set_codegen(fx.graph._PyTreeCodeGen(fx.graph._PyTreeInfo(
             list(p["orig_args"]), None if p["in_spec"] is None else loads(p["in_spec"]),
             None if p["out_spec"] is None else loads(p["out_spec"]))))
