@@ -18,8 +18,9 @@ Every compiled graph's compressed GraphModule and per-layer report stay on the b
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx

@@ -7,10 +7,16 @@ import sys
 import pytest
 import torch
 from safetensors.torch import save_file
+from toymodels import DecoderBlock
 
 import fxcompress as fxc
-from fxcompress.runtime.artifact import ArtifactError, convert_v1, example_inputs, load_artifact, save_artifact
-from toymodels import DecoderBlock
+from fxcompress.runtime.artifact import (
+    ArtifactError,
+    convert_v1,
+    example_inputs,
+    load_artifact,
+    save_artifact,
+)
 
 
 def _gm(result):
@@ -136,7 +142,7 @@ def test_tied_parameters_stay_tied(tmp_path):
 
 
 def test_gm_not_modified_and_unknown_module_refused_at_save(tmp_path, decoder_rtn):
-    gm, x = decoder_rtn
+    gm, _ = decoder_rtn
     before = copy.deepcopy(gm.state_dict())
     save_artifact(gm, tmp_path / "a")
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())

@@ -2,10 +2,10 @@
 import pytest
 import torch
 from torch import nn
+from toymodels import DecoderBlock
 
 import fxcompress as fxc
 from fxcompress.compile_backend import compile_backend
-from toymodels import DecoderBlock
 
 
 def _gm(r):

@@ -28,8 +28,9 @@ import hashlib
 import json
 import math
 import operator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -205,10 +206,12 @@ _LAYOUTS = {str(m).split(".")[-1]: m for m in (torch.strided, torch.sparse_coo)}
 
 
 class _Encoder:
-    def __init__(self, where: str, tensors: dict | None = None, prefix: str = ""):
-        self.where, self.tensors, self.prefix = where, tensors, prefix
+    """Python value -> JSON; ``where`` names the node/attribute in errors."""
 
-    def __call__(self, v, path: str = ""):
+    def __init__(self, where: str):
+        self.where = where
+
+    def __call__(self, v):
         if isinstance(v, fx.Node):
             return {"node": v.name}
         if v is None or isinstance(v, (bool, str)):
@@ -239,10 +242,6 @@ class _Encoder:
             return {"memory_format": str(v).split(".")[-1]}
         if isinstance(v, torch.layout):
             return {"layout": str(v).split(".")[-1]}
-        if isinstance(v, torch.Tensor) and self.tensors is not None:
-            key = f"{self.prefix}{path}"
-            self.tensors[key] = v
-            return {"tensor": key}
         if dataclasses.is_dataclass(v) and not isinstance(v, type) and _qualname(type(v)) in _DATACLASSES:
             return {"dataclass": _qualname(type(v)),
                     "fields": {f.name: self(getattr(v, f.name)) for f in dataclasses.fields(v)}}
@@ -253,9 +252,10 @@ class _Encoder:
                             "slices, torch.Size, tensors and registered dataclasses)")
 
 
-def _decode(v, nodes: dict | None = None, tensors: dict | None = None, where: str = "artifact"):
+def _decode(v, nodes: dict | None = None, where: str = "artifact"):
+    """JSON -> Python value (inverse of :class:`_Encoder`); ``nodes`` maps node names for graph arguments."""
     def d(x):
-        return _decode(x, nodes, tensors, where)
+        return _decode(x, nodes, where)
     if v is None or isinstance(v, (bool, int, float, str)):
         return v
     if isinstance(v, list):
@@ -287,8 +287,6 @@ def _decode(v, nodes: dict | None = None, tensors: dict | None = None, where: st
             return _MEMORY_FORMATS[body]
         if tag == "layout":
             return _LAYOUTS[body]
-        if tag == "tensor" and tensors is not None:
-            return tensors[body]
         if tag == "dataclass":
             cls = _DATACLASSES.get(body)
             if cls is None:
@@ -410,17 +408,13 @@ class _TreeWriter:
                 out["config"] = _Encoder(where)(entry.to_config(m))
             else:
                 attrs = {}
-                enc = _Encoder(where, tensors={}, prefix="")
                 for k, v in m.__dict__.items():
                     if k in _MODULE_INTERNALS:
                         continue
                     if isinstance(v, torch.Tensor):
                         attrs[k] = {"tensor_attr": self.tensor(_join(path, k), v)}
-                        continue
-                    enc.where = f"{where}, attribute {k}"
-                    attrs[k] = enc(v)
-                    if enc.tensors:
-                        raise ArtifactError(f"{where}: attribute {k} holds tensors inside a container")
+                    else:
+                        attrs[k] = _Encoder(f"{where}, attribute {k}")(v)
                 out["attrs"] = attrs
         out["parameters"] = {k: None if p is None else {**self.tensor(_join(path, k), p),
                                                         "requires_grad": p.requires_grad}
