@@ -27,7 +27,8 @@ _LAZY = {
     "l4q_trainable_parameters": "fxcompress.passes", "l4q_param_groups": "fxcompress.passes",
     "UDFCConfig": "fxcompress.passes.udfc", "udfc": "fxcompress.passes.udfc", "udfc_pass": "fxcompress.passes.udfc",
     "QuantSpec": "fxcompress.quant", "QuantWeight": "fxcompress.quant",
-    "save": "fxcompress.runtime.artifact", "load": "fxcompress.runtime.artifact",
+    "save_artifact": "fxcompress.runtime.artifact", "load_artifact": "fxcompress.runtime.artifact",
+    "compile_backend": "fxcompress.compile_backend",
     "ArtifactError": "fxcompress.runtime.artifact",
     "export_onnx": "fxcompress.backends.onnx", "ExportError": "fxcompress.backends.onnx",
     "compile_tvm": "fxcompress.backends.tvm", "build_tvm": "fxcompress.backends.tvm",
@@ -35,7 +36,7 @@ _LAZY = {
     "TVMBackendError": "fxcompress.backends.tvm", "TVMBuildConfig": "fxcompress.backends.tvm",
 }
 # subpackages reachable as attributes (``fxc.runtime.load_runner``) before anything imported them
-_SUBMODULES = ("backends", "capture", "cli", "data", "distributed", "doctor", "finetune", "lm", "models", "nn", "passes",
+_SUBMODULES = ("backends", "capture", "cli", "compile_backend", "data", "distributed", "doctor", "finetune", "lm", "models", "nn", "passes",
                "quant", "runtime")
 
 

@@ -96,7 +96,7 @@ def _cmd_demo(args) -> int:
         print(f"{name:<26}{bits:>5}{acc:>10.2f}{nbytes:>10}")
     print(f"(test set: {len(yte)} real handwritten digits; {time.perf_counter() - t0:.1f} s)")
     if args.out:
-        fxc.save(last.gm, args.out)
+        fxc.save_artifact(last.gm, args.out, example_inputs=(xte[:1],))
         print(f"saved the int{args.bits[-1]} model to {args.out} (try: fxcompress report {args.out})")
     return 0
 
@@ -104,7 +104,7 @@ def _cmd_demo(args) -> int:
 def _cmd_report(args) -> int:
     import fxcompress as fxc
 
-    gm = fxc.load(args.dir)
+    gm = fxc.load_artifact(args.dir)
     print(fxc.report(gm))
     return 0
 
@@ -112,31 +112,18 @@ def _cmd_report(args) -> int:
 def _cmd_quantize(args) -> int:
     import fxcompress as fxc
 
-    gm = fxc.load(args.dir)
+    gm = fxc.load_artifact(args.dir)
     cfg = fxc.RTNConfig(bits=args.bits, symmetric=args.symmetric, granularity=args.granularity,
                         group_size=args.group_size)
     try:
         res = fxc.rtn_pass(gm, cfg, progress=_progress())
     except fxc.NothingToCompressError as e:
         raise UsageError(f"{args.dir}: nothing was quantized ({e}); quantize takes an artifact with float "
-                         "Linear / Conv2d layers (e.g. one written by fxc.save of a captured model), not one that "
-                         "is already quantized") from None
-    fxc.save(res.gm, args.out)
+                         "Linear / Conv2d layers (e.g. one written by fxc.save_artifact of a captured model), "
+                         "not one that is already quantized") from None
+    fxc.save_artifact(res.gm, args.out)
     print(res.report)
     return 0
-
-
-def _skip_summary(gm, report) -> str:
-    from fxcompress.nn import QuantConv2d, QuantLinear
-
-    nq = sum(isinstance(m, (QuantLinear, QuantConv2d)) for m in gm.modules())
-    skipped = report.rows("skipped")
-    parts = []
-    if nq:
-        parts.append(f"{nq} layer(s) already hold integer weights")
-    if skipped:
-        parts.append(f"{len(skipped)} skipped, e.g. {skipped[0].layer}: {skipped[0].note}")
-    return "; ".join(parts) or "no Linear / Conv2d layer found"
 
 
 LM_MODELS = ("smollm2", "tiny")
@@ -148,6 +135,20 @@ def _check_lm_name(name: str) -> None:
     if name not in LM_MODELS and not Path(name).is_dir():
         raise UsageError(f"--model {name!r} is neither a built-in model ({', '.join(LM_MODELS)}) nor an fxcompress "
                          "artifact directory; pass --model tiny, --model smollm2 or a directory written by fxcompress")
+
+
+def _cmd_convert_artifact(args) -> int:
+    from fxcompress.runtime.artifact import convert_v1
+
+    out = convert_v1(args.old, args.new, trust=args.trust)
+    print(f"converted {args.old} (format 1, pickle) to {out} (format 2, data only)")
+    return 0
+
+
+def _args_convert_artifact(c) -> None:
+    c.add_argument("old", help="version-1 artifact directory")
+    c.add_argument("new", help="directory for the converted artifact")
+    c.add_argument("--trust", action="store_true", help="required: confirms you trust OLD (loading it runs its pickle)")
 
 
 def _load_lm(name: str):
@@ -166,7 +167,7 @@ def _load_lm(name: str):
     if Path(name).is_dir():
         import fxcompress as fxc
 
-        return fxc.load(name), lambda text: list(text.encode("utf-8"))
+        return fxc.load_artifact(name), lambda text: list(text.encode("utf-8"))
     _check_lm_name(name)
     raise AssertionError("unreachable")
 
@@ -204,7 +205,7 @@ def _cmd_l4q(args) -> int:
     train_lm(qm, train_batches, args.steps, lora_lr=args.lr, quant_lr=args.quant_lr, progress=_progress())
     dm = fxc.convert_l4q(qm)
     ppl1 = perplexity(dm, eval_batches)
-    fxc.save(dm, args.out, extra={"l4q": {"bits": cfg.bits, "group_size": cfg.group_size, "steps": args.steps,
+    fxc.save_artifact(dm, args.out, extra={"l4q": {"bits": cfg.bits, "group_size": cfg.group_size, "steps": args.steps,
                                           "model": args.model, "ppl_rtn": ppl0, "ppl_l4q": ppl1}})
     print(fxc.report(dm))
     print(f"held-out perplexity: step 0 (= RTN) {ppl0:.3f} -> after {args.steps} L4Q steps, converted {ppl1:.3f}")
@@ -233,7 +234,7 @@ def _cmd_udfc(args) -> int:
           f"(prune {cfg.prune_ratio:g}, {cfg.weight_bits}-bit{'' if cfg.compensate else ', no compensation'}) "
           f"{accuracy(res.gm, xte, yte):.2f}%   (pass took {res.gm.meta['udfc_seconds']:.2f} s)")
     if args.out:
-        fxc.save(res.gm, args.out, extra={"udfc_config": {k: (list(v) if isinstance(v, tuple) else v)
+        fxc.save_artifact(res.gm, args.out, extra={"udfc_config": {k: (list(v) if isinstance(v, tuple) else v)
                                                           for k, v in cfg.__dict__.items()}})
         print(f"saved to {args.out}")
     return 0
@@ -384,6 +385,8 @@ COMMANDS = [
     ("bench", "benchmark a deployed model (ONNX Runtime)", lambda p: _add_bench_args(p), lambda a: _cmd_bench(a)),
     ("generate", "generate text from a causal LM with a KV cache (torch, ORT or TVM)", _args_generate,
      _cmd_generate),
+    ("convert-artifact", "convert a version-1 artifact (pickled structure.pt) to the current data-only format; "
+     "unpickles the old file, so only for artifacts you trust", _args_convert_artifact, _cmd_convert_artifact),
     ("doctor", "print the versions of the packages fxcompress uses and what each enables", _args_none,
      lambda a: _cmd_doctor(a)),
 ]
@@ -481,7 +484,7 @@ def _cmd_export(args) -> int:
     import fxcompress as fxc
 
     shapes = example_shapes(args.dir, args.input_shape)
-    gm = fxc.load(args.dir)
+    gm = fxc.load_artifact(args.dir)
     if args.format == "tvm":
         return _export_tvm(args, gm, shapes)
     from fxcompress.backends.onnx import export_onnx, layer_formats

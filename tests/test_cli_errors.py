@@ -32,8 +32,8 @@ def artifacts(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     _, _, xte, _ = load_digits_split()
     gm = fxc.capture(pretrained_digits_resnet(), (xte[:1],))
-    fxc.save(gm, d / "float")
-    fxc.save(fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8)), d / "q8")
+    fxc.save_artifact(gm, d / "float")
+    fxc.save_artifact(fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8)), d / "q8")
     return d
 
 

@@ -227,8 +227,8 @@ def test_convert_save_load_bit_exact(tmp_path):
     qm = fxc.prepare_l4q(m, (x,), CFG)
     _train(qm, m, x, 5)
     dm = fxc.convert_l4q(qm)
-    fxc.save(dm, tmp_path / "out")
-    dm2 = fxc.load(tmp_path / "out")
+    fxc.save_artifact(dm, tmp_path / "out")
+    dm2 = fxc.load_artifact(tmp_path / "out")
     assert torch.equal(dm(x), dm2(x))
     q1, q2 = dm.get_submodule("o_proj").quant_weight, dm2.get_submodule("o_proj").quant_weight
     assert torch.equal(q1.packed, q2.packed) and torch.equal(q1.zero_point, q2.zero_point)

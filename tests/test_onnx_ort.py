@@ -265,7 +265,7 @@ def test_cuda_parity(block, tmp_path):
 def test_cli_export_and_bench(digits, tmp_path, capsys):
     gm, xte, _ = digits
     q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8))
-    fxc.save(q, tmp_path / "art")
+    fxc.save_artifact(q, tmp_path / "art")
     assert main(["export", str(tmp_path / "art"), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
                  "--input-shape", "1,1,8,8"]) == 0
     assert main(["bench", str(tmp_path / "m.onnx"), "--backend", "ort", "--device", "cpu",

@@ -249,8 +249,8 @@ def test_sub_byte_bits_in_8bit_container():
 def test_save_load_roundtrip(tmp_path):
     model, x, _ = _digits()
     gm = udfc(model, (x[:4],), UDFCConfig(prune_ratio=0.3, weight_bits=4)).eval()
-    fxc.save(gm, tmp_path / "m")
-    back = fxc.load(tmp_path / "m").eval()
+    fxc.save_artifact(gm, tmp_path / "m")
+    back = fxc.load_artifact(tmp_path / "m").eval()
     torch.testing.assert_close(back(x[:8]), gm(x[:8]))
     assert any(r.pass_name == "udfc" for r in fxc.report(back))
 
