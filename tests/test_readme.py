@@ -48,18 +48,6 @@ def _run(cmd: list[str], cwd: Path, what: str, timeout: int = 300) -> None:
         pytest.fail(f"{what} failed (exit {p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}")
 
 
-def _pre_merge_api() -> bool:
-    """True while this checkout predates the API the README is written in (quantize_rtn returning the model,
-    fxc.runtime.load_runner): set only on the firsthour branch before the lead merges the layout/export
-    branches; afterwards every block must run."""
-    import inspect
-
-    import fxcompress as fxc
-    return "PassResult" in str(inspect.signature(fxc.quantize_rtn).return_annotation) or \
-        not hasattr(fxc.runtime, "load_runner")
-
-
-PRE_MERGE_NAMES = ("quantize_rtn", "load_runner", "TVMBuildConfig")
 PY_BLOCKS = _blocks("python")
 BASH_BLOCKS = [(line, b) for line, b in _blocks("bash") if _cli_lines(b)]
 
@@ -80,12 +68,7 @@ def test_ci_installs_as_the_readme_says():
 def test_python_block_runs(tmp_path, line, code):
     script = tmp_path / "block.py"
     script.write_text(code)
-    try:
-        _run([sys.executable, str(script)], tmp_path, f"README.md python block at line {line}")
-    except pytest.fail.Exception:
-        if _pre_merge_api() and any(name in code for name in PRE_MERGE_NAMES):
-            pytest.xfail("README uses the post-merge API (quantize_rtn returns the model, runtime.load_runner)")
-        raise
+    _run([sys.executable, str(script)], tmp_path, f"README.md python block at line {line}")
 
 
 @pytest.mark.parametrize("line,block", BASH_BLOCKS, ids=[f"bash-L{ln}" for ln, _ in BASH_BLOCKS])
