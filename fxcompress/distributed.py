@@ -29,8 +29,34 @@ def default_mp_policy():
     return MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
 
 
-def shard_l4q(qm: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True) -> nn.Module:
-    """Apply FSDP2 ``fully_shard`` to every ``L4QLinear`` of ``qm`` and then to ``qm`` itself; returns ``qm``.
+def fsdp_units(model: nn.Module, layer_type: type, units: str = "block") -> list[list[nn.Module]]:
+    """The modules of type ``layer_type`` in ``model`` grouped into FSDP2 units.
+
+    ``units="block"``: one unit per decoder block, the layers whose qualified names share the prefix up to
+    ``layers.N`` / ``h.N`` / ``blocks.N`` (a layer outside such a block is a unit of its own), so a step
+    all-gathers once per block instead of once per linear; ``units="linear"``: one unit per layer.
+    """
+    if units not in ("block", "linear"):
+        raise ValueError(f"units must be 'block' or 'linear', got {units!r}")
+    groups: dict[str, list[nn.Module]] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, layer_type):
+            continue
+        key = name
+        if units == "block":
+            parts = name.split(".")
+            for i in range(len(parts) - 1):
+                if parts[i] in ("layers", "layer", "h", "blocks") and parts[i + 1].isdigit():
+                    key = ".".join(parts[: i + 2])
+                    break
+        groups.setdefault(key, []).append(m)
+    return list(groups.values())
+
+
+def shard_l4q(qm: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: bool = True,
+              units: str = "block") -> nn.Module:
+    """Apply FSDP2 ``fully_shard`` to the ``L4QLinear`` layers of ``qm``, grouped by :func:`fsdp_units`
+    (default: one unit per decoder block), and then to ``qm`` itself; returns ``qm``.
 
     Like ``fully_shard`` this converts ``qm``'s parameters to sharded DTensors in place (call it on the
     model ``prepare_l4q`` returned, which is already a copy of yours).  The graph calls each
@@ -62,8 +88,8 @@ def shard_l4q(qm: nn.Module, mesh=None, mp_policy=None, reshard_after_forward: b
                                  f"and offset float32, as prepare_l4q creates them)")
     policy = default_mp_policy() if mp_policy is None else mp_policy
     kw = dict(mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    for m in layers:
-        fully_shard(m, **kw)
+    for group in fsdp_units(qm, L4QLinear, units):
+        fully_shard(group if len(group) > 1 else group[0], **kw)
     fully_shard(qm, **kw)
     return qm
 

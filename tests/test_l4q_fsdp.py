@@ -78,3 +78,19 @@ def test_shard_l4q_needs_l4q_layers(tmp_path):
             shard_l4q(gm)
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp_units_group_each_decoder_block():
+    from fxcompress.distributed import fsdp_units
+    from fxcompress.models.smollm2 import tiny_causal_lm
+    from fxcompress.nn import L4QLinear
+
+    ids = torch.randint(0, 100, (1, 8))
+    qm = fxc.prepare_l4q(tiny_causal_lm(), (ids,), fxc.L4QConfig(bits=4, group_size=32))
+    names = {id(m): n for n, m in qm.named_modules()}
+    blocks = fsdp_units(qm, L4QLinear)
+    assert [len(b) for b in blocks] == [7, 7]
+    assert all(names[id(m)].startswith(f"layers.{i}.") for i, b in enumerate(blocks) for m in b)
+    assert [len(b) for b in fsdp_units(qm, L4QLinear, "linear")] == [1] * 14
+    with pytest.raises(ValueError, match="units must be"):
+        fsdp_units(qm, L4QLinear, "layer")

@@ -36,15 +36,14 @@ def model_config(args):
                          max_position_embeddings=max(2048, args.seq + 1), tie_word_embeddings=False)
 
 
-def shard(model, method):
+def shard(model, method, units):
     from torch.distributed.fsdp import fully_shard
     from bench_l4q_train import LoRALinear
-    from fxcompress.distributed import default_mp_policy, shard_l4q
+    from fxcompress.distributed import default_mp_policy, fsdp_units, shard_l4q
     if method == "l4q":
-        return shard_l4q(model)
-    for m in model.modules():  # the same units and policy as shard_l4q
-        if isinstance(m, LoRALinear):
-            fully_shard(m, mp_policy=default_mp_policy())
+        return shard_l4q(model, units=units)
+    for group in fsdp_units(model, LoRALinear, units):  # the same units and policy as shard_l4q
+        fully_shard(group if len(group) > 1 else group[0], mp_policy=default_mp_policy())
     fully_shard(model, mp_policy=default_mp_policy())
     return model
 
@@ -60,7 +59,7 @@ def measure(method, cfg, args, dev, sharded, rank, world):
     t0 = time.time()
     model = build(method, cfg, args, dev)
     if sharded:
-        shard(model, method)
+        shard(model, method, args.units)
     prep_s = time.time() - t0
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator(device=dev).manual_seed(1000 + rank)
@@ -185,7 +184,7 @@ def launch(args):
         raise SystemExit(f"tools/l4q_fsdp.py needs 2 GPUs, found {torch.cuda.device_count()}")
     common = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
               ("hidden", "ffn", "layers", "heads", "kv_heads", "vocab", "batch", "seq", "rank", "warmup", "iters",
-               "device")]
+               "device", "units")]
     t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         single, fsdp = os.path.join(tmp, "single.json"), os.path.join(tmp, "fsdp.json")
@@ -215,11 +214,11 @@ def launch(args):
         f"LoRA rank {args.rank} on every q/k/v/o/gate/up/down projection (lm_head, embeddings frozen); L4Q 4-bit g128 "
         f"(frozen W0 bf16, trainable A, B, step sizes and offsets fp32). Per GPU {args.batch} x {args.seq} tokens "
         f"a step (weak scaling), AdamW; median of {args.iters} steps after {args.warmup} warm-up steps (2 GPUs: the "
-        f"slower rank). 2 GPUs: `fully_shard` on every adapted linear and then the root "
-        f"(`fxcompress.distributed.shard_l4q`; LoRA sharded the same way), no parameter cast, fp32 gradient reduction.",
+        f"slower rank). 2 GPUs: `fully_shard` per {'decoder block (its adapted linears as one unit)' if args.units == 'block' else 'adapted linear'} and then the root "
+        f"(`fxcompress.distributed.shard_l4q(units={args.units!r})`; LoRA sharded the same way), no parameter cast, fp32 gradient reduction.",
         "",
         f"Command: `PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/l4q_fsdp.py --layers {args.layers} "
-        f"--batch {args.batch} --seq {args.seq} --iters {args.iters}`",
+        f"--batch {args.batch} --seq {args.seq} --iters {args.iters} --units {args.units}`",
         "",
         "| method | GPUs | step ms [min-max] | tokens/s | tokens/s vs 1 GPU | step vs LoRA | peak MiB per GPU | "
         "memory vs LoRA |",
@@ -264,6 +263,8 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--units", choices=("block", "linear"), default="block",
+                    help="FSDP2 units: one per decoder block (default) or one per adapted linear")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a gloo smoke run of the script")
