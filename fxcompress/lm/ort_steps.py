@@ -24,7 +24,7 @@ def export_steps_onnx(graphs: dict, spec: LMSpec, d: Path, weight_format: str = 
     import onnx
 
     from ..backends.onnx import export_onnx
-    from ..runtime.ort import to_float16
+    from ..backends.onnx import to_float16
 
     files = []
     for kind, g in graphs.items():
