@@ -7,7 +7,7 @@
 * Decode step: ``fxcompress.models.smollm2.CausalLM`` (hidden 2048, intermediate 5632, 4 layers, 16 heads,
   vocab 32000, untied head), random init, one token at batch 1 (the model has no KV cache, so one token is
   the whole forward).  fp16: the float model exported with ``fxcompress.export_onnx`` and converted to fp16
-  (``fxcompress.runtime.ort.to_float16``); int4: ``quantize_rtn(bits=4, per_group 128, asymmetric)``
+  (``fxcompress.backends.onnx.to_float16``); int4: ``quantize_rtn(bits=4, per_group 128, asymmetric)``
   exported with ``weight_format="matmulnbits"`` and converted the same way (fp16 activations and scales).
   The embedding table stays fp16 in both (it is a Gather, not a matmul).
 

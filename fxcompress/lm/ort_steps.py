@@ -20,7 +20,7 @@ _NP = {"float32": np.float32, "float16": np.float16}
 def export_steps_onnx(graphs: dict, spec: LMSpec, d: Path, weight_format: str = "matmulnbits",
                       accuracy_level: int = 0, float16: bool = False) -> list[str]:
     """Write ``prefill.onnx`` / ``decode.onnx`` (fp32 graphs; ``float16`` converts activations, float weights and
-    the caches to fp16 afterwards with :func:`fxcompress.runtime.ort.to_float16`: for the CUDA EP)."""
+    the caches to fp16 afterwards with :func:`fxcompress.backends.onnx.to_float16`: for the CUDA EP)."""
     import onnx
 
     from ..backends.onnx import export_onnx
