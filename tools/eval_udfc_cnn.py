@@ -100,12 +100,14 @@ def torch_pruning_l1(model: nn.Module, x: torch.Tensor, producers: list[str], ra
 
 
 def rtn(model: nn.Module, x: torch.Tensor, bits: int) -> nn.Module:
-    return fxc.quantize_rtn(fxc.capture(model, (x[:1],)), fxc.RTNConfig(bits=bits if bits in (2, 3, 4, 8) else 8)).gm
+    """Per-channel symmetric RTN of every Conv2d / Linear (UDFC's quantizer with nothing else switched on)."""
+    return udfc_pass(fxc.capture(model, (x[:1],)), UDFCConfig(prune=False, compensate=False, weight_bits=bits,
+                                                              skip=())).gm
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--crops", type=int, default=256)
+    ap.add_argument("--crops", type=int, default=128)
     ap.add_argument("--prunes", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
     ap.add_argument("--iters", type=int, default=20, help="ORT timing repeats (batch 1, 2 threads)")
@@ -120,29 +122,32 @@ def main(argv=None) -> int:
     gm = fxc.capture(model, (x[:1],))
     rows = []
 
-    def add(method, prune, bits, m, note=""):
+    def add(method, prune, bits, m, note="", latency=True):
         m = m.eval()
         with torch.no_grad():
             y = torch.cat([m(b) for b in x.split(64)])
         t1, t5, cos = agreement(y, ref)
         n, macs = params_and_macs(m, x)
-        lat = ort_latency_ms(m, x, args.iters)
+        lat = ort_latency_ms(m, x, args.iters) if latency else float("nan")
         rows.append((method, prune, bits, t1, t5, cos, n, macs, lat, note))
         print(f"{method:28s} prune {prune:.0%} {bits}-bit  top1 {t1:6.2f}  top5 {t5:6.2f}  cos {cos:.4f}  "
               f"params {n / 1e6:.2f}M  MMACs {macs / 1e6:.0f}  ORT {lat:.2f} ms", flush=True)
 
     add("fp32", 0.0, 32, model)
     for bits in args.bits:
-        add("RTN per channel", 0.0, bits, rtn(model, x, bits), "" if bits in (2, 3, 4, 8) else "8-bit codes")
-        add("UDFC (quantize only)", 0.0, bits, udfc_pass(gm, UDFCConfig(prune=False, weight_bits=bits)).gm)
+        add("RTN per channel", 0.0, bits, rtn(model, x, bits), "" if bits in (2, 3, 4, 8) else "8-bit container")
+        add("UDFC (quantize only)", 0.0, bits, udfc_pass(gm, UDFCConfig(prune=False, weight_bits=bits)).gm,
+            "ORT: as RTN", latency=False)
     for prune in args.prunes:
         for bits in args.bits:
             res = udfc_pass(gm, UDFCConfig(prune_ratio=prune, weight_bits=bits))
             add("UDFC", prune, bits, res.gm, res.gm.meta["udfc_summary"].split(";")[0])
             add("L2 prune + RTN (no comp.)", prune, bits,
-                udfc_pass(gm, UDFCConfig(prune_ratio=prune, weight_bits=bits, compensate=False)).gm)
+                udfc_pass(gm, UDFCConfig(prune_ratio=prune, weight_bits=bits, compensate=False)).gm,
+                "ORT: as UDFC", latency=False)
             add("UDFC merge=single", prune, bits,
-                udfc_pass(gm, UDFCConfig(prune_ratio=prune, weight_bits=bits, merge="single")).gm)
+                udfc_pass(gm, UDFCConfig(prune_ratio=prune, weight_bits=bits, merge="single")).gm,
+                "ORT: as UDFC", latency=False)
             producers = [r.layer for r in res.report if r.action.startswith("pruned") and "depthwise" not in r.note]
             try:
                 tpm = torch_pruning_l1(model, x, producers, prune)

@@ -343,6 +343,10 @@ def quantize_activations(model: nn.Module, example_inputs=None,
     """
     from ..capture import capture
 
+    if isinstance(model, nn.Module):  # before capture: NaN statistics would fail its output check obscurely
+        for name, m in model.named_modules():
+            if isinstance(m, _BN_TYPES):
+                _check_bn(name, m)
     gm = capture(model, example_inputs)
     if config.calibration is None and example_inputs is not None:
         ex = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
