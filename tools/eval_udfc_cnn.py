@@ -92,7 +92,10 @@ def torch_pruning_l1(model: nn.Module, x: torch.Tensor, producers: list[str], ra
     m = copy.deepcopy(model).eval()
     named = dict(m.named_modules())
     ratios = {named[p]: ratio for p in producers}
-    ignored = [mod for name, mod in named.items() if isinstance(mod, (nn.Conv2d, nn.Linear)) and name not in producers]
+    # global ratio 0 + a ratio per producer: DepGraph prunes each producer's group (its BN, the depthwise
+    # conv after it and the consumer's input channels) and nothing else; only the classifier is ignored
+    # (ignoring the depthwise convs too would block those groups entirely)
+    ignored = [mod for mod in m.modules() if isinstance(mod, nn.Linear)]
     pruner = tp.pruner.MetaPruner(m, x[:1], importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=0.0,
                                   pruning_ratio_dict=ratios, ignored_layers=ignored)
     pruner.step()
