@@ -23,6 +23,8 @@ _LAZY = {
     "RTNConfig": "fxcompress.passes", "quantize_rtn": "fxcompress.passes",
     "FusionConfig": "fxcompress.passes.fusion", "fuse_linears": "fxcompress.passes.fusion",
     "fuse_linears_pass": "fxcompress.passes.fusion",
+    "ActivationConfig": "fxcompress.passes.activations", "quantize_activations": "fxcompress.passes.activations",
+    "quantize_activations_pass": "fxcompress.passes.activations",
     "L4QConfig": "fxcompress.passes", "prepare_l4q": "fxcompress.passes", "convert_l4q": "fxcompress.passes",
     "l4q_trainable_parameters": "fxcompress.passes", "l4q_param_groups": "fxcompress.passes",
     "UDFCConfig": "fxcompress.passes.udfc", "udfc": "fxcompress.passes.udfc", "udfc_pass": "fxcompress.passes.udfc",

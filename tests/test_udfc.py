@@ -273,7 +273,9 @@ def test_skips_are_reported():
     res = udfc_pass(fxc.capture(model, (x,)), UDFCConfig(prune_ratio=0.5, skip=()))
     rows = {r.layer: r for r in res.report}
     assert "no BatchNorm" in rows["a"].note and rows["a"].shape_after == rows["a"].shape_before
-    assert rows["b"].action == "skipped" and "depthwise" in rows["b"].note
+    # a depthwise conv not fed by a prunable producer: quantized and compensated into c, never pruned
+    assert rows["b"].action == "quantized" and "depthwise" in rows["b"].note
+    assert "compensation: yes" in rows["b"].note and rows["b"].shape_after == rows["b"].shape_before
     assert res.gm.eval()(x).shape == (1, 4, 6, 6)
     groups = channel_groups(fxc.capture(model, (x,)))
     assert ("a",) in groups

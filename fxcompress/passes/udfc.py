@@ -41,7 +41,7 @@ from torch import nn
 from ..nn import QuantConv2d, QuantLinear
 from ..quant import QuantSpec, QuantWeight
 from .base import LayerReport, PassResult, Report, check_modified, record
-from .channel_groups import Chain, analyze, is_relu
+from .channel_groups import Chain, activation_upper, analyze, is_relu
 from .program import apply_pass, modularize
 
 NATIVE_BITS = (2, 3, 4, 8)
@@ -65,6 +65,7 @@ class UDFCConfig:
     correlation: str = "weights"  # cross-channel model: "independent" (BN only) or "weights"
     ridge: float = 1e-4  # relative ridge on E[d d^T] for a stable solve
     merge: str = "all"  # "all": every channel from all kept ones; "single": from one kept channel (NM-style)
+    max_correlated: int = 512  # layers with more channels use correlation="independent" (cost: N^2 integrals)
 
     def __post_init__(self):
         r = self.prune_ratio
@@ -86,6 +87,9 @@ class UDFCConfig:
         for f in ("prune", "quantize", "compensate", "bias_correction"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"UDFCConfig.{f} must be a bool, got {getattr(self, f)!r}")
+        if isinstance(self.max_correlated, bool) or not isinstance(self.max_correlated, int) \
+                or self.max_correlated < 1:
+            raise ValueError(f"UDFCConfig.max_correlated must be an int >= 1, got {self.max_correlated!r}")
         if not isinstance(self.ridge, (int, float)) or isinstance(self.ridge, bool) or not self.ridge >= 0:
             raise ValueError(f"UDFCConfig.ridge must be a number >= 0, got {self.ridge!r}")
 
@@ -105,51 +109,101 @@ def _cdf(x):
     return 0.5 * (1 + torch.erf(x / _SQRT2))
 
 
+def _t(v):
+    return torch.as_tensor(v, dtype=torch.float64)
+
+
+def clipped_mean(mu, sigma, hi=math.inf):
+    """E[clip(y, 0, hi)] for y ~ N(mu, sigma^2) (hi = inf: ReLU, 6: ReLU6).
+
+    With a = -mu/sigma, b = (hi - mu)/sigma: mu (Phi(b) - Phi(a)) + sigma (phi(a) - phi(b)) + hi (1 - Phi(b)).
+    """
+    mu, sigma = _t(mu), _t(sigma)
+    s = sigma.clamp_min(1e-12)
+    a = -mu / s
+    b = (hi - mu) / s if math.isfinite(hi) else torch.full_like(mu, math.inf)
+    out = mu * (_cdf(b) - _cdf(a)) + s * (_pdf(a) - _pdf(b))
+    if math.isfinite(hi):
+        out = out + hi * (1 - _cdf(b))
+    return torch.where(sigma > 1e-12, out, mu.clamp(0, hi))
+
+
+def clipped_second_moment(mu, sigma, hi=math.inf):
+    """E[clip(y, 0, hi)^2] for y ~ N(mu, sigma^2).
+
+    (mu^2 + sigma^2)(Phi(b) - Phi(a)) + 2 mu sigma (phi(a) - phi(b)) + sigma^2 (a phi(a) - b phi(b))
+    + hi^2 (1 - Phi(b)), with a, b as in :func:`clipped_mean` (the terms in b vanish for hi = inf).
+    """
+    mu, sigma = _t(mu), _t(sigma)
+    s = sigma.clamp_min(1e-12)
+    a = -mu / s
+    out = (mu * mu + s * s) * (1 - _cdf(a)) + 2 * mu * s * _pdf(a) + s * s * a * _pdf(a)
+    if math.isfinite(hi):
+        b = (hi - mu) / s
+        out = out - (mu * mu + s * s) * (1 - _cdf(b)) - 2 * mu * s * _pdf(b) - s * s * b * _pdf(b) \
+            + hi * hi * (1 - _cdf(b))
+    return torch.where(sigma > 1e-12, out, mu.clamp(0, hi) ** 2)
+
+
+def clipped_cross_moment(mu1, s1, mu2, s2, rho, hi=math.inf):
+    """E[clip(y1, 0, hi) clip(y2, 0, hi)] for jointly Gaussian y1, y2 with correlation rho (broadcasting).
+
+    Write y1 = mu1 + s1 u with u ~ N(0, 1); then y2 | u ~ N(mu2 + s2 rho u, s2^2 (1 - rho^2)), so
+    E[clip(y2) | u] is :func:`clipped_mean`.  The remaining 1-D integral over u is split where clip(y1)
+    has kinks (y1 = 0 and y1 = hi); each smooth piece ([0, hi] where clip(y1) = y1, [hi, inf) where it
+    is hi) is done with 32-point Gauss-Legendre.  rho = 0 gives E[a1] E[a2].
+    """
+    mu1, s1, mu2, s2, rho = torch.broadcast_tensors(*(_t(v) for v in (mu1, s1, mu2, s2, rho)))
+    rho = rho.clamp(-1.0, 1.0)
+    s1c = s1.clamp_min(1e-12)
+    lo = (-mu1 / s1c).clamp(-12.0, 12.0)
+    top = torch.full_like(lo, 12.0)
+    mid = torch.minimum(torch.maximum((hi - mu1) / s1c, lo), top) if math.isfinite(hi) else top
+    csd = (s2 * torch.sqrt((1 - rho * rho).clamp_min(0)))[..., None]
+
+    def piece(u0, u1, linear):
+        half = (u1 - u0)[..., None] / 2
+        u = u0[..., None] + half * (_GL_X + 1)
+        f1 = (mu1[..., None] + s1[..., None] * u).clamp(0, hi) if linear else torch.full_like(u, hi)
+        cond = clipped_mean(mu2[..., None] + s2[..., None] * rho[..., None] * u, csd.expand_as(u), hi)
+        return (half * _GL_W * f1 * cond * _pdf(u)).sum(-1)
+
+    val = piece(lo, mid, True)
+    if math.isfinite(hi):
+        val = val + piece(mid, top, False)
+    # degenerate first variable (sigma1 = 0): clip(mu1) E[clip(y2)]
+    return torch.where(s1 > 1e-12, val, mu1.clamp(0, hi) * clipped_mean(mu2, s2, hi))
+
+
 def relu_mean(mu, sigma):
     """E[ReLU(y)] for y ~ N(mu, sigma^2): mu Phi(mu/sigma) + sigma phi(mu/sigma)."""
-    mu, sigma = torch.as_tensor(mu, dtype=torch.float64), torch.as_tensor(sigma, dtype=torch.float64)
-    s = sigma.clamp_min(1e-12)
-    r = mu / s
-    out = mu * _cdf(r) + s * _pdf(r)
-    return torch.where(sigma > 1e-12, out, mu.clamp_min(0))
+    return clipped_mean(mu, sigma)
 
 
 def relu_second_moment(mu, sigma):
     """E[ReLU(y)^2] for y ~ N(mu, sigma^2): (mu^2 + sigma^2) Phi(mu/sigma) + mu sigma phi(mu/sigma)."""
-    mu, sigma = torch.as_tensor(mu, dtype=torch.float64), torch.as_tensor(sigma, dtype=torch.float64)
-    s = sigma.clamp_min(1e-12)
-    r = mu / s
-    out = (mu * mu + s * s) * _cdf(r) + mu * s * _pdf(r)
-    return torch.where(sigma > 1e-12, out, mu.clamp_min(0) ** 2)
+    return clipped_second_moment(mu, sigma)
 
 
 def relu_cross_moment(mu1, s1, mu2, s2, rho):
-    """E[ReLU(y1) ReLU(y2)] for jointly Gaussian y1, y2 with correlation rho (broadcasting).
+    """E[ReLU(y1) ReLU(y2)] for jointly Gaussian y1, y2 with correlation rho (see :func:`clipped_cross_moment`)."""
+    return clipped_cross_moment(mu1, s1, mu2, s2, rho)
 
-    Write y1 = mu1 + s1 u with u ~ N(0, 1); then y2 | u ~ N(mu2 + s2 rho u, s2^2 (1 - rho^2)), so
-    E[ReLU(y2) | u] is :func:`relu_mean`, and the remaining 1-D integral over the half-line where
-    y1 > 0 is smooth and done with 32-point Gauss-Legendre.  rho = 0 gives E[a1] E[a2].
+
+def _moments_matrix(m_a, s_a, m_b, s_b, rho, hi=math.inf, tol: float = 1e-6, rows: int = 32):
+    """E[clip(A_i) clip(B_j)] for all (i, j): vectors of means/stds and a correlation matrix (na, nb).
+
+    Pairs with |rho| <= tol are independent (E[A_i] E[B_j], exact); the others are integrated in blocks
+    of ``rows`` rows (bounded memory).
     """
-    mu1, s1, mu2, s2, rho = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float64)
-                                                      for v in (mu1, s1, mu2, s2, rho)))
-    rho = rho.clamp(-1.0, 1.0)
-    s1c = s1.clamp_min(1e-12)
-    lo = (-mu1 / s1c).clamp(-12.0, 12.0)
-    hi = torch.full_like(lo, 12.0)
-    half = (hi - lo)[..., None] / 2
-    u = lo[..., None] + half * (_GL_X + 1)
-    w = half * _GL_W
-    y1 = mu1[..., None] + s1[..., None] * u
-    cond = relu_mean(mu2[..., None] + s2[..., None] * rho[..., None] * u,
-                     s2[..., None] * torch.sqrt((1 - rho * rho).clamp_min(0))[..., None])
-    val = (w * y1.clamp_min(0) * cond * _pdf(u)).sum(-1)
-    # degenerate first variable (sigma1 = 0): ReLU(mu1) E[ReLU(y2)]
-    return torch.where(s1 > 1e-12, val, mu1.clamp_min(0) * relu_mean(mu2, s2))
-
-
-def _moments_matrix(m_a, s_a, m_b, s_b, rho):
-    """E[ReLU(A_i) ReLU(B_j)] for all (i, j): vectors of means/stds and a correlation matrix (na, nb)."""
-    return relu_cross_moment(m_a[:, None], s_a[:, None], m_b[None, :], s_b[None, :], rho)
+    rho = _t(rho).expand(len(m_a), len(m_b))
+    out = clipped_mean(m_a, s_a, hi)[:, None] * clipped_mean(m_b, s_b, hi)[None, :]
+    ii, jj = torch.nonzero(rho.abs() > tol, as_tuple=True)
+    step = rows * max(1, len(m_b))
+    for k in range(0, len(ii), step):
+        i, j = ii[k:k + step], jj[k:k + step]
+        out[i, j] = clipped_cross_moment(m_a[i], s_a[i], m_b[j], s_b[j], rho[i, j], hi)
+    return out
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -169,12 +223,14 @@ class Compensation:
 
 def solve_compensation(w: torch.Tensor, q: torch.Tensor, keep: torch.Tensor, gamma, beta, running_var, eps,
                        mean_shift: torch.Tensor | None = None, correlation: str = "independent",
-                       bias_correction: bool = True, ridge: float = 1e-4, merge: str = "all") -> Compensation:
+                       bias_correction: bool = True, ridge: float = 1e-4, merge: str = "all",
+                       act_hi: float = math.inf) -> Compensation:
     """Closed-form UDFC compensation for one BN+ReLU channel set.
 
     ``w``: (N, d) original filters of layer l; ``q``: (R, d) damaged (quantized, or equal) filters of the
     kept channels ``keep`` (R indices into N); BN parameters of length N; ``mean_shift``: (R,) shift of the
     pre-BN mean of each kept channel caused by quantization (``(q - w) . E[x]``), or None.
+    ``act_hi``: the activation's clip ceiling (inf: ReLU, 6: ReLU6).
     ``merge="single"``: each row of ``[S t]`` may use one damaged channel (its own if kept, else the kept
     channel of largest sign-corrected filter cosine) and the constant; the same normal equations, restricted.
     """
@@ -205,13 +261,14 @@ def solve_compensation(w: torch.Tensor, q: torch.Tensor, keep: torch.Tensor, gam
         r_aa = torch.eye(n, dtype=torch.float64)
         r_ad = r_wq * same
         r_dd = torch.eye(len(keep), dtype=torch.float64)
-    Ea = relu_mean(m_a, s_a)
-    Ed = relu_mean(m_d, s_d)
-    Eaa = _moments_matrix(m_a, s_a, m_a, s_a, r_aa)
-    Eaa.diagonal().copy_(relu_second_moment(m_a, s_a))
-    Ead = _moments_matrix(m_a, s_a, m_d, s_d, r_ad)
-    Edd = _moments_matrix(m_d, s_d, m_d, s_d, r_dd)
-    Edd.diagonal().copy_(relu_second_moment(m_d, s_d))
+    hi = act_hi
+    Ea = clipped_mean(m_a, s_a, hi)
+    Ed = clipped_mean(m_d, s_d, hi)
+    Eaa = _moments_matrix(m_a, s_a, m_a, s_a, r_aa, hi)
+    Eaa.diagonal().copy_(clipped_second_moment(m_a, s_a, hi))
+    Ead = _moments_matrix(m_a, s_a, m_d, s_d, r_ad, hi)
+    Edd = _moments_matrix(m_d, s_d, m_d, s_d, r_dd, hi)
+    Edd.diagonal().copy_(clipped_second_moment(m_d, s_d, hi))
     R = len(keep)
     if bias_correction:
         G = torch.zeros(R + 1, R + 1, dtype=torch.float64)
@@ -275,10 +332,10 @@ def _set_module(gm: fx.GraphModule, path: str, m: nn.Module) -> None:
     setattr(gm.get_submodule(parent_path) if parent_path else gm, attr, m)
 
 
-def _float_layer_like(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+def _float_layer_like(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, groups: int = 1) -> nn.Module:
     if type(old) is nn.Conv2d:
-        new = nn.Conv2d(weight.shape[1], weight.shape[0], old.kernel_size, old.stride, old.padding, old.dilation,
-                        1, bias is not None, old.padding_mode)
+        new = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], old.kernel_size, old.stride, old.padding,
+                        old.dilation, groups, bias is not None, old.padding_mode)
     else:
         new = nn.Linear(weight.shape[1], weight.shape[0], bias is not None)
     new = new.to(device=weight.device, dtype=old.weight.dtype)
@@ -290,9 +347,9 @@ def _float_layer_like(old: nn.Module, weight: torch.Tensor, bias: torch.Tensor |
     return new
 
 
-def _quant_layer_like(old: nn.Module, qw: QuantWeight, bias: torch.Tensor | None) -> nn.Module:
+def _quant_layer_like(old: nn.Module, qw: QuantWeight, bias: torch.Tensor | None, groups: int = 1) -> nn.Module:
     if type(old) is nn.Conv2d:
-        return QuantConv2d(qw, bias, old.stride, old.padding, old.dilation, old.groups)
+        return QuantConv2d(qw, bias, old.stride, old.padding, old.dilation, groups)
     return QuantLinear(qw, bias)
 
 
@@ -310,24 +367,36 @@ def _bn_subset(bn: nn.Module, keep: torch.Tensor) -> nn.Module:
     return new
 
 
+def _bn_act_mean(bn: nn.Module, hi: float) -> torch.Tensor | None:
+    """E[act(BN(.))] per channel from the BN parameters alone (Gaussian model), or None without affine stats."""
+    if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or not bn.affine or bn.running_var is None:
+        return None
+    var = bn.running_var.double()
+    std = bn.weight.double().abs() * torch.sqrt(var / (var + bn.eps))
+    return clipped_mean(bn.bias.double(), std, hi)
+
+
+def _filter_input_mean(m: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor | None:
+    """Per-filter E[x] for each flattened weight element (N, d), given the per-input-channel mean ``m``."""
+    if m.numel() != w.shape[1] * groups:
+        return None
+    n_out, cpg = w.shape[0], w.shape[1]
+    per_filter = m.reshape(groups, cpg)[torch.arange(n_out) // (n_out // groups)]  # (N, cpg)
+    return per_filter.reshape(n_out, cpg, *([1] * (w.dim() - 2))).expand(*w.shape).reshape(n_out, -1)
+
+
 def _input_mean(gm: fx.GraphModule, node: fx.Node, layer: nn.Module) -> torch.Tensor | None:
-    """E[x] per flattened weight element when the layer reads ReLU(BatchNorm(.)) directly, else None."""
+    """E[x] per filter and weight element (N, d) when the layer reads act(BatchNorm(.)) directly, else None."""
     x = node.args[0] if node.args else None
     if not isinstance(x, fx.Node) or not is_relu(gm, x) or not x.args or not isinstance(x.args[0], fx.Node):
         return None
     bn_node = x.args[0]
     if bn_node.op != "call_module":
         return None
-    bn = gm.get_submodule(bn_node.target)
-    if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) or not bn.affine or bn.running_var is None:
+    m = _bn_act_mean(gm.get_submodule(bn_node.target), activation_upper(gm, x))
+    if m is None:
         return None
-    var = bn.running_var.double()
-    std = bn.weight.double().abs() * torch.sqrt(var / (var + bn.eps))
-    m = relu_mean(bn.bias.double(), std)
-    w = layer.weight
-    if m.numel() != w.shape[1]:
-        return None
-    return m.reshape(-1, *([1] * (w.dim() - 2))).expand(*w.shape[1:]).reshape(-1)
+    return _filter_input_mean(m, layer.weight, getattr(layer, "groups", 1))
 
 
 def _scores(w: torch.Tensor, criterion: str) -> torch.Tensor:
@@ -339,12 +408,52 @@ def _n_keep(n: int, ratio: float) -> int:
     return max(1, n - int(math.floor(ratio * n + 1e-9)))
 
 
+NOTE_LIMIT = 120
+
+
+def _clip_note(s: str, limit: int = NOTE_LIMIT) -> str:
+    return s if len(s) <= limit else s[: limit - 3].rstrip() + "..."
+
+
+def _names(names, limit: int = 2) -> str:
+    names = list(names)
+    return ", ".join(names[:limit]) + (f" +{len(names) - limit} more" if len(names) > limit else "")
+
+
+def summarize(report: Report) -> str:
+    """One line: how many layers were pruned / quantized / compensated, and why the others were not."""
+    rows = list(report)
+    pruned = sum("pruned" in r.action for r in rows)
+    quant = sum("quantized" in r.action for r in rows)
+    comp = sum("compensation: yes" in r.note for r in rows)
+    reasons: dict[str, int] = {}
+    for r in rows:
+        why = None
+        if r.action == "skipped":
+            why = r.note
+        elif "not pruned: " in r.note:
+            why = r.note.split("not pruned: ", 1)[1].split(";")[0]
+        if why:
+            key = why.split(" (")[0].split(":")[0].strip()
+            reasons[key] = reasons.get(key, 0) + 1
+    line = f"udfc: {len(rows)} layers: {pruned} pruned, {quant} quantized, {comp} compensated"
+    if reasons:
+        line += "; not pruned/skipped: " + "; ".join(f"{n} x {k}" for k, n in
+                                                     sorted(reasons.items(), key=lambda kv: -kv[1]))
+    return line
+
+
 def udfc_pass(gm, config: UDFCConfig = UDFCConfig(), *, progress: bool = False, on_noop: str = "raise") -> PassResult:
     """Prune + quantize + compensate every eligible Conv2d / Linear of ``gm`` (not modified: a copy is).
 
     ``gm``: a GraphModule or a ``torch.export.ExportedProgram`` (then ``PassResult.gm`` is one too; its ATen
     conv / batch_norm / linear nodes are read as modules first). Raises :class:`NothingToCompressError` when
     no layer changes (``on_noop="warn"`` warns).
+
+    Depthwise convs that follow a prunable producer (inverted residuals) are pruned with it and the
+    compensation goes into the layer after the depthwise conv; other grouped convs are quantized (and
+    compensated when a BN + ReLU/ReLU6 + Conv/Linear follows) but not pruned.  ``gm.meta["udfc_summary"]``
+    holds a one-line summary (counts and the reasons layers were not pruned).
     """
     if not isinstance(config, UDFCConfig):
         raise ValueError(f"udfc_pass needs a UDFCConfig, got {type(config).__name__}")
@@ -352,8 +461,8 @@ def udfc_pass(gm, config: UDFCConfig = UDFCConfig(), *, progress: bool = False, 
         raise ValueError(f"udfc_pass needs a torch.fx.GraphModule (see fxcompress.capture) or an ExportedProgram, "
                          f"got {type(gm).__name__}")
     res = apply_pass(gm, "udfc", lambda g: _udfc_rewrite(modularize(g), config, progress=progress))
-    return check_modified(res, on_noop, "see the notes: skipped layers (config.skip, depthwise convs) and "
-                                        "layers without BatchNorm+ReLU chains cannot be pruned")
+    return check_modified(res, on_noop, "Enable prune/quantize in UDFCConfig, or see the skipped layers' "
+                                        "reasons (config.skip, layers without a BatchNorm + activation chain)")
 
 
 @torch.no_grad()
@@ -366,18 +475,21 @@ def _udfc_rewrite(gm: fx.GraphModule, config: UDFCConfig, *, progress: bool = Fa
                                   "(UDFC works on symbolic_trace graphs)"))
     from tqdm import tqdm
 
+    done: set = set()
     for name in tqdm(list(chains), desc="udfc", unit="layer", disable=not progress):
+        if name in done:
+            continue
         ch: Chain = chains[name]
         layer = gm.get_submodule(name)
         op = "conv2d" if type(layer) is nn.Conv2d else "linear"
         w = layer.weight.detach()
         shape_before = tuple(w.shape)
+        groups = getattr(layer, "groups", 1)
         if _matches(name, config.skip):
             report.append(LayerReport(name, op, "skipped", None, shape_before, shape_before, "in config.skip"))
             continue
-        if type(layer) is nn.Conv2d and (layer.groups != 1 or isinstance(layer.padding, str)):
-            why = f"grouped/depthwise conv (groups={layer.groups})" if layer.groups != 1 else "string padding"
-            report.append(LayerReport(name, op, "skipped", None, shape_before, shape_before, why))
+        if type(layer) is nn.Conv2d and isinstance(layer.padding, str):
+            report.append(LayerReport(name, op, "skipped", None, shape_before, shape_before, "string padding"))
             continue
         notes = []
         n_out = w.shape[0]
@@ -392,7 +504,7 @@ def _udfc_rewrite(gm: fx.GraphModule, config: UDFCConfig, *, progress: bool = Fa
             else:
                 why = ch.prune_blocker
                 if ch.tied_with:
-                    why += f"; channel group tied by a residual add with {', '.join(ch.tied_with)}"
+                    why += f"; tied by a residual add with {_names(ch.tied_with)}"
                 notes.append(f"not pruned: {why}")
         qw = None
         wk = w[keep]
@@ -402,23 +514,46 @@ def _udfc_rewrite(gm: fx.GraphModule, config: UDFCConfig, *, progress: bool = Fa
             q = q.to(w.dtype)
             if config.weight_bits not in NATIVE_BITS:
                 notes.append(f"{config.weight_bits}-bit codes in an 8-bit container")
+        # the channels the consumers read: the producer's, or those of the depthwise conv after it
+        dw = gm.get_submodule(ch.dw) if ch.dw else None
+        qdw = None
+        if dw is not None:
+            wdw = dw.weight.detach()
+            w_stat, q_stat = wdw, wdw[keep]
+            if config.quantize:
+                qdw, q_stat = quantize_weight(wdw[keep], config.weight_bits, config.granularity)
+                q_stat = q_stat.to(wdw.dtype)
+            m1 = _bn_act_mean(gm.get_submodule(ch.bn), ch.act_hi)
+            mx = _filter_input_mean(m1, wdw, dw.groups) if (config.quantize and m1 is not None) else None
+            grouped_stat = True
+        else:
+            w_stat, q_stat = w, q
+            mx = _input_mean(gm, ch.node, layer) if config.quantize else None
+            grouped_stat = groups != 1
         damaged = pruned or config.quantize
         comp_applied = False
         bn = gm.get_submodule(ch.bn) if ch.bn else None
-        if damaged and ch.compensable and bn is not None and bn.affine:
+        bn_stat = gm.get_submodule(ch.stat_bn) if ch.stat_bn else None
+        if damaged and ch.compensable and bn_stat is not None and bn_stat.affine:
             shift = None
-            mx = _input_mean(gm, ch.node, layer) if config.quantize else None
             if mx is not None:
-                shift = (q.reshape(len(keep), -1).double() - wk.reshape(len(keep), -1).double()) @ mx
-            comp = solve_compensation(w, q, keep, bn.weight, bn.bias, bn.running_var, bn.eps, shift,
-                                      config.correlation, config.bias_correction, config.ridge, config.merge)
-            errs = []
+                wk_stat = w_stat[keep].reshape(len(keep), -1).double()
+                shift = ((q_stat.reshape(len(keep), -1).double() - wk_stat) * mx[keep]).sum(1)
+            # channels of a grouped conv read different inputs: filter cosines say nothing about them
+            corr = "independent" if grouped_stat else config.correlation
+            if corr == "weights" and n_out > config.max_correlated:
+                corr = "independent"
+                notes.append(f"independent channels (N={n_out} > max_correlated)")
+            comp = solve_compensation(w_stat, q_stat, keep, bn_stat.weight, bn_stat.bias, bn_stat.running_var,
+                                      bn_stat.eps, shift, corr, config.bias_correction, config.ridge, config.merge,
+                                      act_hi=ch.stat_hi)
+            e_sig = e0 = e1 = 0.0
             for cname in ch.consumers:
                 cons = gm.get_submodule(cname)
                 W = cons.weight.detach()
-                e_sig = next_layer_error(W, comp.Eaa)
-                e0 = next_layer_error(W, comp.M0) / max(e_sig, 1e-30)
-                e1 = next_layer_error(W, comp.M) / max(e_sig, 1e-30)
+                e_sig += next_layer_error(W, comp.Eaa)
+                e0 += next_layer_error(W, comp.M0)
+                e1 += next_layer_error(W, comp.M)
                 if config.compensate:
                     S = comp.S.to(W.dtype)
                     Wn = torch.einsum("oi...,ij->oj...", W, S)
@@ -427,28 +562,45 @@ def _udfc_rewrite(gm: fx.GraphModule, config: UDFCConfig, *, progress: bool = Fa
                     if not config.bias_correction and cons.bias is None:
                         bias = None
                     _set_module(gm, cname, _float_layer_like(cons, Wn, bias))
-                    errs.append(f"{cname}: est. rel. err {e1:.3g} (uncompensated {e0:.3g})")
                 else:
                     _set_module(gm, cname, _float_layer_like(cons, W[:, keep], cons.bias))
-                    errs.append(f"{cname}: est. rel. err {e0:.3g} (no compensation)")
+            e0, e1 = e0 / max(e_sig, 1e-30), e1 / max(e_sig, 1e-30)
             comp_applied = config.compensate
-            notes.append(("compensated into " if comp_applied else "") + "; ".join(errs))
+            where = _names(ch.consumers, 1)
+            notes.append(f"into {where}: rel. err {e1:.3g} (uncompensated {e0:.3g})" if comp_applied
+                         else f"{where}: rel. err {e0:.3g} (no compensation)")
+            if ch.stat_hi != math.inf or ch.dw:
+                notes.append("ReLU6 moments" if ch.stat_hi == 6 else f"clip({ch.stat_hi:g}) moments")
             if comp_applied and ch.other_users:
-                notes.append("partial: the activation also feeds " + ", ".join(ch.other_users) +
-                             " (not compensated)")
+                notes.append("partial: also feeds " + _names(ch.other_users, 1))
         elif damaged:
             rel = float((q - wk).norm() / wk.norm().clamp_min(1e-12)) if config.quantize else 0.0
-            why = ("no BatchNorm after the layer" if ch.bn is None else
-                   "no ReLU + Conv2d/Linear consumer after BatchNorm" if not ch.compensable else "BN has no affine")
+            why = ("no BatchNorm after the layer" if ch.bn is None else ch.prune_blocker if ch.relu is None else
+                   "no Conv2d/Linear consumer after the activation" if not ch.consumers else "BN has no affine")
             notes.append(f"no compensation ({why}); weight rel. err {rel:.3g}")
-        # rewrite the layer (and its BatchNorm) physically
+        # rewrite the layer (and its BatchNorm, and a depthwise conv after it) physically
         bias = layer.bias.detach()[keep] if layer.bias is not None else None
         if qw is not None:
-            _set_module(gm, name, _quant_layer_like(layer, qw, bias))
+            _set_module(gm, name, _quant_layer_like(layer, qw, bias, groups))
         elif pruned:
-            _set_module(gm, name, _float_layer_like(layer, wk, bias))
+            _set_module(gm, name, _float_layer_like(layer, wk, bias, groups))
         if pruned and bn is not None:
             _set_module(gm, ch.bn, _bn_subset(bn, keep))
+        if dw is not None:
+            done.add(ch.dw)
+            dshape = tuple(dw.weight.shape)
+            dbias = dw.bias.detach()[keep] if dw.bias is not None else None
+            if qdw is not None:
+                _set_module(gm, ch.dw, _quant_layer_like(dw, qdw, dbias, len(keep)))
+            elif pruned:
+                _set_module(gm, ch.dw, _float_layer_like(dw, wdw[keep], dbias, len(keep)))
+            if pruned:
+                _set_module(gm, ch.dw_bn, _bn_subset(gm.get_submodule(ch.dw_bn), keep))
+            daction = "+".join(a for a, on in (("pruned", pruned), ("quantized", qdw is not None)) if on) or "unchanged"
+            report.append(LayerReport(ch.dw, "conv2d", daction, config.weight_bits if qdw is not None else None,
+                                      dshape, (len(keep),) + dshape[1:],
+                                      _clip_note(f"depthwise: channels follow {name}; "
+                                                 f"compensation: {'yes' if comp_applied else 'no'} (with {name})")))
         shape_after = (len(keep),) + shape_before[1:]
         # in-channels may have shrunk earlier (as a consumer); report the current input width
         cur = gm.get_submodule(name)
@@ -456,13 +608,14 @@ def _udfc_rewrite(gm: fx.GraphModule, config: UDFCConfig, *, progress: bool = Fa
         shape_after = (shape_after[0], in_now) + shape_after[2:]
         action = "+".join(a for a, on in (("pruned", pruned), ("quantized", qw is not None)) if on) or "unchanged"
         if pruned:
-            notes.insert(0, f"kept {len(keep)}/{n_out} channels ({config.criterion})")
+            notes.insert(0, f"kept {len(keep)}/{n_out} ({config.criterion})" + (f" with {ch.dw}" if dw else ""))
         notes.insert(0, f"compensation: {'yes' if comp_applied else 'no'}")
         report.append(LayerReport(name, op, action, config.weight_bits if qw is not None else None,
-                                  shape_before, shape_after, "; ".join(notes)))
+                                  shape_before, shape_after, _clip_note("; ".join(notes))))
     gm.graph.lint()
     gm.recompile()
     gm.meta["udfc_seconds"] = time.perf_counter() - t0
+    gm.meta["udfc_summary"] = summarize(report)
     return record(gm, "udfc", report)
 
 

@@ -1,0 +1,127 @@
+"""ONNX Runtime CPU latency of ResNet-18 and MobileNetV2 at 224x224: fp32 vs int8 weights + activations.
+
+The int8 model is ``quantize_activations`` (BN-derived ranges, no data; BN folded, 8-bit per-channel
+weights): exported QDQ, ORT fuses QLinearConv / QLinearAdd.  The fp32 model is the same network exported
+without quantization (ORT folds BN into the convs itself).  2 intra-op threads, batch 1 and 8, several
+repeats of ``--iters`` timed runs each: the table gives the median over all runs and the spread
+(min..max of the per-repeat medians).
+
+    PYTHONPATH=$PWD /work/venv/bin/python tools/bench_cnn_ort.py     # writes tools/results/cnn_ort_cpu.md
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import torch
+
+import fxcompress as fxc
+from fxcompress.data.images import photo_crops
+from fxcompress.models.vision import pretrained_mobilenet_v2, resnet18
+from fxcompress.passes.activations import ActivationConfig, quantize_activations
+from fxcompress.runtime.ort import load_ort
+
+OUT = Path(__file__).parent / "results" / "cnn_ort_cpu.md"
+
+FINDINGS = """## Findings (written from the run that produced this file)
+
+- **Target int8 >= 2.0x fp32: met once, missed three times.** ResNet-18 batch 1: ~2.5x (every conv runs
+  as QLinearConv, residual adds as QLinearAdd). ResNet-18 batch 8: ~1x, but that row is not trustworthy:
+  int8 batch 8 took ~18x its batch-1 time for 8x the work and fp32's spread reaches 2.6x its median, i.e.
+  the 2 shared cores were busy with other jobs during it (an earlier run under load gave 1.9x at both
+  batches). MobileNetV2: ~1.0x at batch 1, ~1.8x at batch 8: its 17 depthwise 3x3 convs are memory-bound
+  and ORT's int8 depthwise kernel is not faster than fp32's, and its thin 1x1 convs pay a requantize per
+  layer. Rerun on an idle machine before quoting absolute times.
+- **Accuracy under ORT is below the torch fake-quant model for MobileNetV2** (logit cosine vs fp32
+  ~0.95-0.97 vs ~0.99 for the same graph in torch): per-tensor uint8 ranges from BN statistics (k_std=4)
+  are wide for MobileNetV2's depthwise outputs, and the input range is calibrated on one crop. Not
+  investigated further; ResNet-18 (random init, BN statistics from the photos) agrees (cosine 0.998).
+"""
+
+
+def time_runner(runner, x: torch.Tensor, iters: int, repeats: int) -> tuple[float, float, float, list]:
+    for _ in range(3):
+        runner.run(x)
+    meds, allt = [], []
+    for _ in range(repeats):
+        ts = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            runner.run(x)
+            ts.append((time.perf_counter() - t) * 1e3)
+        meds.append(statistics.median(ts))
+        allt += ts
+    return statistics.median(allt), min(meds), max(meds), meds
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    x = photo_crops(16)
+    models = {"ResNet-18 (random init)": resnet18().eval(), "MobileNetV2 (ImageNet)": pretrained_mobilenet_v2()}
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for name, model in models.items():
+            if "random" in name:  # give the random ResNet real BN statistics: one pass over the photos in train mode
+                model.train()
+                with torch.no_grad():
+                    model(x)
+                model.eval()
+            q = quantize_activations(model, (x[:1],), ActivationConfig())
+            paths = {"fp32": fxc.export_onnx(model, (x[:1],), Path(d) / "fp32.onnx"),
+                     "int8 w+a": fxc.export_onnx(q, (x[:1],), Path(d) / "int8.onnx")}
+            for batch in args.batches:
+                xb = x[:batch] if batch <= len(x) else x.repeat(batch // len(x) + 1, 1, 1, 1)[:batch]
+                res = {}
+                for kind, p in paths.items():
+                    r = load_ort(p, intra_op_num_threads=args.threads)
+                    res[kind] = time_runner(r, xb, args.iters, args.repeats)
+                    ops = r.optimized_op_types()
+                    fused = {k: v for k, v in ops.items() if k.startswith("QLinear") or k in ("ConvInteger",)}
+                    if kind == "fp32":
+                        y32 = r.run(xb)[0]
+                    else:
+                        y8 = r.run(xb)[0]
+                med32 = res["fp32"][0]
+                for kind, (med, lo, hi, _) in res.items():
+                    rows.append((name, batch, kind, med, lo, hi, med32 / med,
+                                 ", ".join(f"{k} {v}" for k, v in sorted(fused.items())) if kind != "fp32" else ""))
+                cos = float(torch.nn.functional.cosine_similarity(torch.as_tensor(np.asarray(y8)).flatten(1),
+                                                                  torch.as_tensor(np.asarray(y32)).flatten(1)).mean())
+                agree = float((torch.as_tensor(np.asarray(y8)).argmax(1) ==
+                               torch.as_tensor(np.asarray(y32)).argmax(1)).float().mean()) * 100
+                rows[-1] = rows[-1][:-1] + (rows[-1][-1] + f"; vs fp32: cos {cos:.4f}, top-1 agree {agree:.0f}%",)
+                print(rows[-2])
+                print(rows[-1], flush=True)
+    lines = ["# CNN latency, ONNX Runtime CPU: fp32 vs int8 weights + activations (QDQ -> QLinearConv)", "",
+             f"Generated by `tools/bench_cnn_ort.py` on {platform.machine()} ({platform.processor() or 'cpu'}), "
+             f"onnxruntime {onnxruntime.__version__}, {args.threads} intra-op threads, 224x224 input; "
+             f"{args.repeats} repeats x {args.iters} runs: median over all runs, spread = min..max of the "
+             "per-repeat medians. int8: `quantize_activations(ranges='bn')` (no data), BN folded, "
+             "8-bit per-channel weights. The machine is shared with other jobs: absolute times are noisy, "
+             "the ratio within a row pair is what to read.", "",
+             "| model | batch | variant | median ms | spread ms | speedup vs fp32 | fused int8 ops / parity |",
+             "|---|---|---|---|---|---|---|"]
+    for name, batch, kind, med, lo, hi, sp, note in rows:
+        lines.append(f"| {name} | {batch} | {kind} | {med:.2f} | {lo:.2f}..{hi:.2f} | {sp:.2f}x | {note} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n\n" + FINDINGS)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
