@@ -96,7 +96,7 @@ def test_integer_activation_onnx_runs_qlinearconv_in_ort(tmp_path, ranges):
 def test_composes_with_rtn():
     m = _model()
     x = torch.randn(2, 3, 12, 12)
-    rtn = fxc.quantize_rtn(fxc.capture(m, (x,)), fxc.RTNConfig(bits=8)).gm
+    rtn = fxc.quantize_rtn(fxc.capture(m, (x,)), fxc.RTNConfig(bits=8))
     qgm = quantize_activations(rtn, (x,))
     with torch.no_grad():
         assert F.cosine_similarity(qgm(x), m(x)).mean() > 0.98

@@ -25,7 +25,7 @@ def rtn_int4(model):
     ids = torch.randint(0, VOCAB, (1, 8))
     gm = fxc.capture(model if not hasattr(model, "generation_config") else _Logits(model), (ids,))
     return fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, granularity="per_group", group_size=32, symmetric=False,
-                                              exclude=("*lm_head*",))).gm
+                                              exclude=("*lm_head*",)))
 
 
 class _Logits(torch.nn.Module):
