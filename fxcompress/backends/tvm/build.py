@@ -29,10 +29,10 @@ How it works
    kernel that reads the packed words (``TVMRunner.kernel_names()`` / ``primfunc_names()`` show it).
    ``FoldConstant`` is deliberately left out of the pipeline: it would evaluate the decode of the
    constant packed weight at build time and store a float weight again.
-3. **Schedules.**  ``target="cuda"``: quantized linears with fp16 activations and 1..16 rows are emitted
-   directly as hand-scheduled PrimFuncs (:mod:`.kernels`; ``TVMBuildConfig.gemv_kernel``): int4 / int8 on tensor cores
-   (``mma.m16n8k16`` from a fragment-ordered repacking of the codes), other int2 / 4 / 8 layers on a
-   CUDA-core GEMV;
+3. **Schedules.**  ``target="cuda"``: quantized linears with fp16 activations are emitted directly as
+   hand-scheduled PrimFuncs (:mod:`.kernels`; ``TVMBuildConfig.gemv_kernel``): int4 / int8 with 1..32 rows on
+   tensor cores (``mma.m16n8k16`` from a fragment-ordered repacking of the codes, each weight read once for all
+   rows), other int2 / 4 / 8 layers with 1..16 rows on a CUDA-core GEMV;
    everything else gets the ``tvm.s_tir.dlight`` GPU rules (Matmul, GEMV, LowBatchGEMV, Reduction,
    GeneralReduction, Fallback).  ``permute_dims`` of float constants (the importer's ``F.linear`` weights)
    is folded at build time.  ``target="llvm"``: TVM's default CPU lowering.

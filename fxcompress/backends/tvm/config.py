@@ -19,14 +19,17 @@ class TVMBuildConfig:
     """How quantized linears are emitted and scheduled for CUDA (the llvm target only reads ``decode_mode``).
 
     ``gemv_kernel``: "fxc" = the hand-scheduled packed kernels of :mod:`.kernels` (tensor cores for int4 / int8,
-    a CUDA-core GEMV otherwise) for fp16 layers with 1..16 activation rows where they support the layer;
+    a CUDA-core GEMV otherwise) for fp16 layers with 1..32 (tensor cores) / 1..16 (CUDA cores) activation rows
+    where they support the layer;
     "dlight" = the fused te decode+matmul scheduled by dlight's rules (always used for the other layers).
     ``decode_mode``: how a packed code becomes a float inside the fused te kernel -- "magic": integer ops only,
     ``(word >> shift) & mask | exponent`` reinterpreted as a float (2**23 + u for fp32, 1024 + u for fp16)
     minus that constant (exact, no int->float instruction, which runs at 1/8 of the FMA rate on sm_80/sm_90);
     "convert": ``.astype(float)`` of the extracted code.
-    ``small_batch_max_m``: quantized linears with 2..M activation rows get a GEMV-style schedule (one pass over
-    the packed weight for all rows) instead of dlight's tiled Matmul; 0 turns it off.
+    ``small_batch_max_m``: quantized linears scheduled by dlight (the layers no hand-written kernel takes) with
+    2..M activation rows get a GEMV-style schedule (one pass over the packed weight for all rows) instead of
+    dlight's tiled Matmul; 0 turns it off.  It does not limit the hand-written kernels (the tensor-core kernel
+    takes 1..32 rows); it stays 16 because the GEMV-style schedule at 17..32 rows is unmeasured.
     ``gemv_cuda``: overrides of dlight's batch-1 CUDA GEMV parameters (keys :data:`GEMV_CUDA_KEYS`; None keeps
     dlight's choice).
     ``tiles``: CUDA-core kernel tile overrides by case (:data:`TILE_CASES`), e.g. ``{"batch": Tile(8, 4, 1)}``.

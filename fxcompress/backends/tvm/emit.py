@@ -3,7 +3,8 @@
 Each quantized linear becomes ONE PrimFunc (``fused_decode_matmul``): a ``dequantize`` block that decodes
 ``(q - zero_point) * scale`` from the packed ``uint32`` words (:mod:`.packing`) and a ``matmul`` reduction block
 that reads it (accumulating in float32, then a cast block when activations are fp16).  On CUDA, fp16 layers with
-1..16 rows are emitted as the hand-scheduled kernels of :mod:`.kernels` where they apply
+1..32 rows (int4 / int8, tensor cores) or 1..16 rows (CUDA cores) are emitted as the hand-scheduled kernels of
+:mod:`.kernels` where they apply
 (``TVMBuildConfig.gemv_kernel``).
 """
 from __future__ import annotations
