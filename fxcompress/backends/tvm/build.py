@@ -84,7 +84,8 @@ def _schedule(mod, target, tune: str, trials: int, work_dir, config: TVMBuildCon
     stats = {}
     mod = _fused(mod, target)
     if tune == "meta_schedule":
-        mod, stats = tune_meta_schedule(mod, target, trials, work_dir)
+        mod, stats = tune_meta_schedule(mod, target, trials, work_dir, builder_timeout_s=config.ms_builder_timeout_s,
+                                        cost_model=config.ms_cost_model)
     if target.kind.name == "cuda" and tune in ("dlight", "meta_schedule"):
         with target:
             mod = dlight_pass(target, config)(mod)
@@ -164,7 +165,7 @@ def build_tvm(model, example_inputs, target="cuda", tune: str = "dlight", *, tri
     if tune == "meta_schedule" and tgt.kind.name == "llvm" and "num-cores" not in tgt.attrs:
         from tvm.target import Target
 
-        tgt = Target({"kind": "llvm", "num-cores": os.cpu_count() or 1})  # MetaSchedule needs it
+        tgt = Target({**tgt.export(), "num-cores": os.cpu_count() or 1})  # MetaSchedule needs it
     bar = Steps(["import", "schedule", "lower", "compile"], "TVM build", enabled=progress)
     with bar, drop_native_stderr():
         if isinstance(model, tvm.IRModule):

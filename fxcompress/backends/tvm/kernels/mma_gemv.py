@@ -147,7 +147,7 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
                                     T.Cast("float16", cf[0])
 
     wshape = (n // 16, kq, LANES, 4)
-    attrs = {"tir.is_scheduled": True, "tir.noalias": True, "op_pattern": 8}
+    attrs = {"tir.is_scheduled": True, "tirx.is_scheduled": True, "tir.noalias": True, "op_pattern": 8}
     if has_zero_point and has_bias:
         @T.prim_func(private=True)
         def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
