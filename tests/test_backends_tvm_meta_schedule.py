@@ -123,3 +123,30 @@ def test_records_for_another_shape_are_ignored_with_a_warning(tuned):
     assert st["applied"] == [] and st["ignored_other_workload"] >= 1
     assert _scripts(r2) == _untuned_scripts(m, x3, _llvm())
     assert check_parity(m, r2, (x3,)).ok(1e-5, 1e-5)
+
+
+@pytest.mark.gpu
+@needs_ms
+def test_cuda_tunes_untuned_kernels_and_hand_kernels_compete(tmp_path):
+    """On the GPU: a LayerNorm, an int4 linear (hand-written tensor-core kernel, competing with a tuned te kernel)
+    and a float linear; tuned, parity with torch, the choice stored and reused by the next build."""
+    torch.manual_seed(0)
+    lin = QuantLinear.from_linear(nn.Linear(256, 256, bias=False), QuantSpec(4, False, "per_group", 128))
+    m = nn.Sequential(nn.LayerNorm(256), lin, nn.SiLU(), nn.Linear(256, 64)).eval()
+    x = torch.randn(1, 4, 256)
+    kw = dict(target="cuda", tune="meta_schedule", trials=8, work_dir=tmp_path, dtype=torch.float16)
+    r = compile_tvm(m, (x,), **kw)
+    st = r.info["tuning"]
+    assert st["tuned"] >= 1 and st["applied"], st
+    assert st["compete"] == "measured" and len(st["choices"]) == 1, st
+    (choice,) = st["choices"].values()
+    assert choice["kernel"] == "fxc_mma" and choice["hand_us"] > 0
+    want = "te" if choice["winner"] == "tuned" else "fxc_mma"
+    assert [layer["kernel"] for layer in r.info["layers"]] == [want]
+    ref = m(x)
+    y = r(x.half().cuda()).float().cpu()
+    assert (y - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+    r2 = compile_tvm(m, (x,), **kw)
+    st2 = r2.info["tuning"]
+    assert st2["tuned"] == 0 and st2["reused"] == st2["tasks"] and st2["choices"] == st["choices"]
+    assert [layer["kernel"] for layer in r2.info["layers"]] == [want]

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -95,6 +95,26 @@ def _schedule(mod, target, tune: str, trials: int, work_dir, config: TVMBuildCon
         with target:
             mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod)
     return mod, stats
+
+
+def _compete(info, target, trials, work_dir, config):
+    """Hand-written linear kernels against tuned alternatives (:mod:`.compete`)."""
+    from pathlib import Path
+
+    from .compete import compete_hand_kernels
+    from .meta_schedule import meta_schedule_usable, records_dir, tune_primfunc
+
+    ok, why = meta_schedule_usable()
+    if not ok:
+        raise TVMBackendError(f"tune='meta_schedule' is not usable: {why}")
+    rdir = records_dir(Path(work_dir), target)
+    rdir.mkdir(parents=True, exist_ok=True)
+
+    def tune_fn(func, log_dir, db):
+        tune_primfunc(func, target, trials, log_dir, db, builder_timeout_s=config.ms_builder_timeout_s,
+                      cost_model=config.ms_cost_model)
+
+    return compete_hand_kernels(info.get("layers", []), target, rdir, trials, config, tune_fn)
 
 
 def _finalize(mod, target):
@@ -173,8 +193,16 @@ def build_tvm(model, example_inputs, target="cuda", tune: str = "dlight", *, tri
         else:
             mod, info = lower_to_relax(model, example_inputs, dtype=dtype, accum_dtype=accum_dtype,
                                        cuda=tgt.kind.name == "cuda", config=config)
+        competed = {}
+        if tune == "meta_schedule" and tgt.kind.name == "cuda" and config.gemv_kernel == "fxc" and config.ms_compete:
+            won, competed = _compete(info, tgt, trials, work_dir, config)
+            if won - config.te_linears:  # a tuned kernel measured faster than a hand-written one: emit te there
+                config = replace(config, te_linears=config.te_linears | won)
+                mod, info = lower_to_relax(model, example_inputs, dtype=dtype, accum_dtype=accum_dtype, cuda=True,
+                                           config=config)
         bar.next()
         sched, stats = _schedule(mod, tgt, tune, trials, work_dir, config)
+        stats = dict(stats, **competed)
         bar.next()
         final = _finalize(sched, tgt)
         bar.next()

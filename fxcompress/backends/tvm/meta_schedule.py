@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .base import TVMBackendError, require_tvm
 
-__all__ = ["meta_schedule_usable", "tune_meta_schedule", "target_key", "records_dir", "FFI_PIN"]
+__all__ = ["meta_schedule_usable", "tune_meta_schedule", "tune_primfunc", "target_key", "records_dir", "FFI_PIN"]
 
 FFI_PIN = "0.1.14.post0"  # the apache-tvm-ffi whose JSON serialization of TIR works with apache-tvm 0.27
 RECORD_FILES = ("database_workload.json", "database_tuning_record.json")
@@ -163,6 +163,24 @@ def _tune(tasks, target, trials: int, db, log_dir: Path, *, builder_timeout_s: f
                   max_trials_per_task=per_task, num_trials_per_iter=min(64, per_task), database=db,
                   builder=ms.builder.LocalBuilder(max_workers=workers, timeout_sec=builder_timeout_s),
                   cost_model=cost_model)
+
+
+def tune_primfunc(func, target, trials: int, log_dir, db, *, builder_timeout_s: float = 120.0,
+                  cost_model: str = "auto"):
+    """Tune one standalone PrimFunc into ``db`` (used by :mod:`.compete` for the hand kernels' alternatives)."""
+    import importlib.util
+
+    from tvm.s_tir import meta_schedule as ms
+
+    if importlib.util.find_spec("psutil") is None:
+        raise TVMBackendError("tune='meta_schedule' needs psutil (MetaSchedule's LocalBuilder imports it): "
+                              "pip install psutil")
+    if cost_model == "auto":
+        cost_model = "xgb" if importlib.util.find_spec("xgboost") else "random"
+    ms.tune_tir(func, target, str(log_dir), int(trials), num_trials_per_iter=min(64, int(trials)), database=db,
+                builder=ms.builder.LocalBuilder(max_workers=max(1, min(os.cpu_count() or 1, int(trials))),
+                                                timeout_sec=builder_timeout_s),
+                cost_model=cost_model)
 
 
 def tune_meta_schedule(mod, target, trials: int, work_dir, *, builder_timeout_s: float = 120.0,
