@@ -115,7 +115,7 @@ def test_records_for_another_target_are_ignored_with_a_warning(tuned, tmp_path, 
 
 @needs_ms
 def test_records_for_another_shape_are_ignored_with_a_warning(tuned):
-    work, m, _, r = tuned
+    work, m, _, _ = tuned
     x3 = torch.randn(3, 64)
     with pytest.warns(UserWarning, match="workloads this model does not have"):
         r2 = compile_tvm(m, (x3,), target=_llvm(), tune="meta_schedule", trials=0, work_dir=work, config=CFG)

@@ -114,18 +114,19 @@ def main(argv=None) -> int:
     names = sorted(set(res["dlight"]["kernels"]) | set(res["meta_schedule"]["kernels"]),
                    key=lambda k: -max(res["dlight"]["kernels"].get(k, (0, 0))[1],
                                       res["meta_schedule"]["kernels"].get(k, (0, 0))[1]))
-    lines = [f"# MetaSchedule vs dlight per kernel ({gpu})", "",
-             f"Model: {desc}; {'SMALL' if args.small else 'FULL (2048 wide, 4 layers)'} config, batch 1, fp16. "
-             f"MetaSchedule: {args.trials} trials, cost model "
-             f"{'xgb' if cfg.ms_cost_model == 'auto' and __import__('importlib').util.find_spec('xgboost') else 'random'}"
-             f"; {st['tasks']} tasks, {len(st['applied'])} PrimFuncs got tuned schedules. "
-             f"Build: dlight {t_dlight:.0f} s, MetaSchedule {t_ms:.0f} s, rebuild with the records "
-             f"{t_again:.0f} s (tuned {st2['tuned']}, reused {st2['reused']} of {st2['tasks']}).", "",
+    import importlib.util
+
+    cost = "xgb" if importlib.util.find_spec("xgboost") else "random"
+    summary = (f"Model: {desc}; {'SMALL' if args.small else 'FULL (2048 wide, 4 layers)'} config, batch 1, fp16. "
+               f"MetaSchedule: {args.trials} trials, cost model {cost}; {st['tasks']} tasks, {len(st['applied'])} "
+               f"PrimFuncs got tuned schedules. Build: dlight {t_dlight:.0f} s, MetaSchedule {t_ms:.0f} s, rebuild "
+               f"with the records {t_again:.0f} s (tuned {st2['tuned']}, reused {st2['reused']} of {st2['tasks']}).")
+    lines = [f"# MetaSchedule vs dlight per kernel ({gpu})", "", summary, "",
              "| build | step cold µs (L2 flushed) | step hot µs | max rel err vs fp32 torch |", "|---|---|---|---|"]
     for name in builds:
         lines.append(f"| {name} | {res[name]['cold']:.1f} | {res[name]['hot']:.1f} | {res[name]['err']:.1e} |")
-    lines += ["", "Per kernel (torch.profiler, each step after an L2 flush; µs per decode step, all launches of that "
-              "kernel):", "", "| kernel | launches | dlight µs | MetaSchedule µs | tuned / dlight |",
+    lines += ["", ("Per kernel (torch.profiler, each step after an L2 flush; µs per decode step, all launches of "
+                   "that kernel):"), "", "| kernel | launches | dlight µs | MetaSchedule µs | tuned / dlight |",
               "|---|---|---|---|---|"]
     for k in names:
         c1, a = res["dlight"]["kernels"].get(k, (0, 0.0))
@@ -134,8 +135,8 @@ def main(argv=None) -> int:
         lines.append(f"| `{k[:60]}` | {max(c1, c2)} | {a:.1f} | {b:.1f} | {ratio} |")
     choices = st.get("choices", {})
     if choices:
-        lines += ["", "Hand-written int4 kernels vs MetaSchedule-tuned te kernels of the same layer (standalone, "
-                  "L2-hot time_evaluator; the tuned one replaces the hand one only below 0.97x):", "",
+        lines += ["", ("Hand-written int4 kernels vs MetaSchedule-tuned te kernels of the same layer (standalone, "
+                       "L2-hot time_evaluator; the tuned one replaces the hand one only below 0.97x):"), "",
                   "| (rows, K, N, bits, group, zp, scale rows) | hand kernel | hand µs | tuned µs | emitted |",
                   "|---|---|---|---|---|"]
         for sig, c in choices.items():

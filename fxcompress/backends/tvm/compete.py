@@ -30,7 +30,7 @@ def _signature(layer: dict) -> tuple:
 
 
 def _weights(sig, rng):
-    rows, k, n, bits, gs, zp, srows = sig
+    _, k, n, bits, gs, zp, srows = sig
     qmin = -(1 << (bits - 1))
     codes = rng.integers(qmin, 1 << (bits - 1), size=(n, k))
     scale = rng.uniform(0.005, 0.02, size=(srows, k // gs)).astype(np.float16)
@@ -44,7 +44,7 @@ def _te_func(sig, codes, qmin, scale, zero, config):
     from .emit import emit_packed_linear
     from .packing import pack_words
 
-    rows, k, n, bits, gs, _, _ = sig
+    rows, k, n, bits = sig[:4]
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType((rows, k), "float16"))
     with bb.function("main", [x]):
@@ -76,6 +76,7 @@ def _time_us(func, target, arrays) -> float:
     import tvm
 
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    lib = getattr(lib, "mod", lib)  # the runtime module of an Executable (time_evaluator lives there)
     dev = tvm.cuda(0)
     args = [tvm.runtime.tensor(a, dev) for a in arrays]
     lib["main"](*args)
