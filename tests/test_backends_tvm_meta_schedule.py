@@ -1,4 +1,4 @@
-"""MetaSchedule tuning (fxcompress/backends/tvm/meta_schedule.py) on LLVM: a real tune (2 trials), records reused by
+"""MetaSchedule tuning (fxcompress/backends/tvm/meta_schedule.py) on LLVM: a real tune (1 trial), records reused by
 the next build, records for another target or shape ignored with a warning and not applied."""
 import shutil
 import warnings
@@ -61,7 +61,7 @@ def tuned(tmp_path_factory):
         pytest.skip(f"MetaSchedule is not usable here: {WHY}")
     work = tmp_path_factory.mktemp("ms")
     m, x = _model(), torch.randn(1, 64)
-    r = compile_tvm(m, (x,), target=_llvm(), tune="meta_schedule", trials=2, work_dir=work, config=CFG)
+    r = compile_tvm(m, (x,), target=_llvm(), tune="meta_schedule", trials=1, work_dir=work, config=CFG)
     return work, m, x, r
 
 
