@@ -139,17 +139,14 @@ def test_bad_arguments():
 
 
 def test_meta_schedule_clear_error_or_runs(tmp_path):
+    """Where MetaSchedule cannot run, a clear error that says to pin apache-tvm-ffi; where it can, tuning, reuse and
+    the records checks are tests/test_backends_tvm_meta_schedule.py."""
     ok, why = meta_schedule_usable()
+    if ok:
+        pytest.skip("MetaSchedule works here: see tests/test_backends_tvm_meta_schedule.py")
     m = nn.Sequential(QuantLinear.from_linear(nn.Linear(64, 16), QuantSpec(4, False, "per_group", 32)))
-    x = torch.randn(1, 64)
-    if not ok:
-        with pytest.raises(TVMBackendError, match="meta_schedule"):
-            compile_tvm(m, (x,), target="llvm", tune="meta_schedule", trials=2, work_dir=tmp_path)
-    else:  # pragma: no cover - TVM builds that can serialize TIR
-        r = compile_tvm(m, (x,), target="llvm", tune="meta_schedule", trials=2, work_dir=tmp_path)
-        assert check_parity(m, r, (x,)).ok(1e-5, 1e-5)
-        r2 = compile_tvm(m, (x,), target="llvm", tune="meta_schedule", trials=2, work_dir=tmp_path)
-        assert r2.info["tuning"]["tuned"] == 0 and r2.info["tuning"]["reused"] >= 1
+    with pytest.raises(TVMBackendError, match="meta_schedule.*pin apache-tvm-ffi"):
+        compile_tvm(m, (torch.randn(1, 64),), target="llvm", tune="meta_schedule", trials=2, work_dir=tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build CUDA code")

@@ -17,6 +17,9 @@ from fxcompress.backends.tvm.kernels import Tile, tile_for
     (dict(mma_min_m=1.5), "mma_min_m"), (dict(gemv_cuda={"TX": 4}), "gemv_cuda"),
     (dict(tiles={"batch8": Tile()}), "tiles"), (dict(mma_tiles={"small": (8,)}), "mma_tiles"),
     (dict(gemv_cuda=[("TS", 4)]), "gemv_cuda"),
+    (dict(ms_builder_timeout_s=0), "ms_builder_timeout_s"), (dict(ms_cost_model="mlp"), "ms_cost_model"),
+    (dict(ms_compete="yes"), "ms_compete"), (dict(te_linears={(1, 2, 3)}), "te_linears"),
+    (dict(te_linears={("a", 2, 3, 4, 5)}), "te_linears"),
 ])
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=f"TVMBuildConfig.{field}"):
@@ -74,3 +77,27 @@ def test_tvm_build_and_load_print_no_scope_lines(tmp_path, capfd):
     torch.testing.assert_close(r2(x), gm(x), atol=1e-5, rtol=1e-5)
     err = capfd.readouterr().err
     assert "Scope Saving" not in err and "Scope Loaded" not in err
+
+
+def test_te_linears_send_a_layer_to_the_te_kernel():
+    """A signature in te_linears (what tune='meta_schedule' stores when a tuned kernel won) skips the hand kernel."""
+    import numpy as np
+    from tvm import relax
+
+    from fxcompress.backends.tvm import emit_packed_linear, pack_words
+
+    def kinds(cfg):
+        bb, used = relax.BlockBuilder(), []
+        x = relax.Var("x", relax.TensorType((4, 512), "float16"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                y = emit_packed_linear(bb, x, pack_words(np.zeros((64, 512), np.int64), 4, -8),
+                                       np.ones((64, 4), np.float16), None, bits=4, qmin=-8, out_features=64,
+                                       in_features=512, cuda=True, used=used, config=cfg)
+                out = bb.emit_output(y)
+            bb.emit_func_output(out)
+        return used
+
+    assert kinds(TVMBuildConfig()) == ["fxc_mma"]
+    assert kinds(TVMBuildConfig(te_linears={(4, 512, 64, 4, 128)})) == ["te"]
+    assert kinds(TVMBuildConfig(te_linears={(4, 512, 64, 4, 64)})) == ["fxc_mma"]  # another layer

@@ -29,12 +29,12 @@ def _small_batch_lin(k=512, n=256):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build CUDA code")
-@pytest.mark.parametrize("m,kernel", [(4, "dlight"), (16, "dlight"), (17, "fxc")])
+@pytest.mark.parametrize("m,kernel", [(4, "dlight"), (16, "dlight"), (33, "fxc")])
 def test_cuda_build_small_batch_uses_gemv_schedule(m, kernel):
-    """gemv_kernel='dlight' (or rows the hand-written kernel does not take): dlight's GEMV-style (rfactor)
+    """gemv_kernel='dlight' (or rows the hand-written kernels do not take): dlight's GEMV-style (rfactor)
     schedule, one pass over the packed weight."""
     q = _small_batch_lin()
-    cfg = TVMBuildConfig(gemv_kernel=kernel, small_batch_max_m=17)
+    cfg = TVMBuildConfig(gemv_kernel=kernel, small_batch_max_m=33)
     b = build_tvm(q, (torch.randn(1, m, 512),), target="cuda", dtype=torch.float16, config=cfg)
     src = b.device_source()
     assert "rf_local" in src and "uint*" in src
@@ -145,3 +145,40 @@ def test_float_linear_weight_is_transposed_at_build_time():
     assert not [k for k in b.kernel_names() if re.fullmatch(r"transpose\d*_kernel", k)], b.kernel_names()
     r = compile_tvm(m, (x,), target="llvm")
     assert check_parity(m, r, (x,)).ok(1e-5, 1e-5)
+
+
+class _Branches(nn.Module):
+    """Several quantized linears reading the same input, outputs concatenated: one build covers all variants."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        return torch.cat([layer(x) for layer in self.layers], dim=-1)
+
+
+MMA_VARIANTS = [(bits, gran, zp) for bits in (4, 8) for gran in ("per_group", "per_channel") for zp in (False, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 24, 32])
+def test_cuda_mma_1_to_32_rows_matches_reference(m):
+    """The tensor-core kernel at 1..32 rows (1..4 n8 tiles per decoded weight fragment), int4 / int8 x group /
+    channel x zero point off / on, each against the float reference of its QuantLinear."""
+    torch.manual_seed(m)
+    k, n = 1024, 272
+    layers = [QuantLinear.from_linear(nn.Linear(k, n, bias=zp), QuantSpec(bits, not zp, gran,
+                                                                          128 if gran == "per_group" else None))
+              for bits, gran, zp in MMA_VARIANTS]
+    model = _Branches(layers).eval()
+    x = torch.randn(1, m, k)
+    r = compile_tvm(model, (x,), target="cuda", dtype=torch.float16)
+    assert [layer["kernel"] for layer in r.info["layers"]] == ["fxc_mma"] * len(layers)
+    assert [layer["zero_point"] != "none" for layer in r.info["layers"]] == [zp for *_, zp in MMA_VARIANTS]
+    y = r(x.half().cuda()).float().cpu()
+    for i, (layer, variant) in enumerate(zip(layers, MMA_VARIANTS)):
+        ref = layer(x.half().float())
+        got = y[..., i * n:(i + 1) * n]
+        err = (got - ref).abs().max().item()
+        assert err <= 5e-3 * ref.abs().max().item(), (variant, err)

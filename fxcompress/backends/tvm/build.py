@@ -29,10 +29,10 @@ How it works
    kernel that reads the packed words (``TVMRunner.kernel_names()`` / ``primfunc_names()`` show it).
    ``FoldConstant`` is deliberately left out of the pipeline: it would evaluate the decode of the
    constant packed weight at build time and store a float weight again.
-3. **Schedules.**  ``target="cuda"``: quantized linears with fp16 activations and 1..16 rows are emitted
-   directly as hand-scheduled PrimFuncs (:mod:`.kernels`; ``TVMBuildConfig.gemv_kernel``): int4 / int8 on tensor cores
-   (``mma.m16n8k16`` from a fragment-ordered repacking of the codes), other int2 / 4 / 8 layers on a
-   CUDA-core GEMV;
+3. **Schedules.**  ``target="cuda"``: quantized linears with fp16 activations are emitted directly as
+   hand-scheduled PrimFuncs (:mod:`.kernels`; ``TVMBuildConfig.gemv_kernel``): int4 / int8 with 1..32 rows on
+   tensor cores (``mma.m16n8k16`` from a fragment-ordered repacking of the codes, each weight read once for all
+   rows), other int2 / 4 / 8 layers with 1..16 rows on a CUDA-core GEMV;
    everything else gets the ``tvm.s_tir.dlight`` GPU rules (Matmul, GEMV, LowBatchGEMV, Reduction,
    GeneralReduction, Fallback).  ``permute_dims`` of float constants (the importer's ``F.linear`` weights)
    is folded at build time.  ``target="llvm"``: TVM's default CPU lowering.
@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -84,7 +84,8 @@ def _schedule(mod, target, tune: str, trials: int, work_dir, config: TVMBuildCon
     stats = {}
     mod = _fused(mod, target)
     if tune == "meta_schedule":
-        mod, stats = tune_meta_schedule(mod, target, trials, work_dir)
+        mod, stats = tune_meta_schedule(mod, target, trials, work_dir, builder_timeout_s=config.ms_builder_timeout_s,
+                                        cost_model=config.ms_cost_model)
     if target.kind.name == "cuda" and tune in ("dlight", "meta_schedule"):
         with target:
             mod = dlight_pass(target, config)(mod)
@@ -94,6 +95,26 @@ def _schedule(mod, target, tune: str, trials: int, work_dir, config: TVMBuildCon
         with target:
             mod = dl.ApplyDefaultSchedule(dl.gpu.Fallback())(mod)
     return mod, stats
+
+
+def _compete(info, target, trials, work_dir, config):
+    """Hand-written linear kernels against tuned alternatives (:mod:`.compete`)."""
+    from pathlib import Path
+
+    from .compete import compete_hand_kernels
+    from .meta_schedule import meta_schedule_usable, records_dir, tune_primfunc
+
+    ok, why = meta_schedule_usable()
+    if not ok:
+        raise TVMBackendError(f"tune='meta_schedule' is not usable: {why}")
+    rdir = records_dir(Path(work_dir), target)
+    rdir.mkdir(parents=True, exist_ok=True)
+
+    def tune_fn(func, log_dir, db):
+        tune_primfunc(func, target, trials, log_dir, db, builder_timeout_s=config.ms_builder_timeout_s,
+                      cost_model=config.ms_cost_model)
+
+    return compete_hand_kernels(info.get("layers", []), target, rdir, trials, config, tune_fn)
 
 
 def _finalize(mod, target):
@@ -164,7 +185,7 @@ def build_tvm(model, example_inputs, target="cuda", tune: str = "dlight", *, tri
     if tune == "meta_schedule" and tgt.kind.name == "llvm" and "num-cores" not in tgt.attrs:
         from tvm.target import Target
 
-        tgt = Target({"kind": "llvm", "num-cores": os.cpu_count() or 1})  # MetaSchedule needs it
+        tgt = Target({**tgt.export(), "num-cores": os.cpu_count() or 1})  # MetaSchedule needs it
     bar = Steps(["import", "schedule", "lower", "compile"], "TVM build", enabled=progress)
     with bar, drop_native_stderr():
         if isinstance(model, tvm.IRModule):
@@ -172,8 +193,16 @@ def build_tvm(model, example_inputs, target="cuda", tune: str = "dlight", *, tri
         else:
             mod, info = lower_to_relax(model, example_inputs, dtype=dtype, accum_dtype=accum_dtype,
                                        cuda=tgt.kind.name == "cuda", config=config)
+        competed = {}
+        if tune == "meta_schedule" and tgt.kind.name == "cuda" and config.gemv_kernel == "fxc" and config.ms_compete:
+            won, competed = _compete(info, tgt, trials, work_dir, config)
+            if won - config.te_linears:  # a tuned kernel measured faster than a hand-written one: emit te there
+                config = replace(config, te_linears=config.te_linears | won)
+                mod, info = lower_to_relax(model, example_inputs, dtype=dtype, accum_dtype=accum_dtype, cuda=True,
+                                           config=config)
         bar.next()
         sched, stats = _schedule(mod, tgt, tune, trials, work_dir, config)
+        stats = dict(stats, **competed)
         bar.next()
         final = _finalize(sched, tgt)
         bar.next()

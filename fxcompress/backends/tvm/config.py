@@ -12,6 +12,7 @@ DECODE_MODES = ("magic", "convert")
 GEMV_CUDA_KEYS = ("TS", "TR", "TILE_R", "VEC_C", "VEC_LOAD", "UNROLL", "LOAD_V_SHARED", "LOAD_V_VEC")
 TILE_CASES = ("batch1", "batch1_large_k", "batch4", "batch")
 MMA_TILE_CASES = ("small", "batch")
+MS_COST_MODELS = ("auto", "xgb", "random")
 
 
 @dataclass(frozen=True)
@@ -19,19 +20,30 @@ class TVMBuildConfig:
     """How quantized linears are emitted and scheduled for CUDA (the llvm target only reads ``decode_mode``).
 
     ``gemv_kernel``: "fxc" = the hand-scheduled packed kernels of :mod:`.kernels` (tensor cores for int4 / int8,
-    a CUDA-core GEMV otherwise) for fp16 layers with 1..16 activation rows where they support the layer;
+    a CUDA-core GEMV otherwise) for fp16 layers with 1..32 (tensor cores) / 1..16 (CUDA cores) activation rows
+    where they support the layer;
     "dlight" = the fused te decode+matmul scheduled by dlight's rules (always used for the other layers).
     ``decode_mode``: how a packed code becomes a float inside the fused te kernel -- "magic": integer ops only,
     ``(word >> shift) & mask | exponent`` reinterpreted as a float (2**23 + u for fp32, 1024 + u for fp16)
     minus that constant (exact, no int->float instruction, which runs at 1/8 of the FMA rate on sm_80/sm_90);
     "convert": ``.astype(float)`` of the extracted code.
-    ``small_batch_max_m``: quantized linears with 2..M activation rows get a GEMV-style schedule (one pass over
-    the packed weight for all rows) instead of dlight's tiled Matmul; 0 turns it off.
+    ``small_batch_max_m``: quantized linears scheduled by dlight (the layers no hand-written kernel takes) with
+    2..M activation rows get a GEMV-style schedule (one pass over the packed weight for all rows) instead of
+    dlight's tiled Matmul; 0 turns it off.  It does not limit the hand-written kernels (the tensor-core kernel
+    takes 1..32 rows); it stays 16 because the GEMV-style schedule at 17..32 rows is unmeasured.
     ``gemv_cuda``: overrides of dlight's batch-1 CUDA GEMV parameters (keys :data:`GEMV_CUDA_KEYS`; None keeps
     dlight's choice).
     ``tiles``: CUDA-core kernel tile overrides by case (:data:`TILE_CASES`), e.g. ``{"batch": Tile(8, 4, 1)}``.
     ``mma_min_m``: batch sizes from here up use the tensor-core kernel; ``mma_tiles``: its (warps, prefetch) by
     case (:data:`MMA_TILE_CASES`).
+    ``ms_builder_timeout_s``: MetaSchedule's per-candidate build timeout (``tune="meta_schedule"``; its 30 s default
+    times out most CUDA candidates); ``ms_cost_model``: "auto" (xgboost when installed, else random), "xgb" or
+    "random"; ``ms_compete``: on CUDA, each hand-written quantized-linear kernel competes with the MetaSchedule-tuned
+    fused decode+matmul of the same layer (both measured on the GPU in one process; the faster one is emitted and
+    the choice is stored beside the records); False keeps the hand-written kernels untimed.
+    ``te_linears``: quantized-linear signatures ``(rows, K, N, bits, group_size)`` emitted as the te fused
+    decode+matmul even where a hand-written kernel applies (``tune="meta_schedule"`` fills it with the layers whose
+    tuned kernel measured faster; rarely set by hand).
     """
 
     gemv_kernel: str = "fxc"
@@ -41,12 +53,31 @@ class TVMBuildConfig:
     tiles: Mapping | None = None
     mma_min_m: int = 1
     mma_tiles: Mapping | None = None
+    ms_builder_timeout_s: float = 120.0
+    ms_cost_model: str = "auto"
+    ms_compete: bool = True
+    te_linears: frozenset = frozenset()
 
     def __post_init__(self):
         if self.gemv_kernel not in GEMV_KERNELS:
             raise ValueError(f"TVMBuildConfig.gemv_kernel must be one of {GEMV_KERNELS}, got {self.gemv_kernel!r}")
         if self.decode_mode not in DECODE_MODES:
             raise ValueError(f"TVMBuildConfig.decode_mode must be one of {DECODE_MODES}, got {self.decode_mode!r}")
+        if isinstance(self.ms_builder_timeout_s, bool) or not isinstance(self.ms_builder_timeout_s, (int, float)) \
+                or not self.ms_builder_timeout_s > 0:
+            raise ValueError(f"TVMBuildConfig.ms_builder_timeout_s must be a number > 0, got {self.ms_builder_timeout_s!r}")
+        if self.ms_cost_model not in MS_COST_MODELS:
+            raise ValueError(f"TVMBuildConfig.ms_cost_model must be one of {MS_COST_MODELS}, got {self.ms_cost_model!r}")
+        if not isinstance(self.ms_compete, bool):
+            raise ValueError(f"TVMBuildConfig.ms_compete must be a bool, got {self.ms_compete!r}")
+        try:
+            te = frozenset(tuple(int(v) for v in sig) for sig in self.te_linears)
+        except (TypeError, ValueError):
+            te = None
+        if te is None or any(len(sig) != 5 for sig in te):
+            raise ValueError("TVMBuildConfig.te_linears must be a set of (rows, K, N, bits, group_size) int tuples, got "
+                             f"{self.te_linears!r}")
+        object.__setattr__(self, "te_linears", te)
         for name in ("small_batch_max_m", "mma_min_m"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -3,7 +3,8 @@
 Each quantized linear becomes ONE PrimFunc (``fused_decode_matmul``): a ``dequantize`` block that decodes
 ``(q - zero_point) * scale`` from the packed ``uint32`` words (:mod:`.packing`) and a ``matmul`` reduction block
 that reads it (accumulating in float32, then a cast block when activations are fp16).  On CUDA, fp16 layers with
-1..16 rows are emitted as the hand-scheduled kernels of :mod:`.kernels` where they apply
+1..32 rows (int4 / int8, tensor cores) or 1..16 rows (CUDA cores) are emitted as the hand-scheduled kernels of
+:mod:`.kernels` where they apply
 (``TVMBuildConfig.gemv_kernel``).
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ class LayerInfo:
     zero_point: str  # "none" | "integer" | "fractional"
     packed_bytes: int
     primfunc: str = ""
+    rows: int = 0  # activation rows (the product of the input's leading dims; -1 when dynamic)
     kernel: str = "te"  # "fxc_gemv" / "fxc_mma" (hand-scheduled CUDA kernels) or "te" (fused decode+matmul,
     # scheduled later)
 
@@ -52,8 +54,10 @@ def emit_quant_linear(bb, x, q: QuantLinear, name: str, accum_dtype: str = "floa
     y = emit_packed_linear(bb, x, words, qw.scale.numpy(), zp, bits=spec.bits, qmin=spec.qmin,
                            out_features=qw.shape[0], in_features=qw.shape[1], bias=bias, accum_dtype=accum_dtype,
                            name=name, cuda=cuda, used=kernel, config=config)
+    xshape = [int(d) if hasattr(d, "value") else d for d in x.ty.shape]
+    rows = int(np.prod(xshape[:-1])) if all(isinstance(d, int) for d in xshape) else -1
     info = LayerInfo(name, spec.bits, spec.granularity, spec.group_size, tuple(qw.shape), zkind, int(words.nbytes),
-                      kernel=kernel[0])
+                     rows=rows, kernel=kernel[0])
     return y, info
 
 
@@ -90,6 +94,8 @@ def emit_packed_linear(bb, x, words: np.ndarray, scale: np.ndarray, zero_point: 
     decode = config.decode_mode if bits <= 8 else "convert"
     m_rows = int(np.prod(xshape[:-1])) if all(isinstance(d, int) for d in xshape) else -1
     kind = fxc_kind(m_rows, k_in, n_out, bits, gs, dtype, config) if cuda and config.gemv_kernel == "fxc" else None
+    if (m_rows, k_in, n_out, bits, gs) in config.te_linears:  # a tuned te kernel measured faster (meta_schedule)
+        kind = None
     if kind is not None:
         if used is not None:
             used.append(kind)

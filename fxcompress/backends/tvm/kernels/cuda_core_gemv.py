@@ -243,7 +243,7 @@ def packed_gemv_primfunc(*, m: int, k: int, n: int, bits: int, qmin: int, group_
                                 else:
                                     y[mi, bx * rpb + ty * rows + r] = T.Cast("float16", acc[r * m + mi])
 
-    attrs = {"tir.is_scheduled": True, "tir.noalias": True, "op_pattern": 8}
+    attrs = {"tir.is_scheduled": True, "tirx.is_scheduled": True, "tir.noalias": True, "op_pattern": 8}
     if has_zero_point and has_bias:
         @T.prim_func(private=True)
         def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer((n, kw), "uint32"), s: T.Buffer(zshape, "float16"),

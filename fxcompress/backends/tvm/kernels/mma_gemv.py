@@ -1,5 +1,10 @@
-"""Hand-scheduled int4 / int8 tensor-core kernel (TVM TIR) for batch 1..16: mma.sync m16n8k16, the weights
-decoded in registers from the fragment-ordered packing of :func:`..packing.pack_mma_words`."""
+"""Hand-scheduled int4 / int8 tensor-core kernel (TVM TIR) for batch 1..32: mma.sync m16n8k16, the weights
+decoded in registers from the fragment-ordered packing of :func:`..packing.pack_mma_words`.
+
+Mapping: the weight is the A operand (16 output features x 16 K), the activations are the B operand (16 K x 8
+activation rows), so activation rows map to mma's n: ``ceil(m / 8)`` n8 tiles (1..4) per decoded A fragment.  Each
+block covers ALL ``m`` rows of its 16 output features, so each weight is read from memory and decoded once whatever
+the batch; only the mma count grows (one per n8 tile)."""
 from __future__ import annotations
 
 import math
@@ -7,6 +12,7 @@ import math
 from ..packing import MMA_BITS, mma_k_per_load, pack_mma_words  # noqa: F401  (pack_mma_words: the layout it reads)
 
 LANES = 32  # threads per warp
+MAX_M = 32  # activation rows the kernel takes: up to 4 n8 tiles of mma.m16n8k16
 # (warps per block -- they split K and reduce through shared memory --, 16-byte weight loads a lane issues before
 # decoding them) for batch <= 4 / > 4: the best overall in tools/results/fxc_tile_sweep.md (H100)
 DEFAULT_MMA_TILES = {"small": (8, 8), "batch": (4, 8)}
@@ -28,8 +34,8 @@ def mma_supports(*, m: int, k: int, n: int, bits: int, group_size: int, dtype: s
         return f"activations are {dtype} (the kernel takes float16)"
     if bits not in MMA_BITS:
         return f"{bits}-bit codes (the tensor-core kernel takes {MMA_BITS})"
-    if not 1 <= m <= 16:
-        return f"batch {m} is outside 1..16"
+    if not 1 <= m <= MAX_M:
+        return f"batch {m} is outside 1..{MAX_M}"
     kpl = mma_k_per_load(bits)
     if n % 16 or k % kpl:
         return f"{n}x{k} is not a multiple of 16 x {kpl}"
@@ -45,8 +51,9 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
     ``words`` from :func:`pack_mma_words`; each warp owns 16 output rows and 1/warps of K (:func:`mma_tile`), decodes its A
     fragments in registers (two integer ops per pair of codes, then ``(h - (1024 - qmin) - zp) * scale`` in fp16),
     loads B fragments (the activations, fp16 pairs) from global memory / L1, and runs one ``mma.m16n8k16`` per
-    16x16 weight tile and 8 activation rows, accumulating in fp32.  Rows past ``m`` of the 8-row tile are zeros:
-    at batch 1 the tensor cores do 8x the needed math, which is free next to the weight reads."""
+    16x16 weight tile and 8 activation rows (``ceil(m / 8)`` mmas reuse one decoded A fragment), accumulating in
+    fp32.  Rows past ``m`` of the last 8-row tile are zeros: at batch 1 the tensor cores do 8x the needed math,
+    which is free next to the weight reads.  The warps' partial tiles are summed through shared memory."""
     reason = mma_supports(m=m, k=k, n=n, bits=bits, group_size=group_size, dtype="float16")
     if reason is not None:
         raise ValueError(f"tensor-core kernel: {reason}")
@@ -56,7 +63,8 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
     from tvm.script import tirx as T
 
     warps, prefetch = mma_tile(m, k, bits, tiles)
-    nt = 1 if m <= 8 else 2  # n8 tiles of activation rows
+    nt = -(-m // 8)  # n8 tiles of activation rows (1..4)
+    na = nt * 8  # activation columns of the C tile
     kpl = mma_k_per_load(bits)  # K per 16-byte lane load
     rpw = 16 // bits  # A registers per word
     spl = kpl // 16  # 16-wide K slices per load
@@ -64,7 +72,8 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
     kq = k // kpl  # 16-byte lane loads per row block
     kq_w = kq // warps  # per warp
     pf = max(d for d in range(1, prefetch + 1) if kq_w % d == 0)  # weight loads in flight per lane
-    red_iters = -(-256 // (warps * LANES))
+    threads = warps * LANES
+    red_iters = -(-(16 * na) // threads)
     zshape = (scale_rows, k // group_size)
     xshape, yshape = (*lead, k), (*lead, n)
     off = float(1024 - qmin)  # fp16 1024 + u  ->  u + qmin (exact: u < 256)
@@ -79,7 +88,7 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
         for bx in T.thread_binding(n // 16, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(LANES, thread="threadIdx.x"):
-                    red = T.alloc_buffer((warps * 16 * 16,), "float32", scope="shared")
+                    red = T.alloc_buffer((warps * 16 * na,), "float32", scope="shared")
                     cf = T.alloc_buffer((nt * 4,), "float32", scope="local")
                     wv = T.alloc_buffer((pf * 4,), "uint32", scope="local")
                     au = T.alloc_buffer((4,), "uint32", scope="local")
@@ -117,26 +126,28 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
                                     T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
                                                                 au.data, 0, bu.data, t2 * 2, cf.data, t2 * 4, False,
                                                                 dtype="float32"))
-                    # C fragment -> shared: red[warp][row][act]; then one thread per (row, act) sums the warps
+                    # C fragment -> shared: red[warp][row][act] (c0, c1: row tx // 4, acts 2 (tx % 4) + {0, 1};
+                    # c2, c3: row + 8); then one thread per (row, act) sums the warps
                     for t2 in T.unroll(nt):
                         for c in T.unroll(4):
-                            red[ty * 256 + (tx // 4 + (c // 2) * 8) * 16 + t2 * 8 + (tx % 4) * 2 + c % 2] = cf[t2 * 4 + c]
+                            red[ty * (16 * na) + (tx // 4 + (c // 2) * 8) * na + t2 * 8 + (tx % 4) * 2 + c % 2] = \
+                                cf[t2 * 4 + c]
                     T.tvm_storage_sync("shared")
-                    for o in T.serial(red_iters):  # output (row, act) = divmod(idx, 16)
-                        if o * (warps * LANES) + ty * LANES + tx < 256 and (ty * LANES + tx) % 16 < m:
+                    for o in T.serial(red_iters):  # output (row, act) = divmod(idx, na)
+                        if o * threads + ty * LANES + tx < 16 * na and (o * threads + ty * LANES + tx) % na < m:
                             cf[0] = T.float32(0)
                             for wi in T.unroll(warps):
-                                cf[0] = cf[0] + red[wi * 256 + o * (warps * LANES) + ty * LANES + tx]
+                                cf[0] = cf[0] + red[wi * (16 * na) + o * threads + ty * LANES + tx]
                             if has_bias:
-                                y[(ty * LANES + tx) % 16, bx * 16 + (o * (warps * LANES) + ty * LANES + tx) // 16] = \
+                                y[(o * threads + ty * LANES + tx) % na, bx * 16 + (o * threads + ty * LANES + tx) // na] = \
                                     T.Cast("float16", cf[0] + T.Cast(
-                                        "float32", b[bx * 16 + (o * (warps * LANES) + ty * LANES + tx) // 16]))
+                                        "float32", b[bx * 16 + (o * threads + ty * LANES + tx) // na]))
                             else:
-                                y[(ty * LANES + tx) % 16, bx * 16 + (o * (warps * LANES) + ty * LANES + tx) // 16] = \
+                                y[(o * threads + ty * LANES + tx) % na, bx * 16 + (o * threads + ty * LANES + tx) // na] = \
                                     T.Cast("float16", cf[0])
 
     wshape = (n // 16, kq, LANES, 4)
-    attrs = {"tir.is_scheduled": True, "tir.noalias": True, "op_pattern": 8}
+    attrs = {"tir.is_scheduled": True, "tirx.is_scheduled": True, "tir.noalias": True, "op_pattern": 8}
     if has_zero_point and has_bias:
         @T.prim_func(private=True)
         def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
