@@ -1,7 +1,7 @@
 """TVM stepper: Relax builds of the prefill and decode graphs (``fxcompress.backends.tvm.build_tvm``: packed
 integer linears, the hand-written int4 GEMV / tensor-core kernels on CUDA); the caches are TVM tensors on the
-device, fed from one step's outputs to the next.  On CUDA the builds run under
-``relax.backend.use_cuda_graph``, so the static-shape decode step is captured and replayed as a CUDA graph."""
+device, fed from one step's outputs to the next.  On CUDA, ``cuda_graph=True`` builds under
+``relax.backend.use_cuda_graph`` (the static-shape steps captured and replayed as CUDA graphs)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -40,15 +40,16 @@ def _check_device(device: str):
     raise LMError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-def build_steps_tvm(graphs: dict, spec: LMSpec, device: str, dtype=None) -> dict:
-    """``{"prefill": executable, "decode": executable}`` built for ``device``'s target."""
+def build_steps_tvm(graphs: dict, spec: LMSpec, device: str, dtype=None, *, cuda_graph: bool = False) -> dict:
+    """``{"prefill": executable, "decode": executable}`` built for ``device``'s target (``cuda_graph``: capture
+    the static-shape steps as CUDA graphs, CUDA only)."""
     import tvm
 
     from ..backends.tvm import build_tvm
 
     _, target = _check_device(device)
     out = {}
-    cfg = {"relax.backend.use_cuda_graph": True} if target == "cuda" else {}
+    cfg = {"relax.backend.use_cuda_graph": True} if (target == "cuda" and cuda_graph) else {}
     for kind, g in graphs.items():
         seq = spec.prefill_chunk if kind == "prefill" else 1
         with tvm.transform.PassContext(opt_level=3, config=cfg):

@@ -225,3 +225,19 @@ class _HiddenPositions(torch.nn.Module):
 def test_positions_not_found_fail_the_self_check():
     with pytest.raises(KVCacheRewriteError, match="self-check failed"):
         compile_lm(_HiddenPositions(), "torch", max_seq_len=16, prefill_chunk=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,cuda_graph", [("torch", False), ("tvm", False), ("tvm", True), ("ort", False)])
+def test_cuda_greedy_tokens_equal_torch_cpu(backend, cuda_graph):
+    """On the GPU (fp32, so argmax ties are not a dtype effect) the cached steps reproduce the uncached CPU model."""
+    if backend == "ort":
+        ort = pytest.importorskip("onnxruntime")
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            pytest.skip("onnxruntime-gpu (CUDAExecutionProvider) is not installed")
+    m = model("builtin-l4q")
+    ids = _prompt(11)
+    want = greedy_reference(m, ids, N_NEW)
+    kw = {"cuda_graph": cuda_graph} if backend == "tvm" else {}
+    lm = compile_lm(m, backend, device="cuda", max_seq_len=MAX_LEN, prefill_chunk=CHUNK, **kw)
+    assert torch.equal(lm.generate(ids, max_new_tokens=N_NEW).cpu(), want)
