@@ -219,3 +219,27 @@ def test_magic_decode_matches_convert_decode(bits):
     torch.testing.assert_close(outs["magic"], outs["convert"], atol=1e-6, rtol=1e-6)
 
 
+
+
+def test_hugging_face_llama_int4_builds_with_parity():
+    """HF models compute position ids with a cumsum over a bool mask: it must build (TVM keeps cumsum's input
+    dtype and its VM cannot run an undispatched scan) and match torch's int64 semantics."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids):
+            return self.m(input_ids=ids, use_cache=False).logits
+
+    ids = torch.randint(0, 128, (1, 8))
+    gm = fxc.capture(Logits(hf), (ids,))
+    q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, group_size=32, granularity="per_group"))
+    rep = fxc.runtime.check_parity(q, fxc.compile_tvm(q, (ids,), target="llvm"), (ids,))
+    assert rep.max_abs < 1e-4, rep

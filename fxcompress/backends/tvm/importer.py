@@ -96,6 +96,28 @@ def _convert_addmm(node, importer):
     return bb.emit(relax.op.add(bias, res))
 
 
+def _convert_cumsum(node, importer):
+    """``aten.cumsum`` with torch's dtype rule: a bool or integer input accumulates in int64.
+
+    TVM 0.27 keeps the input dtype, so the cumsum over a bool mask that Hugging Face models compute for their
+    position ids fails to build ("InternalError: R.cumsum(...)")."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    want = node.kwargs.get("dtype")
+    if want is not None:
+        dtype = str(want).replace("torch.", "")
+    elif str(x.ty.dtype) == "bool" or str(x.ty.dtype).startswith(("int", "uint")):
+        dtype = "int64"
+    else:
+        dtype = None
+    if dtype is not None and str(x.ty.dtype) != dtype:
+        x = bb.emit(relax.op.astype(x, dtype))
+    return bb.emit(relax.op.cumsum(x, dim))
+
+
 def _as_tuple(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -161,7 +183,8 @@ def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | Non
             return y
 
         try:
-            mod = from_exported_program(ep, custom_convert_map={_OP_NAME: convert, "addmm.default": _convert_addmm})
+            mod = from_exported_program(ep, custom_convert_map={_OP_NAME: convert, "addmm.default": _convert_addmm,
+                                                                  "cumsum.default": _convert_cumsum})
         except AssertionError as e:
             msg = str(e)
             found = re.search(r"Unsupported function types? (\[.*\])", msg)

@@ -97,6 +97,9 @@ def fuse_passes():
     from tvm import relax
 
     # no FoldConstant: it would decode the constant packed weights at build time (back to float)
-    return [small_int_power_pass(), constant_transpose_pass(), relax.transform.LegalizeOps(),
+    # DispatchSortScan: cumsum / sort / topk to their TOPI scan kernels (LegalizeOps leaves them, and the VM then
+    # fails on e.g. the bool-mask cumsum of Hugging Face position ids), as TVM's default pipelines do
+    return [small_int_power_pass(), constant_transpose_pass(), relax.backend.DispatchSortScan(),
+            relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.DeadCodeElimination(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
