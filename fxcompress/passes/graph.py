@@ -221,10 +221,18 @@ def replace_site(gm: fx.GraphModule, site: Site, new_module: nn.Module) -> str:
         return site.name
     in_place = _plain_holder(gm, site)
     path = site.name if in_place else _free_path(gm, site.name)
-    if not in_place:
-        gm.add_submodule(path, new_module)
     node = site.node
     x = node.args[1] if node.target in _ADDMM_FNS else (node.args[0] if node.args else node.kwargs["input"])
+    call_module_instead(gm, node, x, path, new_module, in_place)
+    return path
+
+
+def call_module_instead(gm: fx.GraphModule, node: fx.Node, x: fx.Node, path: str, module: nn.Module,
+                        in_place: bool) -> fx.Node:
+    """Replace ``node`` by ``call_module(path, (x,))`` of ``module``.  ``in_place``: ``path`` is the module that
+    owned ``node``'s get_attr tensors; those reads are dropped and ``module`` takes its place."""
+    if not in_place:
+        gm.add_submodule(path, module)
     with gm.graph.inserting_before(node):
         new = gm.graph.call_module(path, (x,))
     new.meta = dict(node.meta)
@@ -234,8 +242,8 @@ def replace_site(gm: fx.GraphModule, site: Site, new_module: nn.Module) -> str:
         for a in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith(path + ".")]:
             if not a.users:
                 gm.graph.erase_node(a)
-        gm.add_submodule(path, new_module)
-    return path
+        gm.add_submodule(path, module)
+    return new
 
 
 def cleanup(gm: fx.GraphModule) -> fx.GraphModule:

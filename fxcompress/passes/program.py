@@ -21,7 +21,7 @@ from ..nn import QuantConv2d, QuantLinear
 from ..nn.ops import L4Q_LINEAR, QUANT_CONV2D, QUANT_LINEAR, spec_of
 from ..quant import QuantWeight
 from .base import REPORT_KEY
-from .graph import _free_path, _get_attr, cleanup, layer_sites, replace_site
+from .graph import _free_path, _get_attr, call_module_instead, cleanup, layer_sites, replace_site
 
 _aten = torch.ops.aten
 
@@ -223,18 +223,7 @@ def modularize(gm: fx.GraphModule) -> fx.GraphModule:
             owner = w.target.rpartition(".")[0]
             in_place = bool(owner) and _bn_holder(gm, owner, node)
             path = owner if in_place else _free_path(gm, owner or node.name)
-            if not in_place:
-                gm.add_submodule(path, bn)
-            with gm.graph.inserting_before(node):
-                new = gm.graph.call_module(path, (x,))
-            new.meta = dict(node.meta)
-            node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-            if in_place:
-                for a in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith(owner + ".")]:
-                    if not a.users:
-                        gm.graph.erase_node(a)
-                gm.add_submodule(path, bn)
+            call_module_instead(gm, node, x, path, bn, in_place)
         elif node.target is _aten.relu.default:
             node.target = F.relu
         elif node.target is _aten.add.Tensor and not node.kwargs:
