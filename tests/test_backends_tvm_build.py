@@ -164,6 +164,22 @@ def test_cuda_build_without_gpu_one_kernel_per_quant_linear():
     assert "uint*" in src  # the kernels read the packed uint32 words
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build CUDA code")
+def test_cuda_build_many_hand_kernels_of_one_kind_have_unique_symbols():
+    """Several fp16 int4 linears all get the tensor-core kernel; each PrimFunc keeps a unique global symbol (a shared
+    one broke the build once Relax passes that check symbols, e.g. DispatchSortScan, ran)."""
+    from fxcompress.models.smollm2 import tiny_causal_lm
+
+    m = tiny_causal_lm(hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=4, vocab_size=256)
+    ids = torch.randint(0, 256, (1, 1))
+    q = fxc.quantize_rtn(fxc.capture(m, (ids,)), fxc.RTNConfig(bits=4, group_size=128, granularity="per_group",
+                                                               exclude=("lm_head",)))
+    b = build_tvm(q, (ids,), target="cuda", dtype=torch.float16)
+    assert {layer["kernel"] for layer in b.info["layers"]} == {"fxc_mma"}
+    symbols = [f.attrs["global_symbol"] for f in b.scheduled.functions.values() if "global_symbol" in (f.attrs or {})]
+    assert len(symbols) == len(set(symbols))
+
+
 # ---------------------------------------------------------------------------------------------------------- GPU
 
 

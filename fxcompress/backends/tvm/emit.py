@@ -180,6 +180,8 @@ def _emit_fxc_gemv(bb, x, xshape, words, scale, zero_point, bias, *, bits, qmin,
         f = packed_gemv_primfunc(**common, bits=bits, name="fxc_packed_gemv",
                                  tile=tile_for(m_rows, k_in, n_out, config.tiles))
     gv = bb.add_func(f, f.attrs["global_symbol"])
+    if gv.name_hint != f.attrs["global_symbol"]:  # a second kernel of the same kind: the block builder renamed its
+        bb.update_func(gv, f.with_attr("global_symbol", gv.name_hint))  # var; keep the symbol unique too
     args = [x, relax.const(np.ascontiguousarray(words, dtype=np.uint32)), relax.const(scale.astype(np.float16))]
     if zero_point is not None:
         args.append(relax.const(np.asarray(zero_point).astype(np.float16)))
