@@ -1,6 +1,6 @@
 """TVM stepper: Relax builds of the prefill and decode graphs (``fxcompress.backends.tvm.build_tvm``: packed
 integer linears, the hand-written int4 GEMV / tensor-core kernels on CUDA); the caches are TVM tensors on the
-device, fed from one step's outputs to the next.  On CUDA, ``cuda_graph=True`` builds under
+device, fed from one step's outputs to the next.  On CUDA, ``cuda_graph=True`` (the default) builds under
 ``relax.backend.use_cuda_graph`` (the static-shape steps captured and replayed as CUDA graphs)."""
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _check_device(device: str):
     raise LMError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
-def build_steps_tvm(graphs: dict, spec: LMSpec, device: str, dtype=None, *, cuda_graph: bool = False) -> dict:
+def build_steps_tvm(graphs: dict, spec: LMSpec, device: str, dtype=None, *, cuda_graph: bool = True) -> dict:
     """``{"prefill": executable, "decode": executable}`` built for ``device``'s target (``cuda_graph``: capture
     the static-shape steps as CUDA graphs, CUDA only)."""
     import tvm
