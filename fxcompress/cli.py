@@ -138,7 +138,7 @@ def _check_lm_name(name: str) -> None:
 
 
 def _cmd_convert_artifact(args) -> int:
-    from fxcompress.runtime.artifact import convert_v1
+    from fxcompress.runtime.artifact_v1 import convert_v1
 
     out = convert_v1(args.old, args.new, trust=args.trust)
     print(f"converted {args.old} (format 1, pickle) to {out} (format 2, data only)")

@@ -10,13 +10,8 @@ from safetensors.torch import save_file
 from toymodels import DecoderBlock
 
 import fxcompress as fxc
-from fxcompress.runtime.artifact import (
-    ArtifactError,
-    convert_v1,
-    example_inputs,
-    load_artifact,
-    save_artifact,
-)
+from fxcompress.runtime.artifact import ArtifactError, example_inputs, load_artifact, save_artifact
+from fxcompress.runtime.artifact_v1 import convert_v1
 
 
 def _gm(result):

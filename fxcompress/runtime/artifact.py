@@ -11,7 +11,7 @@ Loading never unpickles and never imports a module named by the file: module typ
 looked up by name in allowlists built from modules that are already imported (torch, operator, math,
 fxcompress.nn), and anything outside them is an :class:`ArtifactError` naming it. Version-1 artifacts
 (a pickled ``structure.pt``) are refused with the command that converts a trusted one
-(:func:`convert_v1`, ``fxcompress convert-artifact OLD NEW --trust``).
+(``artifact_v1.convert_v1``, ``fxcompress convert-artifact OLD NEW --trust``).
 
 ``torch.export.save`` / ``torch.export.load`` is not used: ``torch.export.load`` unpickles
 (``torch/_export/serde/serialize.py`` falls back to ``torch.load(weights_only=False)`` when the weights-only
@@ -589,19 +589,25 @@ def save_artifact(gm: nn.Module, directory, *, example_inputs=None, extra: dict 
 def _convert_hint(d: Path) -> str:
     return (f"{d} is a version-1 artifact, whose structure.pt is a pickle that can run code when loaded. "
             f"If you trust where it came from, convert it once: `fxcompress convert-artifact {d} NEW_DIR --trust` "
-            "(or fxcompress.runtime.artifact.convert_v1(old, new, trust=True)), then load NEW_DIR")
+            "(or fxcompress.runtime.artifact_v1.convert_v1(old, new, trust=True)), then load NEW_DIR")
+
+
+def parse_manifest_json(d: Path):
+    """The JSON of ``d/manifest.json`` (any format version); ArtifactError if it is missing or not JSON."""
+    mpath = d / "manifest.json"
+    if not mpath.is_file():
+        raise ArtifactError(f"{d} is not an fxcompress artifact: manifest.json is missing")
+    try:
+        return json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mpath} is corrupt: {e}") from None
 
 
 def read_manifest(directory) -> dict:
     """The parsed manifest.json of an artifact directory, after checking its format and version."""
     d = Path(directory)
+    manifest = parse_manifest_json(d)
     mpath = d / "manifest.json"
-    if not mpath.is_file():
-        raise ArtifactError(f"{d} is not an fxcompress artifact: manifest.json is missing")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{mpath} is corrupt: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{mpath}: format is {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
                             f"expected {FORMAT!r}")
@@ -613,7 +619,7 @@ def read_manifest(directory) -> dict:
     return manifest
 
 
-def _check_files(d: Path, manifest: dict, names) -> None:
+def check_files(d: Path, manifest: dict, names) -> None:
     files = manifest.get("files", {})
     for fname in names:
         p = d / fname
@@ -630,7 +636,7 @@ def load_artifact(directory, map_location: str | torch.device = "cpu") -> fx.Gra
     _register_defaults()
     d = Path(directory)
     manifest = read_manifest(d)
-    _check_files(d, manifest, (GRAPH_FILE, WEIGHTS_FILE))
+    check_files(d, manifest, (GRAPH_FILE, WEIGHTS_FILE))
     try:
         tree = json.loads((d / GRAPH_FILE).read_text())["root"]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
@@ -669,33 +675,3 @@ def example_inputs(directory, *, seed: int = 0) -> tuple[torch.Tensor, ...]:
                    else torch.zeros(s["shape"], dtype=dt))
     return tuple(out)
 
-
-def convert_v1(old, new, *, trust: bool = False) -> Path:
-    """Convert a version-1 artifact (pickled ``structure.pt``) to the current format.
-
-    This UNPICKLES ``structure.pt``, which runs any code its author put in it: only for artifacts you trust,
-    hence ``trust=True`` is required.
-    """
-    if trust is not True:
-        raise ArtifactError("convert_v1 unpickles the old artifact's structure.pt, which can run code: pass "
-                            "trust=True (CLI: --trust) only for an artifact from a source you trust")
-    o = Path(old)
-    mpath = o / "manifest.json"
-    if not mpath.is_file():
-        raise ArtifactError(f"{o} is not an fxcompress artifact: manifest.json is missing")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{mpath} is corrupt: {e}") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != 1:
-        raise ArtifactError(f"{o} is not a version-1 fxcompress artifact (format_version "
-                            f"{manifest.get('format_version')!r}); nothing to convert")
-    _check_files(o, manifest, ("weights.safetensors", "structure.pt"))
-    gm = torch.load(o / "structure.pt", map_location="meta", weights_only=False)  # trusted by the caller
-    sd = load_file(str(o / "weights.safetensors"))
-    for name, src in manifest.get("aliases", {}).items():
-        sd[name] = sd[src]
-    gm.load_state_dict(sd, strict=True, assign=True)
-    if isinstance(gm, fx.GraphModule):
-        gm.meta[REPORT_KEY] = [(name, rows) for name, rows in manifest.get("reports", [])]
-    return save_artifact(gm, new, extra=manifest.get("extra"))
