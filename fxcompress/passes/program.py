@@ -159,12 +159,7 @@ def materialize_quant_modules(model):
                                      (set(existing._parameters) | set(existing._buffers)) -
                                      {"qweight", "scale", "zero_point", "bias"}):
             path = node.name
-        gm.add_submodule(path, mod)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(path, (x,))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        call_module_instead(gm, node, x, path, mod, in_place=False)
     return cleanup(gm)
 
 
@@ -300,12 +295,7 @@ def materialize_l4q_modules(gm: fx.GraphModule) -> fx.GraphModule:
                     getattr(layer, attr).copy_(t[key])
         layer.grad_scale = grad_scale
         path = w.target[: -len(".weight")] if w.target.endswith(".weight") else node.name
-        gm.add_submodule(path, layer)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_module(path, (x,))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        call_module_instead(gm, node, x, path, layer, in_place=False)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
