@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from ..runtime.artifact import register_artifact_function
+
 __all__ = ["cached_attention"]
 
 
@@ -38,3 +40,6 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     p = torch.softmax(scores.float() + bias, dim=-1).to(q.dtype)
     out = torch.matmul(p, v_cache.to(q.dtype))  # [B, KVH, rep*T, D]
     return out.reshape(b, h, t, d), k_cache, v_cache
+
+
+register_artifact_function(cached_attention, "fxcompress.lm.cached_attention")  # saved torch-backend LMs

@@ -28,15 +28,21 @@ class TorchSteps:
         return out[0].float().cpu()
 
     def save(self, d: Path) -> list[str]:
+        """Each step as an fxcompress artifact (JSON graph + safetensors: loading runs no code from the files;
+        ``torch.export.load`` could unpickle)."""
+        from ..runtime.artifact import GRAPH_FILE, WEIGHTS_FILE, save_artifact
+
         files = []
         for kind, g in self.graphs.items():
             seq = self.spec.prefill_chunk if kind == "prefill" else 1
-            ep = torch.export.export(g, example_inputs(self.spec, seq, self.device), strict=False)
-            torch.export.save(ep, d / f"{kind}.pt2")
-            files.append(f"{kind}.pt2")
+            save_artifact(g.cpu(), d / kind, example_inputs=example_inputs(self.spec, seq))
+            g.to(self.device)
+            files += [f"{kind}/{GRAPH_FILE}", f"{kind}/{WEIGHTS_FILE}", f"{kind}/manifest.json"]
         return files
 
     @classmethod
     def load(cls, d: Path, spec: LMSpec, device: str) -> "TorchSteps":
-        graphs = {k: torch.export.load(d / f"{k}.pt2").module() for k in ("prefill", "decode")}
+        from ..runtime.artifact import load_artifact
+
+        graphs = {k: load_artifact(d / k) for k in ("prefill", "decode")}
         return cls(graphs, spec, device)

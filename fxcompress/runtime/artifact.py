@@ -129,6 +129,15 @@ _NAMESPACES: dict[str, Any] = {
 }
 _OP_NAMESPACES = ("aten", "prims", "fxcompress", "quantized_decomposed")
 _FN_NAMES: dict[int, str] = {}
+_REGISTERED_FNS: dict[str, Callable] = {}
+
+
+def register_artifact_function(fn: Callable, name: str) -> Callable:
+    """Allow ``fn`` (a function of an already-imported fxcompress module, e.g. the KV-cache attention that
+    graph passes insert) as a call_function target under ``name``; loading resolves ``name`` only through this
+    table, so a file can never name a function that was not registered by code the user imported."""
+    _REGISTERED_FNS[name] = fn
+    return fn
 
 
 def _function_name(fn) -> str:
@@ -142,6 +151,9 @@ def _function_name(fn) -> str:
         if isinstance(fn, torch._ops.OpOverloadPacket):
             return f"torch.ops.{ns}.{op}"
         return f"torch.ops.{ns}.{op}.{fn._overloadname}"
+    for name, registered in _REGISTERED_FNS.items():
+        if registered is fn:
+            return name
     if not _FN_NAMES:
         for ns_name, ns in _NAMESPACES.items():
             for attr in dir(ns):
@@ -182,6 +194,8 @@ def _resolve_function(name: str):
             raise ArtifactError(f"artifact uses op {name}, which is not registered in this process "
                                 "(a newer fxcompress or torch may be needed)") from None
         return obj
+    if name in _REGISTERED_FNS:
+        return _REGISTERED_FNS[name]
     if name.startswith("builtins."):
         attr = name[len("builtins."):]
         if attr not in _BUILTINS:

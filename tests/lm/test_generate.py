@@ -136,7 +136,7 @@ def test_corrupt_or_other_version_dir(tmp_path, small_lm):
     with pytest.raises(LMError, match="format version 99"):
         load_lm(d)
     (d / "manifest.json").write_text(json.dumps(man))
-    with open(d / "decode.pt2", "ab") as f:
+    with open(d / "decode" / "weights.safetensors", "ab") as f:  # torch backend: one artifact per step
         f.write(b"x")
     with pytest.raises(LMError, match="sha256"):
         load_lm(d)
