@@ -22,7 +22,10 @@ def test_backward_kernel_compiles_once_for_many_shapes():
               (288, 64)]  # 10 shapes > dynamo's recompile_limit of 8 (>= 2 groups: a size-1 dim specialises)
     counts = []
     for out_f, in_f in shapes:
-        w0, a, b, s, off = _weights(out_f, in_f)
+        # as L4QLinear passes them: W0, A, step sizes and offsets are nn.Parameters (dynamo keeps
+        # Parameter shapes static unless the kernel hands it plain tensors)
+        w0, a, b, s, off = (torch.nn.Parameter(t, requires_grad=t.is_floating_point() and t.dtype != torch.bfloat16)
+                            for t in _weights(out_f, in_f))
         gwq = torch.randn(out_f, in_f, dtype=torch.bfloat16)
         for by_sum in (False, True):
             got = bwd(w0, a, b, s, off, gwq, 0, 7, 32, True, torch.bfloat16, by_sum)

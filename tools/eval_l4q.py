@@ -255,6 +255,7 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="smoke run: tiny random model, few documents")
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--render-only", action="store_true", help="rebuild --out from --json; train nothing")
     args = ap.parse_args()
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     bad = [r for r in rows if r not in ROWS]
@@ -280,6 +281,12 @@ def main():
     train_ids, held_ids, held_titles = split_by_plays(tok, args.tiny)
     eval_batches = windows(held_ids, args.seq + 1, args.batch, max_tokens=args.eval_tokens + args.seq + 1)
     train_batches = windows(train_ids, args.seq + 1, args.batch, shuffle=True, seed=args.seed)
+    if args.render_only:
+        name = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)"
+        text = render(json.loads(Path(args.json).read_text()), args, name, held_titles, None)
+        Path(args.out).write_text(text)
+        print(text)
+        return
     if args.tiny:
         base = tiny_causal_lm(seed=args.seed, vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
                               num_heads=4, num_kv_heads=2).to(dev)
@@ -429,8 +436,28 @@ def render(entries, args, model_name, held_titles, secs):
         lines.append(f"| {label} | {e['setting']} | {e['ppl']:.3f} | {e['bits']} | {e['merges']} | {tr[0]} | {tr[1]} | "
                      f"{tr[2]} | {e['device']}, {e['date']}, seed {e['seed']}, {e['steps']} steps"
                      f"{'; ' + e['note'] if e.get('note') else ''} |")
-    lines += ["", f"(last command took {secs:.0f} s)", ""]
+    lines += ["", *target_lines(entries), ""]
+    if secs is not None:
+        lines += [f"(last command took {secs:.0f} s)", ""]
     return "\n".join(lines)
+
+
+def target_lines(entries) -> list[str]:
+    """The issue's two targets, checked against the entries present (seed by seed)."""
+    by = {(e["row"], e["setting"], e["seed"]): e["ppl"] for e in entries.values() if "ppl" in e}
+    out = ["Targets (from the entries above):", ""]
+    for (row, setting, seed), ppl in sorted(by.items()):
+        if row != "l4q":
+            continue
+        up = by.get(("float+lora", "-", seed))
+        if setting.startswith("4-bit") and up:
+            out.append(f"- L4Q {setting} <= float + LoRA x 1.10 (seed {seed}): {ppl:.3f} vs {1.10 * up:.3f} "
+                       f"(ratio {ppl / up:.3f}): {'holds' if ppl <= 1.10 * up else 'missed'}")
+        ql = by.get(("qlora-b", setting, seed))
+        if ql:
+            out.append(f"- L4Q better than QLoRA merged + re-quantized, {setting} (seed {seed}): {ppl:.3f} vs "
+                       f"{ql:.3f}: {'holds' if ppl < ql else 'missed'}")
+    return out if len(out) > 2 else []
 
 
 if __name__ == "__main__":

@@ -123,7 +123,16 @@ def compiled_kernel(fn, backend="inductor"):
     None, ``need_wq`` and the bit range."""
     key = (fn, backend if isinstance(backend, str) else id(backend))
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, dynamic=True, backend=backend)
+        compiled = torch.compile(fn, dynamic=True, backend=backend)
+
+        def call(*args):
+            # dynamo keeps nn.Parameter shapes static whatever ``dynamic`` says
+            # (torch._dynamo.config.force_parameter_static_shapes): W0, A, the step sizes and offsets
+            # arrive here as Parameters, so each weight shape recompiled until the limit and then
+            # fell back to eager.  The autograd.Function does its own backward, so plain views do.
+            return compiled(*(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args))
+
+        _COMPILED[key] = call
     return _COMPILED[key]
 
 
