@@ -80,6 +80,10 @@ def test_greedy_tokens_equal_torch(name, backend):
         ref = greedy_reference(m, ids, N_NEW)
         assert torch.equal(lm.generate(ids, max_new_tokens=N_NEW), ref), (name, backend, n_prompt)
     torch.testing.assert_close(lm.step_logits(_prompt(12)), logits_of(m, _prompt(12)), atol=1e-4, rtol=1e-4)
+    if backend == "tvm":  # the step inputs live in device tensors allocated once per step kind, refilled per token
+        before = [id(t) for t in lm.steps._inputs["decode"]]
+        lm.generate(_prompt(5), max_new_tokens=3)
+        assert [id(t) for t in lm.steps._inputs["decode"]] == before
 
 
 def test_batch_sampling_eos_and_save_load(tmp_path):
