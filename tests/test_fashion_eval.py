@@ -44,6 +44,8 @@ class TinyNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def tiny():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: threads only add contention on a shared 2-core machine
     torch.manual_seed(0)
     model = TinyNet()
     x = torch.randn(48, 1, 12, 12)
@@ -55,7 +57,8 @@ def tiny():
     with torch.no_grad():  # labels the float model mostly gets right, so accuracy differences are visible
         y = model(x).argmax(1)
         y[::4] = (y[::4] + 1) % 10
-    return model, x, y
+    yield model, x, y
+    torch.set_num_threads(threads)
 
 
 def _direct_accuracy(model, x, y) -> float:

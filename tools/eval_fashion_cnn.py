@@ -203,7 +203,8 @@ class Evaluator:
     x1: torch.Tensor
     workdir: Path
     iters: int = 20
-    threads: int = 2
+    threads: int = 2  # ORT intra-op threads for the latency column
+    eval_threads: int = 1  # ORT intra-op threads for the accuracy runs (1: robust on a shared machine)
     latency: bool = True
     rows: list = field(default_factory=list)
     float_acc: float | None = None
@@ -229,9 +230,10 @@ class Evaluator:
             model, extra = built if isinstance(built, tuple) else (built, "")
             notes = [n for n in (note, extra) if n]
             row.params, row.flops = params_and_flops(model, self.x1)
-            runner = None
+            path = None
             if ort_accuracy or require_qlinear or (latency and self.latency):
-                runner = load_ort(self._export(model, method.split()[0].lower()), intra_op_num_threads=self.threads)
+                path = self._export(model, method.split()[0].lower())
+                runner = load_ort(path, intra_op_num_threads=self.eval_threads)
             if require_qlinear:
                 ops = runner.optimized_op_types()
                 if not ops.get("QLinearConv"):
@@ -245,8 +247,8 @@ class Evaluator:
                     notes.append(f"torch fake-quant {accuracy_torch(model, self.x, self.y):.2f}%")
             else:
                 row.acc = accuracy_torch(model, self.x, self.y)
-            if runner is not None and latency and self.latency:
-                row.latency_ms = ort_latency_ms(runner, self.x1, self.iters)
+            if path is not None and latency and self.latency:
+                row.latency_ms = ort_latency_ms(load_ort(path, intra_op_num_threads=self.threads), self.x1, self.iters)
             row.note = "; ".join(notes)
         except Exception as e:  # noqa: BLE001 - a failing row keeps its reason in the table, not fatal
             row.note = (f"{note}; " if note else "") + f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -384,11 +386,13 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-batches", type=int, default=8)
     ap.add_argument("--calib-batch-size", type=int, default=32)
     ap.add_argument("--iters", type=int, default=20, help="ORT latency runs (batch 1), median")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads for the latency column")
+    ap.add_argument("--eval-threads", type=int, default=1,
+                    help="torch / ORT threads for the accuracy runs (1 avoids thread thrashing on a shared machine)")
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.eval_threads)
     torch.manual_seed(0)
     t_start = time.time()
     xtr, ytr, xte, yte = tfc.load_fashion_mnist(args.data)
@@ -439,6 +443,7 @@ def main(argv=None) -> int:
                      for i in range(0, len(calib_idx), args.calib_batch_size)]
             x1 = tfc.to_input(xtr[calib_idx[-1:]], size, rgb).contiguous()  # the example image: a training image
             ev = Evaluator(name, x, yte, x1, Path(d), iters=args.iters, threads=args.threads,
+                           eval_threads=args.eval_threads,
                            latency=not args.no_latency, on_row=lambda r: write(done=False))
             evaluators.append(ev)
             run_rows(ev, model, bits=tuple(args.bits), prunes=tuple(args.prunes), calibration=calib)
