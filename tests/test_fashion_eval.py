@@ -82,7 +82,7 @@ def test_rows_and_table(tiny, tmp_path):
         assert by[("RTN per channel", "torch", 0.0, bits)].acc == pytest.approx(
             _direct_accuracy(efc.rtn(model, x[:1], bits), x, y), abs=1e-9)
     udfc = by[("UDFC", "torch", 0.5, 4)]
-    assert udfc.acc == pytest.approx(_direct_accuracy(efc.udfc(model, x[:1], 0.5, 4).gm, x, y), abs=1e-9)
+    assert udfc.acc == pytest.approx(_direct_accuracy(efc.udfc(model, x[:1], 0.5, 4), x, y), abs=1e-9)
     assert udfc.params < flt.params and udfc.flops < flt.flops and "pruned" in udfc.note
     # integer activations: ORT runs QLinearConv; its accuracy is the ORT model's, beside torch fake-quant
     for method in ("w8a8 bn ranges (data-free)", "w8a8 calibrated ranges"):

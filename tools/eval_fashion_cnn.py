@@ -45,7 +45,7 @@ from torch import nn
 
 import fxcompress as fxc
 from fxcompress.nn import QuantConv2d, QuantLinear
-from fxcompress.passes.udfc import UDFCConfig, udfc_pass
+from fxcompress.passes.udfc import UDFCConfig
 
 OUT = Path(__file__).parent / "results" / "fashion_cnn_eval.md"
 TARGET_POINTS = 1.0  # issue 12: 8-bit w+a within 1 point of float, data-free ranges
@@ -127,18 +127,22 @@ def ort_latency_ms(runner, x1: torch.Tensor, iters: int) -> float:
 def rtn(model: nn.Module, x1: torch.Tensor, bits: int) -> nn.Module:
     """Per-channel symmetric RTN of every Conv2d / Linear (UDFC's quantizer, pruning and compensation off;
     it supports 6 bits in an 8-bit container, which ``fxc.quantize_rtn`` does not)."""
-    return udfc_pass(fxc.capture(model, (x1[:1],)), UDFCConfig(prune=False, compensate=False, weight_bits=bits,
-                                                               skip=())).gm
+    return fxc.udfc(model, (x1[:1],), UDFCConfig(prune=False, compensate=False, weight_bits=bits, skip=()))
 
 
-def udfc(model: nn.Module, x1: torch.Tensor, prune: float, bits: int, **kw):
-    """UDFC (``fxc.udfc``'s pass), every layer eligible (``skip=()``); returns the PassResult."""
-    return udfc_pass(fxc.capture(model, (x1[:1],)), UDFCConfig(prune_ratio=prune, weight_bits=bits, skip=(), **kw))
+def udfc(model: nn.Module, x1: torch.Tensor, prune: float, bits: int, **kw) -> nn.Module:
+    """``fxc.udfc`` with every layer eligible (``skip=()``: the classifier is quantized too)."""
+    return fxc.udfc(model, (x1[:1],), UDFCConfig(prune_ratio=prune, weight_bits=bits, skip=(), **kw))
+
+
+def pruned_producers(gm: nn.Module) -> list[str]:
+    """The layers UDFC pruned (from its report), depthwise convs that follow a producer left out."""
+    return [r.layer for r in fxc.report(gm) if r.action.startswith("pruned") and "depthwise" not in r.note]
 
 
 def l1_prune_rtn(model: nn.Module, x1: torch.Tensor, prune: float, bits: int) -> nn.Module:
     """L1 filter pruning + RTN, no compensation (UDFC's code path with ``compensate=False``)."""
-    return udfc(model, x1, prune, bits, criterion="l1", compensate=False).gm
+    return udfc(model, x1, prune, bits, criterion="l1", compensate=False)
 
 
 def torch_pruning_l1(model: nn.Module, x1: torch.Tensor, producers: list[str], ratio: float) -> nn.Module:
@@ -289,22 +293,20 @@ def run_rows(ev: Evaluator, model: nn.Module, *, bits=(8, 6, 4), prunes=(0.1, 0.
         for b in bits:
             if want("UDFC"):
                 def build_udfc(p=p, b=b, producers=producers):
-                    res = udfc(model, x1, p, b)
-                    producers[:] = [r.layer for r in res.report
-                                    if r.action.startswith("pruned") and "depthwise" not in r.note]
-                    return res.gm, res.gm.meta["udfc_summary"].split(";")[0]
+                    gm = udfc(model, x1, p, b)
+                    producers[:] = pruned_producers(gm)
+                    return gm, gm.meta["udfc_summary"].split(";")[0]
                 ev.add("UDFC", build_udfc, prune=p, wbits=b)
             if want("L1"):
                 ev.add("L1 prune + RTN (no comp.)", lambda p=p, b=b: l1_prune_rtn(model, x1, p, b), prune=p, wbits=b,
                        latency=False, note="ORT latency: as UDFC (same shapes)")
             if want("torch-pruning"):
                 def build_tp(p=p, b=b, producers=producers):
-                    names = producers or [r.layer for r in udfc(model, x1, p, 8).report
-                                          if r.action.startswith("pruned") and "depthwise" not in r.note]
+                    names = producers or pruned_producers(udfc(model, x1, p, 8))
                     return rtn(torch_pruning_l1(model, x1, names, p), x1, b)
                 ev.add("torch-pruning L1 + RTN", build_tp, prune=p, wbits=b)
         if want("UDFC"):
-            ev.add("UDFC 8-bit + w8a8 bn ranges", lambda p=p: quantize_wa(udfc(model, x1, p, 8).gm, x1, "bn"),
+            ev.add("UDFC 8-bit + w8a8 bn ranges", lambda p=p: quantize_wa(udfc(model, x1, p, 8), x1, "bn"),
                    prune=p, wbits=8, abits=8, ort_accuracy=True, require_qlinear=True)
     if want("DFQ"):
         if importlib.util.find_spec("fxcompress.passes.dfq") is None:
