@@ -124,3 +124,15 @@ def test_failing_row_keeps_reason(tiny, tmp_path):
                ort_accuracy=True, require_qlinear=True)
     assert r.acc is None and "no QLinearConv" in r.note
     assert not math.isnan(efc.accuracy_torch(model, x, y))
+
+
+def test_stages_and_time_budget(tiny, tmp_path):
+    model, x, y = tiny
+    ev = efc.Evaluator("tiny", x, y, x[:1], tmp_path, latency=False, deadline=0.0)  # budget already spent
+    with pytest.raises(ValueError, match="core rows"):
+        efc.run_rows(ev, model, stage="prune")
+    with pytest.raises(ValueError, match="stage must be"):
+        efc.run_rows(ev, model, stage="everything")
+    rows = efc.run_rows(ev, model, bits=(8,), prunes=(0.3,), stage="core")
+    assert [r.method for r in rows[:3]] == ["float", "float", "w8a8 bn ranges (data-free)"]
+    assert all(r.acc is None and "time budget" in r.note for r in rows if r.method != "DFQ")

@@ -213,6 +213,7 @@ class Evaluator:
     rows: list = field(default_factory=list)
     float_acc: float | None = None
     on_row: object = None  # callback(row) after each row (progress / partial table)
+    deadline: float | None = None  # time.time() after which rows are listed as not run (the time budget)
 
     def _export(self, model: nn.Module, tag: str) -> Path:
         path = self.workdir / f"{self.name}_{len(self.rows)}_{tag}.onnx"
@@ -229,6 +230,10 @@ class Evaluator:
 
         row = Row(self.name, method, prune, wbits, abits, "ORT CPU" if ort_accuracy else "torch", note=note)
         t0 = time.perf_counter()
+        if self.deadline is not None and time.time() > self.deadline:
+            row.note = "not run: the time budget (--max-minutes) was spent"
+            self.rows.append(row)
+            return row
         try:
             built = build()
             model, extra = built if isinstance(built, tuple) else (built, "")
@@ -267,20 +272,33 @@ class Evaluator:
 
 
 def run_rows(ev: Evaluator, model: nn.Module, *, bits=(8, 6, 4), prunes=(0.1, 0.3, 0.5), calibration=None,
-             skip: tuple = ()) -> list[Row]:
-    """Every row of the table for one model (``skip``: method-name prefixes to leave out, e.g. for tests)."""
+             skip: tuple = (), stage: str = "all") -> list[Row]:
+    """The table's rows for one model; returns ``ev.rows``.
+
+    ``stage``: "core" (float, ORT float, w8a8 with both range modes, RTN, DFQ), "prune" (UDFC and the
+    pruning baselines; needs the core rows first) or "all".  ``skip``: method-name prefixes to leave out.
+    """
+    if stage not in ("all", "core", "prune"):
+        raise ValueError(f"stage must be 'all', 'core' or 'prune', got {stage!r}")
     model = model.eval()
-    x1 = ev.x1
 
     def want(method):
         return not any(method.startswith(s) for s in skip)
 
+    if stage in ("all", "core"):
+        _core_rows(ev, model, bits, calibration, want)
+    if stage in ("all", "prune"):
+        if not any(r.method == "float" for r in ev.rows):
+            raise ValueError("run the core rows (the float reference) before stage='prune'")
+        _prune_rows(ev, model, bits, prunes, want)
+    return ev.rows
+
+
+def _core_rows(ev: Evaluator, model: nn.Module, bits, calibration, want) -> None:
+    x1 = ev.x1
     flt = ev.add("float", lambda: model, latency=False)
     ev.float_acc = flt.acc
     ev.add("float", lambda: model, ort_accuracy=True)
-    for b in bits:
-        if want("RTN"):
-            ev.add("RTN per channel", lambda b=b: rtn(model, x1, b), wbits=b)
     if want("w8a8"):
         ev.add("w8a8 bn ranges (data-free)", lambda: quantize_wa(model, x1, "bn"), wbits=8, abits=8,
                ort_accuracy=True, require_qlinear=True)
@@ -288,6 +306,20 @@ def run_rows(ev: Evaluator, model: nn.Module, *, bits=(8, 6, 4), prunes=(0.1, 0.
             ev.add("w8a8 calibrated ranges", lambda: quantize_wa(model, x1, "calibrate", calibration), wbits=8,
                    abits=8, ort_accuracy=True, require_qlinear=True,
                    note=f"{len(calibration)} training batches of {len(calibration[0])}")
+    for b in bits:
+        if want("RTN"):
+            ev.add("RTN per channel", lambda b=b: rtn(model, x1, b), wbits=b)
+    if want("DFQ"):
+        if importlib.util.find_spec("fxcompress.passes.dfq") is None:
+            ev.rows.append(Row(ev.name, "DFQ", note="DFQ: see udfc_cnn_eval.md (fxcompress.passes.dfq is not on "
+                                                    "this branch)"))
+        else:
+            ev.rows.append(Row(ev.name, "DFQ", note="DFQ: fxcompress.passes.dfq exists but is not wired into this "
+                                                    "table yet; see udfc_cnn_eval.md"))
+
+
+def _prune_rows(ev: Evaluator, model: nn.Module, bits, prunes, want) -> None:
+    x1 = ev.x1
     for p in prunes:
         producers: list[str] = []
         for b in bits:
@@ -308,14 +340,6 @@ def run_rows(ev: Evaluator, model: nn.Module, *, bits=(8, 6, 4), prunes=(0.1, 0.
         if want("UDFC"):
             ev.add("UDFC 8-bit + w8a8 bn ranges", lambda p=p: quantize_wa(udfc(model, x1, p, 8), x1, "bn"),
                    prune=p, wbits=8, abits=8, ort_accuracy=True, require_qlinear=True)
-    if want("DFQ"):
-        if importlib.util.find_spec("fxcompress.passes.dfq") is None:
-            ev.rows.append(Row(ev.name, "DFQ", note="DFQ: see udfc_cnn_eval.md (fxcompress.passes.dfq is not on "
-                                                    "this branch)"))
-        else:
-            ev.rows.append(Row(ev.name, "DFQ", note="DFQ: fxcompress.passes.dfq exists but is not wired into this "
-                                                    "table yet; see udfc_cnn_eval.md"))
-    return ev.rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,6 +417,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-threads", type=int, default=1,
                     help="torch / ORT threads for the accuracy runs (1 avoids thread thrashing on a shared machine)")
     ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="time budget: rows not started by then are listed as not run (the core rows of every "
+                         "model come first, then the pruning rows)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.eval_threads)
@@ -438,7 +465,9 @@ def main(argv=None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
 
+    deadline = t_start + 60 * args.max_minutes if args.max_minutes else None
     with tempfile.TemporaryDirectory() as d:
+        plan = []
         for name, (model, rgb) in models.items():
             size = 64 if rgb else 28
             if name in metrics and isinstance(metrics[name], dict):
@@ -448,10 +477,13 @@ def main(argv=None) -> int:
                      for i in range(0, len(calib_idx), args.calib_batch_size)]
             x1 = tfc.to_input(xtr[calib_idx[-1:]], size, rgb).contiguous()  # the example image: a training image
             ev = Evaluator(name, x, yte, x1, Path(d), iters=args.iters, threads=args.threads,
-                           eval_threads=args.eval_threads,
-                           latency=not args.no_latency, on_row=lambda r: write(done=False))
+                           eval_threads=args.eval_threads, latency=not args.no_latency,
+                           on_row=lambda r: write(done=False), deadline=deadline)
             evaluators.append(ev)
-            run_rows(ev, model, bits=tuple(args.bits), prunes=tuple(args.prunes), calibration=calib)
+            plan.append((ev, model, calib))
+        for stage in ("core", "prune"):  # every model's core rows (the target) first
+            for ev, model, calib in plan:
+                run_rows(ev, model, bits=tuple(args.bits), prunes=tuple(args.prunes), calibration=calib, stage=stage)
     write(done=True)
     print("\n".join(target_lines(evaluators)))
     print(f"wrote {args.out} ({time.time() - t_start:.0f} s)")
