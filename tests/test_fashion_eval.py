@@ -88,9 +88,10 @@ def test_rows_and_table(tiny, tmp_path):
     for method in ("w8a8 bn ranges (data-free)", "w8a8 calibrated ranges"):
         r = by[(method, "ORT CPU", 0.0, 8)]
         assert r.abits == 8 and "QLinearConv" in r.note and "failed" not in r.note, r.note
-        assert r.latency_ms is not None and r.latency_ms > 0
+        assert r.latency_ms is not None and r.latency_ms > 0  # rows evaluated in ORT are timed
         q, _ = efc.quantize_wa(model, x[:1], "bn" if "bn" in method else "calibrate", [x[:16], x[16:32]])
         assert abs(r.acc - _direct_accuracy(q, x, y)) <= 100 * 3 / len(x)  # ORT vs torch fake-quant: <= 3 images
+    assert by[("RTN per channel", "torch", 0.0, 8)].latency_ms is None  # latency="ort": torch rows are not timed
     assert not any("failed" in r.note for r in rows if r.method != "DFQ"), [r.note for r in rows]
     assert any(r.method == "DFQ" and "udfc_cnn_eval.md" in r.note for r in rows)
     text = efc.render([ev], ["header line"])
@@ -111,7 +112,7 @@ def test_params_flops_by_hand(tiny):
 
 def test_failing_row_keeps_reason(tiny, tmp_path):
     model, x, y = tiny
-    ev = efc.Evaluator("tiny", x, y, x[:1], tmp_path, latency=False)
+    ev = efc.Evaluator("tiny", x, y, x[:1], tmp_path, latency="none")
 
     def nothing():
         raise fxc.NothingToCompressError("udfc: no prunable layer")
@@ -128,9 +129,11 @@ def test_failing_row_keeps_reason(tiny, tmp_path):
 
 def test_stages_and_time_budget(tiny, tmp_path):
     model, x, y = tiny
-    ev = efc.Evaluator("tiny", x, y, x[:1], tmp_path, latency=False, deadline=0.0)  # budget already spent
+    ev = efc.Evaluator("tiny", x, y, x[:1], tmp_path, latency="none", deadline=0.0)  # budget already spent
     with pytest.raises(ValueError, match="core rows"):
         efc.run_rows(ev, model, stage="prune")
+    with pytest.raises(ValueError, match="Evaluator.latency"):
+        efc.Evaluator("tiny", x, y, x[:1], tmp_path, latency=False)
     with pytest.raises(ValueError, match="stage must be"):
         efc.run_rows(ev, model, stage="everything")
     rows = efc.run_rows(ev, model, bits=(8,), prunes=(0.3,), stage="core")

@@ -209,11 +209,15 @@ class Evaluator:
     iters: int = 20
     threads: int = 2  # ORT intra-op threads for the latency column
     eval_threads: int = 1  # ORT intra-op threads for the accuracy runs (1: robust on a shared machine)
-    latency: bool = True
+    latency: str = "ort"  # latency column for: "ort" (rows whose accuracy is from ORT), "all" (every row), "none"
     rows: list = field(default_factory=list)
     float_acc: float | None = None
     on_row: object = None  # callback(row) after each row (progress / partial table)
     deadline: float | None = None  # time.time() after which rows are listed as not run (the time budget)
+
+    def __post_init__(self):
+        if self.latency not in ("ort", "all", "none"):
+            raise ValueError(f"Evaluator.latency must be 'ort', 'all' or 'none', got {self.latency!r}")
 
     def _export(self, model: nn.Module, tag: str) -> Path:
         path = self.workdir / f"{self.name}_{len(self.rows)}_{tag}.onnx"
@@ -223,6 +227,8 @@ class Evaluator:
             require_qlinear: bool = False, latency: bool = True, note: str = "") -> Row:
         """Build a variant with ``build()`` (-> module, or (module, note)) and measure it; a failure becomes the note.
 
+        ``latency=False``: no latency for this row (e.g. same shapes as another row), whatever ``self.latency``.
+        
         ``ort_accuracy``: accuracy from the exported model in ONNX Runtime CPU (else from torch).
         ``require_qlinear``: the optimized ORT graph must contain QLinearConv.
         """
@@ -240,7 +246,8 @@ class Evaluator:
             notes = [n for n in (note, extra) if n]
             row.params, row.flops = params_and_flops(model, self.x1)
             path = None
-            if ort_accuracy or require_qlinear or (latency and self.latency):
+            timed = latency and (self.latency == "all" or (self.latency == "ort" and ort_accuracy))
+            if ort_accuracy or require_qlinear or timed:
                 path = self._export(model, method.split()[0].lower())
                 runner = load_ort(path, intra_op_num_threads=self.eval_threads)
             if require_qlinear:
@@ -256,7 +263,7 @@ class Evaluator:
                     notes.append(f"torch fake-quant {accuracy_torch(model, self.x, self.y):.2f}%")
             else:
                 row.acc = accuracy_torch(model, self.x, self.y)
-            if path is not None and latency and self.latency:
+            if timed:
                 row.latency_ms = ort_latency_ms(load_ort(path, intra_op_num_threads=self.threads), self.x1, self.iters)
             row.note = "; ".join(notes)
         except Exception as e:  # noqa: BLE001 - a failing row keeps its reason in the table, not fatal
@@ -331,7 +338,7 @@ def _prune_rows(ev: Evaluator, model: nn.Module, bits, prunes, want) -> None:
                 ev.add("UDFC", build_udfc, prune=p, wbits=b)
             if want("L1"):
                 ev.add("L1 prune + RTN (no comp.)", lambda p=p, b=b: l1_prune_rtn(model, x1, p, b), prune=p, wbits=b,
-                       latency=False, note="ORT latency: as UDFC (same shapes)")
+                       latency=False, note="ORT latency: as UDFC (same shapes)" if ev.latency == "all" else "")
             if want("torch-pruning"):
                 def build_tp(p=p, b=b, producers=producers):
                     names = producers or pruned_producers(udfc(model, x1, p, 8))
@@ -416,7 +423,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="ORT intra-op threads for the latency column")
     ap.add_argument("--eval-threads", type=int, default=1,
                     help="torch / ORT threads for the accuracy runs (1 avoids thread thrashing on a shared machine)")
-    ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--latency", choices=("ort", "all", "none"), default="ort",
+                    help="ORT latency column for the rows evaluated in ORT (default), for every row (weight-only "
+                         "rows exported only to be timed; slower), or none")
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="time budget: rows not started by then are listed as not run (the core rows of every "
                          "model come first, then the pruning rows)")
@@ -477,7 +486,7 @@ def main(argv=None) -> int:
                      for i in range(0, len(calib_idx), args.calib_batch_size)]
             x1 = tfc.to_input(xtr[calib_idx[-1:]], size, rgb).contiguous()  # the example image: a training image
             ev = Evaluator(name, x, yte, x1, Path(d), iters=args.iters, threads=args.threads,
-                           eval_threads=args.eval_threads, latency=not args.no_latency,
+                           eval_threads=args.eval_threads, latency=args.latency,
                            on_row=lambda r: write(done=False), deadline=deadline)
             evaluators.append(ev)
             plan.append((ev, model, calib))
