@@ -362,7 +362,9 @@ def target_lines(evaluators: list[Evaluator]) -> list[str]:
     out = []
     for ev in evaluators:
         r = next((r for r in ev.rows if r.method.startswith("w8a8 bn")), None)
-        if r is None or r.acc is None or ev.float_acc is None:
+        if r is None:  # e.g. the pruning rows' evaluator on a test subset (--prune-limit)
+            continue
+        if r.acc is None or ev.float_acc is None:
             out.append(f"- **{ev.name}**: not measured ({r.note if r else 'row missing'})")
             continue
         d = r.acc - ev.float_acc
@@ -414,6 +416,9 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", type=Path, required=True, help="directory written by tools/train_fashion_cnn.py")
     ap.add_argument("--data", type=Path, default=tfc.DATA_DIR)
     ap.add_argument("--limit", type=int, default=None, help="first N test images (default: all 10000)")
+    ap.add_argument("--prune-limit", type=int, default=None,
+                    help="evaluate the pruning rows (UDFC, L1, torch-pruning) on the first N test images only, "
+                         "beside a float row on the same images (to fit a time budget)")
     ap.add_argument("--models", nargs="+", default=None, help="subset of the model names")
     ap.add_argument("--prunes", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
@@ -490,9 +495,20 @@ def main(argv=None) -> int:
                            on_row=lambda r: write(done=False), deadline=deadline)
             evaluators.append(ev)
             plan.append((ev, model, calib))
-        for stage in ("core", "prune"):  # every model's core rows (the target) first
-            for ev, model, calib in plan:
-                run_rows(ev, model, bits=tuple(args.bits), prunes=tuple(args.prunes), calibration=calib, stage=stage)
+        kw = {"bits": tuple(args.bits), "prunes": tuple(args.prunes)}
+        for ev, model, calib in plan:  # every model's core rows (the target) first
+            run_rows(ev, model, calibration=calib, stage="core", **kw)
+        for ev, model, calib in plan:
+            if args.prune_limit is not None and args.prune_limit < len(ev.x):
+                # the pruning rows on a test subset, with their own float reference on the same images
+                n = args.prune_limit
+                sub = Evaluator(f"{ev.name} (first {n} test images)", ev.x[:n], ev.y[:n], ev.x1, ev.workdir,
+                                iters=ev.iters, threads=ev.threads, eval_threads=ev.eval_threads, latency=ev.latency,
+                                on_row=ev.on_row, deadline=ev.deadline)
+                evaluators.append(sub)
+                run_rows(sub, model, calibration=calib, stage="core", skip=("w8a8", "RTN", "DFQ"), **kw)
+                ev = sub
+            run_rows(ev, model, calibration=calib, stage="prune", **kw)
     write(done=True)
     print("\n".join(target_lines(evaluators)))
     print(f"wrote {args.out} ({time.time() - t_start:.0f} s)")
