@@ -92,6 +92,14 @@ def test_rows_and_table(tiny, tmp_path):
         q, _ = efc.quantize_wa(model, x[:1], "bn" if "bn" in method else "calibrate", [x[:16], x[16:32]])
         assert abs(r.acc - _direct_accuracy(q, x, y)) <= 100 * 3 / len(x)  # ORT vs torch fake-quant: <= 3 images
     assert by[("RTN per channel", "torch", 0.0, 8)].latency_ms is None  # latency="ort": torch rows are not timed
+    # accuracy_in="ort": a weight-only row measured on the exported model, the same function as the ORT float row
+    ev_ort = efc.Evaluator("tiny", x, y, x[:1], tmp_path, iters=2, accuracy_in="ort")
+    r = ev_ort.add("RTN per channel", lambda: efc.rtn(model, x[:1], 4), wbits=4)
+    path = fxc.export_onnx(efc.rtn(model, x[:1], 4), (x[:1],), tmp_path / "rtn4.onnx", low_bit_container="int8")
+    from fxcompress.runtime.ort import load_ort
+    assert r.runtime == "ORT CPU" and r.latency_ms > 0
+    assert r.acc == efc.accuracy_ort(load_ort(path, intra_op_num_threads=1), x, y)
+    assert abs(r.acc - by[("RTN per channel", "torch", 0.0, 4)].acc) <= 100 * 2 / len(x)
     assert not any("failed" in r.note for r in rows if r.method != "DFQ"), [r.note for r in rows]
     assert any(r.method == "DFQ" and "udfc_cnn_eval.md" in r.note for r in rows)
     text = efc.render([ev], ["header line"])
@@ -134,6 +142,8 @@ def test_stages_and_time_budget(tiny, tmp_path):
         efc.run_rows(ev, model, stage="prune")
     with pytest.raises(ValueError, match="Evaluator.latency"):
         efc.Evaluator("tiny", x, y, x[:1], tmp_path, latency=False)
+    with pytest.raises(ValueError, match="Evaluator.accuracy_in"):
+        efc.Evaluator("tiny", x, y, x[:1], tmp_path, accuracy_in="tvm")
     with pytest.raises(ValueError, match="stage must be"):
         efc.run_rows(ev, model, stage="everything")
     rows = efc.run_rows(ev, model, bits=(8,), prunes=(0.3,), stage="core")

@@ -214,26 +214,31 @@ class Evaluator:
     float_acc: float | None = None
     on_row: object = None  # callback(row) after each row (progress / partial table)
     deadline: float | None = None  # time.time() after which rows are listed as not run (the time budget)
+    accuracy_in: str = "torch"  # where rows that do not say compute accuracy: "torch" or "ort" (exported model)
+    check_n: int = 1000  # w8a8 rows: also ORT vs torch fake-quant accuracy on the first check_n images (0: off)
 
     def __post_init__(self):
         if self.latency not in ("ort", "all", "none"):
             raise ValueError(f"Evaluator.latency must be 'ort', 'all' or 'none', got {self.latency!r}")
+        if self.accuracy_in not in ("torch", "ort"):
+            raise ValueError(f"Evaluator.accuracy_in must be 'torch' or 'ort', got {self.accuracy_in!r}")
 
     def _export(self, model: nn.Module, tag: str) -> Path:
         path = self.workdir / f"{self.name}_{len(self.rows)}_{tag}.onnx"
         return fxc.export_onnx(model, (self.x1[:1].contiguous(),), path, low_bit_container="int8")
 
-    def add(self, method: str, build, *, prune: float = 0.0, wbits=None, abits=None, ort_accuracy: bool = False,
+    def add(self, method: str, build, *, prune: float = 0.0, wbits=None, abits=None, ort_accuracy: bool | None = None,
             require_qlinear: bool = False, latency: bool = True, note: str = "") -> Row:
         """Build a variant with ``build()`` (-> module, or (module, note)) and measure it; a failure becomes the note.
 
-        ``latency=False``: no latency for this row (e.g. same shapes as another row), whatever ``self.latency``.
-        
-        ``ort_accuracy``: accuracy from the exported model in ONNX Runtime CPU (else from torch).
-        ``require_qlinear``: the optimized ORT graph must contain QLinearConv.
+        ``ort_accuracy``: accuracy from the exported model in ONNX Runtime CPU (True), from torch (False), or
+        where ``self.accuracy_in`` says (None).  ``require_qlinear``: the optimized ORT graph must contain
+        QLinearConv.  ``latency=False``: no latency for this row (e.g. same shapes as another row).
         """
         from fxcompress.runtime.ort import load_ort
 
+        if ort_accuracy is None:
+            ort_accuracy = self.accuracy_in == "ort"
         row = Row(self.name, method, prune, wbits, abits, "ORT CPU" if ort_accuracy else "torch", note=note)
         t0 = time.perf_counter()
         if self.deadline is not None and time.time() > self.deadline:
@@ -259,8 +264,10 @@ class Evaluator:
                                                      if k.startswith("QLinear")))
             if ort_accuracy:
                 row.acc = accuracy_ort(runner, self.x, self.y)
-                if abits is not None:  # the same graph in torch (fake-quant), for comparison
-                    notes.append(f"torch fake-quant {accuracy_torch(model, self.x, self.y):.2f}%")
+                if abits is not None and self.check_n:  # the same graph in torch (fake-quant), for comparison
+                    n = min(self.check_n, len(self.x))
+                    notes.append(f"first {n} images: ORT {accuracy_ort(runner, self.x[:n], self.y[:n]):.2f}%, torch "
+                                 f"fake-quant {accuracy_torch(model, self.x[:n], self.y[:n]):.2f}%")
             else:
                 row.acc = accuracy_torch(model, self.x, self.y)
             if timed:
@@ -303,7 +310,7 @@ def run_rows(ev: Evaluator, model: nn.Module, *, bits=(8, 6, 4), prunes=(0.1, 0.
 
 def _core_rows(ev: Evaluator, model: nn.Module, bits, calibration, want) -> None:
     x1 = ev.x1
-    flt = ev.add("float", lambda: model, latency=False)
+    flt = ev.add("float", lambda: model, ort_accuracy=False, latency=False)
     ev.float_acc = flt.acc
     ev.add("float", lambda: model, ort_accuracy=True)
     if want("w8a8"):
@@ -431,6 +438,10 @@ def main(argv=None) -> int:
     ap.add_argument("--latency", choices=("ort", "all", "none"), default="ort",
                     help="ORT latency column for the rows evaluated in ORT (default), for every row (weight-only "
                          "rows exported only to be timed; slower), or none")
+    ap.add_argument("--accuracy-in", choices=("ort", "torch"), default="ort",
+                    help="where the weight-only rows' accuracy is computed: the exported model in ONNX Runtime CPU "
+                         "(default; several times faster than torch on CPU for MobileNetV2) or the torch module "
+                         "(the float reference row is always torch, the w8a8 rows always ORT)")
     ap.add_argument("--max-minutes", type=float, default=None,
                     help="time budget: rows not started by then are listed as not run (the core rows of every "
                          "model come first, then the pruning rows)")
@@ -464,9 +475,10 @@ def main(argv=None) -> int:
                + (" (**--limit**: a subset)" if len(xte) < 10000 else "") + f"; weights: `{args.weights}` "
                + (f"(trained by `{run['command']}` on {run['device']})" if run else
                   "(metrics.json has no command record)") + f"; accuracy recorded at training time: {trained}."),
-              ("Accuracy from `torch`: the compressed nn.Module in torch (weight-only rows: integer weights "
-              "dequantized); from `ORT CPU`: the `fxc.export_onnx` graph in onnxruntime (w8a8 rows: activation QDQ, "
-              "checked to run QLinearConv). delta: points vs the float torch row. params: Conv/Linear weights; "
+              ("Accuracy from `torch`: the compressed nn.Module in torch; from `ORT CPU`: the `fxc.export_onnx` graph "
+              "in onnxruntime (1 thread; weight-only rows: integer weights + DequantizeLinear; w8a8 rows: activation "
+              "QDQ, checked to run QLinearConv, with ORT vs torch fake-quant accuracy on the first 1000 images in "
+              "the note). delta: points vs the float torch row. params: Conv/Linear weights; "
               "MFLOPs: 2 x Conv/Linear MACs per image; ORT ms: batch 1, median of "
               f"{args.iters} runs, {args.threads} intra-op threads, exported graph (weight-only QDQ rows: "
               "dequantized at run time, so not faster than fp32). UDFC and its baselines use `skip=()` (the "
@@ -492,7 +504,7 @@ def main(argv=None) -> int:
             x1 = tfc.to_input(xtr[calib_idx[-1:]], size, rgb).contiguous()  # the example image: a training image
             ev = Evaluator(name, x, yte, x1, Path(d), iters=args.iters, threads=args.threads,
                            eval_threads=args.eval_threads, latency=args.latency,
-                           on_row=lambda r: write(done=False), deadline=deadline)
+                           on_row=lambda r: write(done=False), deadline=deadline, accuracy_in=args.accuracy_in)
             evaluators.append(ev)
             plan.append((ev, model, calib))
         kw = {"bits": tuple(args.bits), "prunes": tuple(args.prunes)}
@@ -504,7 +516,7 @@ def main(argv=None) -> int:
                 n = args.prune_limit
                 sub = Evaluator(f"{ev.name} (first {n} test images)", ev.x[:n], ev.y[:n], ev.x1, ev.workdir,
                                 iters=ev.iters, threads=ev.threads, eval_threads=ev.eval_threads, latency=ev.latency,
-                                on_row=ev.on_row, deadline=ev.deadline)
+                                on_row=ev.on_row, deadline=ev.deadline, accuracy_in=ev.accuracy_in)
                 evaluators.append(sub)
                 run_rows(sub, model, calibration=calib, stage="core", skip=("w8a8", "RTN", "DFQ"), **kw)
                 ev = sub
