@@ -110,6 +110,19 @@ def test_rows_and_table(tiny, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_uncompensated_rows_do_not_depend_on_the_correlation_model(tiny):
+    """rtn / l1_prune_rtn use correlation="independent" (cheap): without compensation it only feeds the report."""
+    model, x, _ = tiny
+    cfg = fxc.UDFCConfig(prune=False, compensate=False, weight_bits=4, skip=(), correlation="weights")
+    ref = fxc.udfc(model, (x[:1],), cfg).state_dict()
+    assert all(torch.equal(ref[k], v) for k, v in efc.rtn(model, x[:1], 4).state_dict().items())
+    cfg = fxc.UDFCConfig(prune_ratio=0.5, weight_bits=4, skip=(), criterion="l1", compensate=False,
+                         correlation="weights")
+    ref = fxc.udfc(model, (x[:1],), cfg).state_dict()
+    got = efc.l1_prune_rtn(model, x[:1], 0.5, 4).state_dict()
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
 def test_params_flops_by_hand(tiny):
     model, x, _ = tiny
     n, flops = efc.params_and_flops(model, x[:1])

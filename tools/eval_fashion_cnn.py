@@ -126,8 +126,10 @@ def ort_latency_ms(runner, x1: torch.Tensor, iters: int) -> float:
 
 def rtn(model: nn.Module, x1: torch.Tensor, bits: int) -> nn.Module:
     """Per-channel symmetric RTN of every Conv2d / Linear (UDFC's quantizer, pruning and compensation off;
-    it supports 6 bits in an 8-bit container, which ``fxc.quantize_rtn`` does not)."""
-    return fxc.udfc(model, (x1[:1],), UDFCConfig(prune=False, compensate=False, weight_bits=bits, skip=()))
+    it supports 6 bits in an 8-bit container, which ``fxc.quantize_rtn`` does not).  Without compensation
+    the cross-channel model only feeds the report's error estimate, so the cheap "independent" one is used."""
+    return fxc.udfc(model, (x1[:1],), UDFCConfig(prune=False, compensate=False, weight_bits=bits, skip=(),
+                                                 correlation="independent"))
 
 
 def udfc(model: nn.Module, x1: torch.Tensor, prune: float, bits: int, **kw) -> nn.Module:
@@ -142,7 +144,7 @@ def pruned_producers(gm: nn.Module) -> list[str]:
 
 def l1_prune_rtn(model: nn.Module, x1: torch.Tensor, prune: float, bits: int) -> nn.Module:
     """L1 filter pruning + RTN, no compensation (UDFC's code path with ``compensate=False``)."""
-    return udfc(model, x1, prune, bits, criterion="l1", compensate=False)
+    return udfc(model, x1, prune, bits, criterion="l1", compensate=False, correlation="independent")
 
 
 def torch_pruning_l1(model: nn.Module, x1: torch.Tensor, producers: list[str], ratio: float) -> nn.Module:
