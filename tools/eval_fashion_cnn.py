@@ -428,6 +428,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prune-limit", type=int, default=None,
                     help="evaluate the pruning rows (UDFC, L1, torch-pruning) on the first N test images only, "
                          "beside a float row on the same images (to fit a time budget)")
+    ap.add_argument("--stages", nargs="+", choices=("core", "prune"), default=["core", "prune"],
+                    help="core: float, w8a8, RTN rows; prune: UDFC and the pruning baselines (with their float row)")
     ap.add_argument("--models", nargs="+", default=None, help="subset of the model names")
     ap.add_argument("--prunes", type=float, nargs="+", default=[0.1, 0.3, 0.5])
     ap.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
@@ -511,8 +513,13 @@ def main(argv=None) -> int:
             plan.append((ev, model, calib))
         kw = {"bits": tuple(args.bits), "prunes": tuple(args.prunes)}
         for ev, model, calib in plan:  # every model's core rows (the target) first
-            run_rows(ev, model, calibration=calib, stage="core", **kw)
+            if "core" in args.stages:
+                run_rows(ev, model, calibration=calib, stage="core", **kw)
+            elif args.prune_limit is None:  # pruning rows only: their float reference
+                run_rows(ev, model, calibration=calib, stage="core", skip=("w8a8", "RTN", "DFQ"), **kw)
         for ev, model, calib in plan:
+            if "prune" not in args.stages:
+                break
             if args.prune_limit is not None and args.prune_limit < len(ev.x):
                 # the pruning rows on a test subset, with their own float reference on the same images
                 n = args.prune_limit
