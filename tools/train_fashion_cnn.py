@@ -124,6 +124,19 @@ def train(name, model, rgb, data, args, device) -> dict:
     return {"test_top1": acc, "epochs": args.epochs, "input_size": size, "rgb": rgb, "seconds": time.time() - t0}
 
 
+def run_info(device: torch.device, argv=None) -> dict:
+    """How the weights were made: the exact command, the device (GPU name), torch / CUDA versions."""
+    import platform
+    import shlex
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    info = {"command": shlex.join([Path(sys.executable).name, "tools/train_fashion_cnn.py", *args]),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "host": platform.node(),
+            "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}
+    return info
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="directory for <name>.safetensors + metrics.json")
@@ -133,9 +146,15 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--lr-finetune", type=float, default=0.05)
     ap.add_argument("--mnv2-size", type=int, default=64)
+    ap.add_argument("--limit", type=int, default=None,
+                    help="train on the first N training images (quick CPU runs for development; test set unchanged)")
     ap.add_argument("--smoke", action="store_true", help="CPU check: load the data, one step per model, no save")
     args = ap.parse_args(argv)
     data = load_fashion_mnist(args.data)
+    if args.limit is not None:
+        if args.limit < args.batch:
+            ap.error(f"--limit {args.limit} is smaller than --batch {args.batch}: no full training batch")
+        data = (data[0][:args.limit], data[1][:args.limit], data[2], data[3])
     if args.smoke:
         for name, (model, rgb) in make_models().items():
             model.train()
@@ -150,7 +169,7 @@ def main(argv=None) -> int:
     from safetensors.torch import save_file
 
     args.out.mkdir(parents=True, exist_ok=True)
-    metrics = {}
+    metrics = {"_run": run_info(device, argv)}
     for name, (model, rgb) in make_models().items():
         metrics[name] = train(name, model, rgb, data, args, device)
         state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
