@@ -18,6 +18,8 @@ Fewer kernel launches per decode step (issue 13; :func:`fuse_passes` with ``epil
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 __all__ = ["small_int_power_pass", "constant_transpose_pass", "fuse_passes", "relax_function_pass",
@@ -344,22 +346,51 @@ def gemv_epilogue_pass():
                 plans[gv] = (new_funcs, uses)
         if not plans:
             return mod
-        out = mod
+        out, made = mod, {}  # (params, epilogue) -> the kernel's GlobalVar: one kernel per distinct signature
         for fgv, (new_funcs, uses) in plans.items():
             rw = _Rewrite(out, {})
             for target_var, params, epi, args, name in new_funcs:
-                f = fxc_primfunc(params, epi, name)
-                kgv = rw.builder_.add_func(f, name)
-                if kgv.name_hint != name:
-                    rw.builder_.update_func(kgv, f.with_attr("global_symbol", kgv.name_hint))
-                else:
-                    rw.builder_.update_func(kgv, f.with_attr("global_symbol", name))
-                rw.plan[target_var] = (kgv, args, target_var.ty)
+                key = (json.dumps(params, sort_keys=True), epi.kind)
+                if key not in made:
+                    f = fxc_primfunc(params, epi, name)
+                    made[key] = rw.builder_.add_func(f, name)
+                    rw.builder_.update_func(made[key], f.with_attr("global_symbol", made[key].name_hint))
+                rw.plan[target_var] = (made[key], args, target_var.ty)
             rw.builder_.update_func(fgv, rw.visit_expr(out[fgv]))
             out = rw.builder_.get()
-        return out
+        return _drop_unused_kernels(relax.transform.DeadCodeElimination()(out))
 
     return _pass
+
+
+def _drop_unused_kernels(mod):
+    """``mod`` without the hand-written kernels no Relax function calls any more (those replaced by an epilogue
+    version; they carry a global symbol, so dead-code elimination keeps them, and they would still be compiled)."""
+    from tvm import relax
+
+    from .emit import fxc_kernel_params
+
+    called = set()
+
+    @relax.expr_functor.visitor
+    class _Refs(relax.PyExprVisitor):
+        def visit_global_var_(self, gv):  # noqa: N802
+            called.add(gv.name_hint)
+
+    for _, f in mod.functions.items():
+        if isinstance(f, relax.Function):
+            _Refs().visit_expr(f)
+    for gv, f in list(mod.functions.items()):
+        if gv.name_hint not in called and fxc_kernel_params(f) is not None:
+            mod = mod.without(gv) if hasattr(mod, "without") else _module_without(mod, gv)
+    return mod
+
+
+def _module_without(mod, gv):
+    import tvm
+
+    funcs = {g: f for g, f in mod.functions.items() if not g.same_as(gv)}
+    return tvm.IRModule(funcs, attrs=mod.attrs)
 
 
 def split_to_slices_pass():
