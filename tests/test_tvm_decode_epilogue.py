@@ -34,7 +34,7 @@ from profile_decode_gpu import launch_list, per_layer  # noqa: E402
 
 NVCC = shutil.which("nvcc") is not None
 SPEC4 = QuantSpec(4, False, "per_group", 128)
-TINY = dict(hidden_size=256, intermediate_size=512, num_layers=3, num_heads=4, num_kv_heads=4, vocab_size=1000,
+TINY = dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=4, vocab_size=1000,
             tie_word_embeddings=False)
 
 
