@@ -110,6 +110,13 @@ class _Residual(nn.Module):
             return y + self.vec.to(y.dtype)
         if self.mode == "self":
             return y + y
+        if self.mode == "float32":
+            return y.float()
+        if self.mode == "float32_read_twice":
+            return y.float() * 2 + y.float()
+        if self.mode == "float32_norm":  # the cast feeds an RMSNorm: still one norm kernel after the epilogue
+            h = y.float()
+            return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
         raise ValueError(self.mode)
 
 
@@ -138,6 +145,14 @@ class _GateUp(nn.Module):
 def test_residual_epilogue_only_where_the_pattern_holds(mode, fused):
     names = _calls(_Residual(mode).eval(), torch.randn(1, 1, 256), True)
     assert any(n.endswith("_res") for n in names) == fused, names
+
+
+@pytest.mark.parametrize("mode,fused", [("float32", True), ("float32_read_twice", False), ("float32_norm", True)])
+def test_float32_epilogue_only_where_the_pattern_holds(mode, fused):
+    names = _calls(_Residual(mode).eval(), torch.randn(1, 1, 256), True)
+    assert any(n.endswith("_f32") for n in names) == fused, names
+    if mode == "float32_norm":
+        assert len(names) == 2 and "rsqrt" in names[1], names  # kernel_f32, then the whole norm in one
 
 
 @pytest.mark.parametrize("mode,fused", [("swiglu", True), ("gate_read_twice", False), ("swapped", False),
@@ -253,11 +268,12 @@ def test_cuda_build_compiles_the_fused_kernels_and_cuts_launches(lm):
 
 @pytest.mark.skipif(not NVCC, reason="needs nvcc to build CUDA code")
 @pytest.mark.parametrize("bits", [2, 4])
-def test_cuda_build_residual_epilogue_for_both_kernels(bits):
-    b = build_tvm(_Residual("residual", bits=bits).eval(), (torch.randn(1, 3, 256),), target="cuda",
+@pytest.mark.parametrize("mode,suffix", [("residual", "_res"), ("float32", "_f32")])
+def test_cuda_build_residual_and_float32_epilogues_for_both_kernels(bits, mode, suffix):
+    b = build_tvm(_Residual(mode, bits=bits).eval(), (torch.randn(1, 3, 256),), target="cuda",
                   dtype=torch.float16)
-    assert [k for k in b.kernel_names() if k.endswith("_res_kernel")], b.kernel_names()
-    assert not [k for k in b.kernel_names() if k.startswith("add")]
+    assert [k for k in b.kernel_names() if k.endswith(f"{suffix}_kernel")], b.kernel_names()
+    assert not [k for k in b.kernel_names() if k.startswith(("add", "cast"))]
 
 
 # ---- GPU (the lead runs these on an H100) ----
@@ -273,9 +289,12 @@ def _gpu_pair(model, x):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 5, 16, 32])
-@pytest.mark.parametrize("mode", ["residual", "swiglu"])
-def test_gpu_epilogue_kernels_match_unfused(m, mode):
-    model = (_Residual(mode) if mode == "residual" else _GateUp(mode)).eval()
+@pytest.mark.parametrize("mode", ["residual", "float32", "swiglu"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_gpu_epilogue_kernels_match_unfused(m, mode, bits):
+    if bits == 2 and (mode == "swiglu" or m > 16):
+        pytest.skip("int2: CUDA-core kernel (1..16 rows, no swiglu epilogue)")
+    model = (_GateUp(mode, bits) if mode == "swiglu" else _Residual(mode, bits)).eval()
     x = torch.randn(1, m, 256)
     outs = _gpu_pair(model, x)
     ref = model(x)

@@ -198,6 +198,16 @@ def _match_residual(y, uses, params):
     return add_var, r
 
 
+def _match_float32(y, uses, params):
+    """``astype(y, "float32")`` of an fp16 ``y`` read only there.  Returns the cast's var or None."""
+    cast_var = uses.only_user(y)
+    cast = uses.value.get(cast_var) if cast_var is not None else None
+    if not (_is_op(cast, "relax.astype") and str(cast.attrs.dtype) == "float32"
+            and _shape_dtype(y)[1] == "float16"):
+        return None
+    return cast_var
+
+
 def _match_swiglu(y, uses, params):
     """``split(y, 2 halves, last axis) -> g, u; fp16(g32 * sigmoid(g32)) * u`` with ``g32 = astype(g, fp32)`` (the
     export of ``F.silu(g) * u`` in fp16), every intermediate read only inside the chain.  Returns the final
@@ -289,6 +299,7 @@ def gemv_epilogue_pass():
 
     * ``y = kernel(x, ...); z = add(y, r)`` (either order), ``r`` fp16 of y's exact shape -> ``z = kernel_res(x,
       ..., r)`` (residual epilogue; ``r`` may have other readers);
+    * ``y = kernel(x, ...); z = astype(y, "float32")`` -> ``z = kernel_f32(x, ...)`` (the kernel stores fp32);
     * ``y = kernel(x, ...)`` (tensor cores) ``; g, u = split(y, 2, axis=-1); z = fp16(g32 * sigmoid(g32)) * u`` ->
       ``z = kernel_swiglu(x, ...)`` with the weight rows reordered (:func:`.kernels.epilogue.swiglu_row_order`).
 
@@ -336,6 +347,10 @@ def gemv_epilogue_pass():
                 if res is not None:
                     target_var, r = res
                     new_funcs.append((target_var, params, Epilogue("residual"), args + [r], kgv.name_hint + "_res"))
+                    continue
+                cast_var = _match_float32(var, uses, params)
+                if cast_var is not None:
+                    new_funcs.append((cast_var, params, Epilogue("float32"), args, kgv.name_hint + "_f32"))
                     continue
                 out_var = _match_swiglu(var, uses, params)
                 if out_var is not None:
@@ -437,15 +452,16 @@ def _rms_norm_patterns():
         return is_op("relax.multiply")(a, b) | is_op("relax.multiply")(b, a)
 
     out = []
-    for cast in (True, False):
-        x = wildcard()
-        xf = is_op("relax.astype")(x) if cast else x
-        sq = is_op("relax.multiply")(xf, xf)
-        r = is_op("relax.rsqrt")(is_op("relax.add")(is_op("relax.mean")(sq), wildcard()))
-        normed = mul(xf, r)
-        back = is_op("relax.astype")(normed) if cast else normed
-        out.append(mul(wildcard(), back))
-        out.append(back)
+    for lead in (True, False):  # the fp32 cast before (may be a linear kernel's float32 epilogue) and after
+        for trail in (True, False):
+            x = wildcard()
+            xf = is_op("relax.astype")(x) if lead else x
+            sq = is_op("relax.multiply")(xf, xf)
+            r = is_op("relax.rsqrt")(is_op("relax.add")(is_op("relax.mean")(sq), wildcard()))
+            normed = mul(xf, r)
+            back = is_op("relax.astype")(normed) if trail else normed
+            out.append(mul(wildcard(), back))
+            out.append(back)
     return out
 
 

@@ -106,8 +106,8 @@ def packed_gemv_primfunc(*, m: int, k: int, n: int, bits: int, qmin: int, group_
                          tile: Tile | None = None, epilogue: Epilogue = Epilogue()):
     """The scheduled PrimFunc ``(x, words, scale[, zero_point][, bias][, residual], y)`` computing
     ``y[m, n] = sum_k x[m, k] * ((u[n, k] + qmin - zp[r, g]) * scale[r, g]) (+ bias[n])`` in fp32, stored fp16
-    through ``epilogue`` (:class:`.epilogue.Epilogue`: "none" or "residual", which adds the fp16 ``residual``
-    shaped as ``y``; "swiglu" is the tensor-core kernel's only).
+    through ``epilogue`` (:class:`.epilogue.Epilogue`: "none", "residual", which adds the fp16 ``residual``
+    shaped as ``y``, or "float32", which stores fp32; "swiglu" is the tensor-core kernel's only).
 
     ``x``: ``(*lead, k)`` fp16 with ``prod(lead) == m`` (default ``(m, k)``), ``y`` likewise;
     ``words``: ``(n, k * bits / 32)`` uint32 (:func:`tvm.pack_words` layout);
@@ -115,8 +115,7 @@ def packed_gemv_primfunc(*, m: int, k: int, n: int, bits: int, qmin: int, group_
     """
     t = tile or tile_for(m, k, n)
     if not isinstance(epilogue, Epilogue) or epilogue.kind == "swiglu":
-        raise ValueError(f"packed GEMV kernel: epilogue must be Epilogue('none') or Epilogue('residual'), got "
-                         f"{epilogue!r}")
+        raise ValueError(f"packed GEMV kernel: epilogue must be an Epilogue other than 'swiglu', got {epilogue!r}")
     reason = supports(m=m, k=k, n=n, bits=bits, group_size=group_size, dtype="float16", tile=t)
     if reason is not None:
         raise ValueError(f"packed GEMV kernel: {reason}")
@@ -170,7 +169,7 @@ def packed_gemv_primfunc(*, m: int, k: int, n: int, bits: int, qmin: int, group_
     @T.macro
     def body(xin, w, s, z, b, rin, yout):
         x = T.decl_buffer((m, k), "float16", data=xin.data)
-        y = T.decl_buffer((m, n), "float16", data=yout.data)
+        y = T.decl_buffer((m, n), epilogue.out_dtype, data=yout.data)
         if epilogue.has_residual:
             res = T.decl_buffer((m, n), "float16", data=rin.data)
         for bx in T.thread_binding(n_blocks, thread="blockIdx.x"):
@@ -260,5 +259,5 @@ def packed_gemv_primfunc(*, m: int, k: int, n: int, bits: int, qmin: int, group_
     attrs = {"tir.is_scheduled": True, "tirx.is_scheduled": True, "tir.noalias": True, "op_pattern": 8}
     params = [("x", xshape, "float16"), ("w", (n, kw), "uint32"), ("s", zshape, "float16"),
               ("z", zshape if has_zero_point else None, "float16"), ("b", (n,) if has_bias else None, "float16"),
-              ("r", yshape if epilogue.has_residual else None, "float16"), ("y", yshape, "float16")]
+              ("r", yshape if epilogue.has_residual else None, "float16"), ("y", yshape, epilogue.out_dtype)]
     return primfunc_with_params(body, params, attrs).with_attr("global_symbol", name)

@@ -11,6 +11,8 @@ fused kernel stores the same fp16 values:
 * ``"residual"``: ``r + y`` with ``y = fp16(acc (+ bias))`` and ``r`` an fp16 tensor of the output's shape (a
   transformer's residual stream): the fp16 add, computed as ``fp16(float(y) + float(r))`` (the same value: fp32
   carries more than twice fp16's precision, so rounding twice equals rounding once).
+* ``"float32"``: ``float(fp16(acc (+ bias)))`` stored as fp32 (a linear whose output is cast to fp32 at once,
+  e.g. logits): the same values, written by the kernel instead of a cast kernel.
 * ``"swiglu"``: ``fp16(float(g) * sigmoid(float(g))) * u`` with ``g`` / ``u`` the fp16 outputs of the two halves of
   a fused gate/up linear (``F.silu(gate(x)) * up(x)`` in fp16, which PyTorch's export computes in fp32 and
   rounds to fp16 before the product).  The kernel writes half the features.  The tensor-core kernel needs gate
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-EPILOGUES = ("none", "residual", "swiglu")
+EPILOGUES = ("none", "residual", "swiglu", "float32")
 
 __all__ = ["EPILOGUES", "Epilogue", "primfunc_with_params", "swiglu_row_order", "unpack_mma_words"]
 
@@ -43,6 +45,10 @@ class Epilogue:
     @property
     def has_residual(self) -> bool:
         return self.kind == "residual"
+
+    @property
+    def out_dtype(self) -> str:
+        return "float32" if self.kind == "float32" else "float16"
 
     def out_features(self, n: int) -> int:
         """Features the kernel writes for a linear of ``n`` output features."""
@@ -65,6 +71,8 @@ class Epilogue:
 
         if self.kind == "none":
             return f16(acc)
+        if self.kind == "float32":
+            return f32(f16(acc))
         if self.kind == "residual":
             return f16(f32(f16(acc)) + f32(residual))
         gate, up = acc

@@ -58,7 +58,7 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
     which is free next to the weight reads.  The warps' partial tiles are summed through shared memory, and the
     sums go through ``epilogue`` (:class:`.epilogue.Epilogue`) on their way out: ``"residual"`` adds the fp16
     ``residual`` (shaped as ``y``); ``"swiglu"`` takes weights in :func:`.epilogue.swiglu_row_order` and writes
-    ``n / 2`` features, ``silu(gate) * up`` of tile rows ``r`` and ``r + 8``."""
+    ``n / 2`` features, ``silu(gate) * up`` of tile rows ``r`` and ``r + 8``; ``"float32"`` stores fp32."""
     if not isinstance(epilogue, Epilogue):
         raise ValueError(f"tensor-core kernel: epilogue must be an Epilogue, got {type(epilogue).__name__}")
     reason = mma_supports(m=m, k=k, n=n, bits=bits, group_size=group_size, dtype="float16")
@@ -96,7 +96,7 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
     @T.macro
     def body(xin, w, s, z, b, rin, yout):
         x32 = T.decl_buffer((m, k // 2), "uint32", data=xin.data)
-        y = T.decl_buffer((m, n_out), "float16", data=yout.data)
+        y = T.decl_buffer((m, n_out), epilogue.out_dtype, data=yout.data)
         if epilogue.has_residual:
             res = T.decl_buffer((m, n_out), "float16", data=rin.data)
         for bx in T.thread_binding(n // 16, thread="blockIdx.x"):
@@ -176,5 +176,5 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
     attrs = {"tir.is_scheduled": True, "tirx.is_scheduled": True, "tir.noalias": True, "op_pattern": 8}
     params = [("x", xshape, "float16"), ("w", wshape, "uint32"), ("s", zshape, "float16"),
               ("z", zshape if has_zero_point else None, "float16"), ("b", (n,) if has_bias else None, "float16"),
-              ("r", yshape if epilogue.has_residual else None, "float16"), ("y", yshape, "float16")]
+              ("r", yshape if epilogue.has_residual else None, "float16"), ("y", yshape, epilogue.out_dtype)]
     return primfunc_with_params(body, params, attrs).with_attr("global_symbol", name)
