@@ -144,7 +144,8 @@ def gpu_kernel_times(runner, ids, launches, steps: int, flush) -> list[float] | 
     per = [0.0] * total
     for s in range(steps):
         for j in range(total):
-            per[j] += evs[s * total + j].device_time / steps
+            tr = evs[s * total + j].time_range
+            per[j] += (tr.end - tr.start) / steps
     # fold the kernels of one call_tir back into one row
     out, j = [], 0
     for _, k in launches:

@@ -135,6 +135,7 @@ class _Uses:
         self.value = {}  # var -> bound value
         self.users = {}  # var -> [binding var that reads it] (function output: None)
         self.order = []  # binding vars in program order
+        self.in_dataflow = set()  # vars bound inside dataflow blocks (the only ones a rewrite touches)
 
         def reads(expr):
             found = []
@@ -156,6 +157,8 @@ class _Uses:
                     continue
                 self.value[b.var] = b.value
                 self.order.append(b.var)
+                if isinstance(block, relax.DataflowBlock):
+                    self.in_dataflow.add(b.var)
                 for v in reads(b.value):
                     self.users.setdefault(v, []).append(b.var)
         for v in reads(func.body.body):
@@ -340,7 +343,7 @@ def gemv_epilogue_pass():
             plan, new_funcs = {}, []
             for var in uses.order:
                 hit = _fxc_call(uses.value[var], mod)
-                if hit is None:
+                if hit is None or var not in uses.in_dataflow:
                     continue
                 kgv, params, args = hit
                 res = _match_residual(var, uses, params)
@@ -357,6 +360,7 @@ def gemv_epilogue_pass():
                     sargs = _swiglu_args(args, params)
                     if sargs is not None:
                         new_funcs.append((out_var, params, Epilogue("swiglu"), sargs, kgv.name_hint + "_swiglu"))
+            new_funcs = [nf for nf in new_funcs if nf[0] in uses.in_dataflow]
             if new_funcs:
                 plans[gv] = (new_funcs, uses)
         if not plans:
