@@ -18,8 +18,8 @@ is the count of a middle layer (all middle layers are printed; they are equal).
 
 GPU timing (CUDA visible to torch and TVM): torch.profiler (CUPTI) over ``--steps`` calls of the Relax VM
 ``main``, each after an L2 flush (tools/gpu_timing.py ``L2Flush``: weights come from HBM, as in a real decode);
-each launch's time is the mean over the steps of the kernel at its position.  The whole step (CUDA events, cold)
-is printed beside it, with and without a CUDA graph.
+each launch's time is the mean over the steps of the kernel at its position.  The whole step (Relax VM, CUDA
+events, cold and hot) is printed beside it; tools/bench_decode_gpu.py times it with a CUDA graph too.
 """
 from __future__ import annotations
 
@@ -62,12 +62,14 @@ _WHAT = [
 ]
 
 
-def describe(name: str, suffix_res: bool = False) -> str:
-    base = name
+def describe(name: str) -> str:
+    """What the kernel of PrimFunc ``name`` does (from the op names FuseOps put in it)."""
     for key, what in _WHAT:
-        if key in base:
-            if key.startswith("fxc_packed") and base.endswith("_res"):
+        if key in name:
+            if key.startswith("fxc_packed") and name.endswith("_res"):
                 return what + " + residual-add epilogue"
+            if key.startswith("fxc_packed") and name.endswith("_f32"):
+                return what + ", fp32 store (cast epilogue)"
             return what
     return "other"
 
