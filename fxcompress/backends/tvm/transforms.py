@@ -202,13 +202,24 @@ def _match_residual(y, uses, params):
 
 
 def _match_float32(y, uses, params):
-    """``astype(y, "float32")`` of an fp16 ``y`` read only there.  Returns the cast's var or None."""
+    """``astype(y, "float32")`` of an fp16 ``y`` read only there, whose result is only returned (e.g. logits):
+    then the cast would be a kernel of its own.  A cast that feeds other ops is left to them (FuseOps or the
+    RMSNorm fusion fold it into their kernel; an fp32 store would only double the bytes written).  Returns the
+    cast's var or None."""
+    from tvm import relax
+
     cast_var = uses.only_user(y)
     cast = uses.value.get(cast_var) if cast_var is not None else None
     if not (_is_op(cast, "relax.astype") and str(cast.attrs.dtype) == "float32"
             and _shape_dtype(y)[1] == "float16"):
         return None
-    return cast_var
+
+    def only_returned(var, depth=0):
+        users = uses.users.get(var, [])
+        return bool(users) and depth < 4 and all(
+            u is None or (isinstance(uses.value.get(u), relax.Tuple) and only_returned(u, depth + 1)) for u in users)
+
+    return cast_var if only_returned(cast_var) else None
 
 
 def _match_swiglu(y, uses, params):
@@ -302,7 +313,8 @@ def gemv_epilogue_pass():
 
     * ``y = kernel(x, ...); z = add(y, r)`` (either order), ``r`` fp16 of y's exact shape -> ``z = kernel_res(x,
       ..., r)`` (residual epilogue; ``r`` may have other readers);
-    * ``y = kernel(x, ...); z = astype(y, "float32")`` -> ``z = kernel_f32(x, ...)`` (the kernel stores fp32);
+    * ``y = kernel(x, ...); z = astype(y, "float32")``, ``z`` only returned -> ``z = kernel_f32(x, ...)`` (the
+      kernel stores fp32);
     * ``y = kernel(x, ...)`` (tensor cores) ``; g, u = split(y, 2, axis=-1); z = fp16(g32 * sigmoid(g32)) * u`` ->
       ``z = kernel_swiglu(x, ...)`` with the weight rows reordered (:func:`.kernels.epilogue.swiglu_row_order`).
 
