@@ -352,7 +352,7 @@ def gemv_epilogue_pass():
             if not isinstance(f, relax.Function):
                 continue
             uses = _Uses(f)
-            plan, new_funcs = {}, []
+            new_funcs = []
             for var in uses.order:
                 hit = _fxc_call(uses.value[var], mod)
                 if hit is None or var not in uses.in_dataflow:
@@ -374,11 +374,11 @@ def gemv_epilogue_pass():
                         new_funcs.append((out_var, params, Epilogue("swiglu"), sargs, kgv.name_hint + "_swiglu"))
             new_funcs = [nf for nf in new_funcs if nf[0] in uses.in_dataflow]
             if new_funcs:
-                plans[gv] = (new_funcs, uses)
+                plans[gv] = new_funcs
         if not plans:
             return mod
         out, made = mod, {}  # (params, epilogue) -> the kernel's GlobalVar: one kernel per distinct signature
-        for fgv, (new_funcs, uses) in plans.items():
+        for fgv, new_funcs in plans.items():
             rw = _Rewrite(out, {})
             for target_var, params, epi, args, name in new_funcs:
                 key = (json.dumps(params, sort_keys=True), epi.kind)
