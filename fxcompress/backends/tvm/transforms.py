@@ -408,7 +408,7 @@ def _drop_unused_kernels(mod):
         def visit_global_var_(self, gv):  # noqa: N802
             called.add(gv.name_hint)
 
-    for _, f in mod.functions.items():
+    for f in mod.functions.values():
         if isinstance(f, relax.Function):
             _Refs().visit_expr(f)
     for gv, f in list(mod.functions.items()):

@@ -96,7 +96,7 @@ def unpack_mma_words(words: np.ndarray, bits: int) -> np.ndarray:
     """Inverse of :func:`..packing.pack_mma_words` with ``qmin = 0``: the offset codes ``u (N, K)`` of the
     fragment-ordered words ``(N/16, K/kpl, 32, 4)`` (to reorder a packed weight's rows)."""
     w = np.asarray(words, dtype=np.uint64)
-    rb, kq, lanes, four = w.shape
+    rb, kq, lanes, _ = w.shape
     kpl = 256 // bits
     k = kq * kpl
     r = 16 // bits
