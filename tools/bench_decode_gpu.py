@@ -12,7 +12,11 @@ per-token weight-bound work of a decode step.
 
 Variants of the integer model (``--fuse``, default on): ``fxcompress.passes.fusion.fuse_linears`` fuses q/k/v and
 gate/up into one linear each (7 -> 4 linears per layer); ``--int8-head`` also quantizes the lm_head to int8 per
-channel (``quantize_rtn(RTNConfig(bits=8, granularity="per_channel", targets=("lm_head",)))``).
+channel (``quantize_rtn(RTNConfig(bits=8, granularity="per_channel", targets=("lm_head",)))``).  The rows before
+the last are built with ``TVMBuildConfig(fuse_epilogues=False)``; the last row ("+ fused epilogues") is the fused
+model built with ``fuse_epilogues=True`` (the backend default: residual add and silu(gate) * up inside the int4
+kernels, each RMSNorm one kernel, split parts fused into their consumers).  "launches / layer" = CUDA kernel
+launches of a middle decoder layer, counted in the built module (tools/profile_decode_gpu.py, which lists them).
 
 Timing (tools/gpu_timing.py): **cold** = each step timed alone with CUDA events after an L2 flush (a write of
 >= 2x the L2 size), so every weight comes from HBM as in a real decode; **hot** = back-to-back steps, beside it.
@@ -114,21 +118,33 @@ def kernel_profile(runner, ids, label: str, layers: int, top: int = 12, calls: i
     return lines
 
 
-def tvm_build_config(kernel: str):
-    """``TVMBuildConfig(gemv_kernel=kernel)`` where the backend defines it (contracts.md), else None."""
+def tvm_build_config(kernel: str, fuse_epilogues: bool = False):
+    """``TVMBuildConfig(gemv_kernel=kernel, fuse_epilogues=...)`` where the backend defines it, else None."""
     try:
         from fxcompress.backends.tvm import TVMBuildConfig
     except ImportError:
         return None
-    return TVMBuildConfig(gemv_kernel=kernel)
+    return TVMBuildConfig(gemv_kernel=kernel, fuse_epilogues=fuse_epilogues)
 
 
-def variants(dm, ids, fuse: bool, int8_head: bool):
-    """[(label, integer model)]: the plain converted model, and with --fuse (and --int8-head) the rewritten one."""
+def launches_per_layer(build, layers: int) -> int | None:
+    """CUDA kernel launches of a middle decoder layer of ``build`` (tools/profile_decode_gpu.py)."""
+    from profile_decode_gpu import launch_list, per_layer
+
+    groups = per_layer(launch_list(build), [layer["name"] for layer in build.info["layers"]])
+    counts = [sum(k for *_, k in g) for lab, g in groups if lab.startswith("layer")]
+    if len(counts) != layers or not counts:
+        return None
+    return counts[1] if layers > 2 else counts[-1]
+
+
+def variants(dm, ids, fuse: bool, int8_head: bool, epilogues: bool = True):
+    """[(label, integer model, fuse_epilogues)]: the plain converted model, with --fuse (and --int8-head) the
+    rewritten one, and that one again built with the epilogue fusion (``epilogues``)."""
     import fxcompress as fxc
     from fxcompress.passes.fusion import fuse_linears
 
-    out = [("packed int4", dm)]
+    out = [("packed int4", dm, False)]
     if int8_head:
         head = fxc.RTNConfig(bits=8, symmetric=True, granularity="per_channel", targets=("lm_head",))
         dm = fxc.quantize_rtn(dm, head).eval()
@@ -136,7 +152,10 @@ def variants(dm, ids, fuse: bool, int8_head: bool):
         dm = fuse_linears(dm, (ids,), atol=1e-3, rtol=1e-3).eval()
     if fuse or int8_head:
         what = " + ".join((["fused q/k/v, gate/up"] if fuse else []) + (["int8 lm_head"] if int8_head else []))
-        out.append((f"packed int4, {what}", dm))
+        out.append((f"packed int4, {what}", dm, False))
+    if epilogues:
+        last_label, last_dm, _ = out[-1]
+        out.append((f"{last_label} + fused epilogues", last_dm, True))
     return out
 
 
@@ -163,6 +182,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-fuse", action="store_true", help="skip the fuse_linears variant")
     ap.add_argument("--int8-head", action="store_true", help="the fused variant also has an int8 lm_head")
     ap.add_argument("--no-cuda-graph", action="store_true", help="skip the TVM CUDA-graph builds")
+    ap.add_argument("--no-epilogues", action="store_true", help="skip the fused-epilogue row")
     ap.add_argument("--profile", action="store_true", help="per-kernel tables (torch.profiler), launches per layer")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--calls", type=int, default=20)
@@ -197,7 +217,7 @@ def main(argv=None) -> int:
         f16 = __import__("copy").deepcopy(model).to(half).eval()
         y16 = f16(ids)
         rows.append(("torch fp16 eager (float model)", time_cold_hot(lambda: f16(ids), **timing),
-                     rel_err(y16, model(ids)), weight_bytes(model), None))
+                     rel_err(y16, model(ids)), weight_bytes(model), None, None))
         if not dry:
             g = torch.cuda.CUDAGraph()
             s = torch.cuda.Stream()
@@ -209,16 +229,16 @@ def main(argv=None) -> int:
             with torch.cuda.graph(g):
                 yg = f16(ids)
             rows.append(("torch fp16 CUDA graph (float model)", time_cold_hot(g.replay, **timing),
-                         rel_err(yg, model(ids)), weight_bytes(model), None))
+                         rel_err(yg, model(ids)), weight_bytes(model), None, None))
             if args.profile:
                 profile_lines += kernel_profile(lambda _ids: g.replay(), ids, "torch fp16 CUDA graph",
                                                 cfg["num_layers"])
         dm16 = __import__("copy").deepcopy(dm).to(half).eval()
         rows.append(("torch fp16 eager (integer model: QuantLinear dequantize + F.linear)",
                      time_cold_hot(lambda: dm16(ids), **dict(timing, reps=2, calls=3, warmup=1, hot_iters=3)),
-                     rel_err(dm16(ids), ref32), None, None))
+                     rel_err(dm16(ids), ref32), None, None, None))
 
-    def tvm_row(label, model_q, use_graph: bool):
+    def tvm_row(label, model_q, use_graph: bool, epilogues: bool):
         tb = time.time()
         ctx = tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": True}) if use_graph else None
         # lower from a CPU copy: torch.export of a CUDA model picks the flash-attention SDPA kernel op
@@ -226,8 +246,9 @@ def main(argv=None) -> int:
         # scaled_dot_product_attention.
         dm_cpu, ids_cpu = __import__("copy").deepcopy(model_q).cpu(), ids.cpu()
         kw = dict(target="llvm" if dry else "cuda", dtype=None if dry else torch.float16)
-        if cfg_tvm is not None and "config" in inspect.signature(fxc.compile_tvm).parameters:
-            kw["config"] = cfg_tvm
+        cfg_row = tvm_build_config(args.gemv_kernel, epilogues)
+        if cfg_row is not None and "config" in inspect.signature(fxc.compile_tvm).parameters:
+            kw["config"] = cfg_row
         try:
             if ctx is not None:
                 with ctx:
@@ -240,8 +261,10 @@ def main(argv=None) -> int:
             main_fn = r.vm["main"]
             t = time_cold_hot(lambda: main_fn(xt), **timing)
             nk = len(r.build.kernel_names()) if not dry else 0
-            rows.append((label, t, rel_err(y, ref32), weight_bytes(model_q), nk))
+            per_layer_launches = launches_per_layer(r.build, cfg["num_layers"]) if not dry else None
+            rows.append((label, t, rel_err(y, ref32), weight_bytes(model_q), nk, per_layer_launches))
             notes.append(f"{label}: build {time.time() - tb:.0f} s, {nk} distinct kernels, "
+                         f"{per_layer_launches} launches per middle layer, "
                          f"{len(r.build.info.get('fused_decode_primfuncs', []))} fused decode PrimFuncs")
             print(f"{label}: cold {t.cold} us, hot {t.hot} us, err {rows[-1][2]:.1e}", flush=True)
             return r
@@ -251,13 +274,14 @@ def main(argv=None) -> int:
             return None
 
     backend = "TVM llvm (dry run)" if dry else "TVM CUDA, fp16 activations"
-    for i, (vlabel, model_q) in enumerate(variants(dm, ids, not args.no_fuse, args.int8_head)):
+    for i, (vlabel, model_q, epi) in enumerate(variants(dm, ids, not args.no_fuse, args.int8_head,
+                                                        not args.no_epilogues)):
         if i == 0 or args.no_cuda_graph:
-            r_vm = tvm_row(f"{backend}, {vlabel} (Relax VM)", model_q, False)
+            r_vm = tvm_row(f"{backend}, {vlabel} (Relax VM)", model_q, False, epi)
             if r_vm is not None and args.profile and not dry:
                 profile_lines += kernel_profile(r_vm, ids, f"TVM {vlabel} (Relax VM)", cfg["num_layers"])
         if not args.no_cuda_graph:
-            r_g = tvm_row(f"{backend}, {vlabel} (Relax VM + CUDA graph)", model_q, True)
+            r_g = tvm_row(f"{backend}, {vlabel} (Relax VM + CUDA graph)", model_q, True, epi)
             if r_g is not None and args.profile:
                 profile_lines += kernel_profile(r_g, ids, f"TVM {vlabel} (CUDA graph)", cfg["num_layers"])
     total = time.time() - t0
@@ -271,7 +295,8 @@ def main(argv=None) -> int:
         "Command: `PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/bench_decode_gpu.py " + " ".join(argv) + "`", "",
         f"Model: CausalLM {cfg}, random init, batch 1, 1 token (no KV cache: the whole forward). "
         f"Integer model: {qdesc}; lm_head fp16 unless the row says int8. TVM build config: "
-        f"{cfg_tvm if cfg_tvm is not None else 'backend defaults'}.", "",
+        f"{cfg_tvm if cfg_tvm is not None else 'backend defaults'} (fuse_epilogues=True on the '+ fused epilogues' "
+        "row).", "",
         f"Timing: {how}; hot = back-to-back steps. Figures: median of {args.reps} per-repeat medians "
         f"({args.calls} steps each), spread = min-max of those medians. Ratios: cold vs cold. err = max|y - ref| / "
         "max|ref| of the logits; ref = the float model (fp32) for the float rows, the torch module of the integer "
@@ -279,15 +304,15 @@ def main(argv=None) -> int:
         "a row gather); int4 rows: packed codes + fp16 scales (+ zero points) + the lm_head. % HBM = weight bytes / "
         "cold time / peak; bound = weight bytes / peak.", "",
         "| path | cold µs / token (spread) | hot µs | vs torch fp16 CUDA graph, cold | weight MB | bound µs | "
-        "% HBM peak, cold | distinct kernels | err |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "% HBM peak, cold | distinct kernels | launches / layer | err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, t, err, nbytes, nk in rows:
+    for label, t, err, nbytes, nk, launches in rows:
         mb = f"{nbytes / 1e6:.0f}" if nbytes else "-"
         bound = f"{nbytes / peak * 1e6:.0f}" if nbytes and peak else "-"
         pct = f"{nbytes / (t.cold.median * 1e-6) / peak * 100:.0f}%" if nbytes and peak else "-"
         lines.append(f"| {label} | {t.cold} | {t.hot.median:.1f} | {base.cold.median / t.cold.median:.2f}x | {mb} | "
-                     f"{bound} | {pct} | {nk if nk else '-'} | {err:.1e} |")
+                     f"{bound} | {pct} | {nk if nk else '-'} | {launches if launches else '-'} | {err:.1e} |")
     lines += ["", "Issue 13 target: the 2048-wide model's step within 2x of its bandwidth bound (<= 145 µs) with "
               "<= 8 kernel launches per layer (see the profile tables).", "", "Notes:"] + [f"- {n}" for n in notes]
     lines += profile_lines

@@ -73,16 +73,16 @@ def _backend_pipeline(target):
     return cuda.pipeline if target.kind.name == "cuda" else cpu_generic.pipeline
 
 
-def _fused(mod, target):
+def _fused(mod, target, config: TVMBuildConfig):
     tvm = require_tvm()
     with target:
-        return tvm.transform.Sequential(fuse_passes())(mod)
+        return tvm.transform.Sequential(fuse_passes(epilogues=config.fuse_epilogues))(mod)
 
 
 def _schedule(mod, target, tune: str, trials: int, work_dir, config: TVMBuildConfig):
     require_tvm()
     stats = {}
-    mod = _fused(mod, target)
+    mod = _fused(mod, target, config)
     if tune == "meta_schedule":
         mod, stats = tune_meta_schedule(mod, target, trials, work_dir, builder_timeout_s=config.ms_builder_timeout_s,
                                         cost_model=config.ms_cost_model)

@@ -41,6 +41,9 @@ class TVMBuildConfig:
     "random"; ``ms_compete``: on CUDA, each hand-written quantized-linear kernel competes with the MetaSchedule-tuned
     fused decode+matmul of the same layer (both measured on the GPU in one process; the faster one is emitted and
     the choice is stored beside the records); False keeps the hand-written kernels untimed.
+    ``fuse_epilogues``: fewer kernels per decode step (:func:`.transforms.fuse_passes`): the residual add and
+    ``silu(gate) * up`` computed inside the hand-written quantized-linear kernels, a split's parts fused into their
+    consumers, each RMSNorm one kernel; False leaves those to TVM's own FuseOps (for comparison).
     ``te_linears``: quantized-linear signatures ``(rows, K, N, bits, group_size)`` emitted as the te fused
     decode+matmul even where a hand-written kernel applies (``tune="meta_schedule"`` fills it with the layers whose
     tuned kernel measured faster; rarely set by hand).
@@ -57,8 +60,11 @@ class TVMBuildConfig:
     ms_cost_model: str = "auto"
     ms_compete: bool = True
     te_linears: frozenset = frozenset()
+    fuse_epilogues: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.fuse_epilogues, bool):
+            raise ValueError(f"TVMBuildConfig.fuse_epilogues must be a bool, got {self.fuse_epilogues!r}")
         if self.gemv_kernel not in GEMV_KERNELS:
             raise ValueError(f"TVMBuildConfig.gemv_kernel must be one of {GEMV_KERNELS}, got {self.gemv_kernel!r}")
         if self.decode_mode not in DECODE_MODES:

@@ -9,7 +9,8 @@ that reads it (accumulating in float32, then a cast block when activations are f
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -17,11 +18,15 @@ from ...nn import QuantLinear
 from ...quant import QuantWeight
 from .base import TVMBackendError, require_tvm
 from .config import TVMBuildConfig
-from .kernels.cuda_core_gemv import packed_gemv_primfunc, supports, tile_for
+from .kernels.cuda_core_gemv import Tile, packed_gemv_primfunc, supports, tile_for
+from .kernels.epilogue import Epilogue
 from .kernels.mma_gemv import mma_supports, packed_mma_primfunc
 from .packing import pack_mma_words, pack_words, unpack_words
 
-__all__ = ["emit_packed_linear", "emit_quant_linear", "fxc_kind", "LayerInfo"]
+__all__ = ["emit_packed_linear", "emit_quant_linear", "fxc_kind", "fxc_kernel_params", "fxc_primfunc", "LayerInfo",
+           "FXC_KERNEL_ATTR"]
+
+FXC_KERNEL_ATTR = "fxc_kernel"  # PrimFunc attribute: the JSON generator arguments of a hand-written kernel
 
 DEFAULT_CONFIG = TVMBuildConfig()
 
@@ -171,14 +176,15 @@ def _emit_fxc_gemv(bb, x, xshape, words, scale, zero_point, bias, *, bits, qmin,
     from tvm import relax
 
     m_rows = int(np.prod(xshape[:-1]))
-    common = dict(m=m_rows, k=k_in, n=n_out, qmin=qmin, group_size=gs, scale_rows=scale.shape[0],
-                  has_zero_point=zero_point is not None, has_bias=bias is not None, lead=tuple(xshape[:-1]))
+    params = dict(kind=kind, m=m_rows, k=k_in, n=n_out, bits=bits, qmin=qmin, group_size=gs,
+                  scale_rows=int(scale.shape[0]), has_zero_point=zero_point is not None, has_bias=bias is not None,
+                  lead=[int(d) for d in xshape[:-1]])
     if kind == "fxc_mma":
-        f = packed_mma_primfunc(**common, bits=bits, name="fxc_packed_mma", tiles=config.mma_tiles)
+        params["tiles"] = None if config.mma_tiles is None else {c: list(t) for c, t in config.mma_tiles.items()}
         words = pack_mma_words(unpack_words(words, bits, k_in, qmin), qmin, bits)
     else:
-        f = packed_gemv_primfunc(**common, bits=bits, name="fxc_packed_gemv",
-                                 tile=tile_for(m_rows, k_in, n_out, config.tiles))
+        params["tile"] = asdict(tile_for(m_rows, k_in, n_out, config.tiles))
+    f = fxc_primfunc(params, Epilogue(), "fxc_packed_mma" if kind == "fxc_mma" else "fxc_packed_gemv")
     gv = bb.add_func(f, f.attrs["global_symbol"])
     if gv.name_hint != f.attrs["global_symbol"]:  # a second kernel of the same kind: the block builder renamed its
         bb.update_func(gv, f.with_attr("global_symbol", gv.name_hint))  # var; keep the symbol unique too
@@ -190,3 +196,28 @@ def _emit_fxc_gemv(bb, x, xshape, words, scale, zero_point, bias, *, bits, qmin,
     return bb.emit(relax.call_tir(gv, relax.Tuple(args), relax.TensorType((*xshape[:-1], n_out), "float16")))
 
 
+
+
+def fxc_primfunc(params: dict, epilogue: Epilogue, name: str):
+    """The hand-written kernel of ``params`` (:data:`FXC_KERNEL_ATTR`) with ``epilogue``; it carries ``params`` in
+    that attribute, so a later pass can regenerate it with another epilogue."""
+    common = dict(m=params["m"], k=params["k"], n=params["n"], qmin=params["qmin"], group_size=params["group_size"],
+                  scale_rows=params["scale_rows"], has_zero_point=params["has_zero_point"],
+                  has_bias=params["has_bias"], lead=tuple(params["lead"]), bits=params["bits"], name=name,
+                  epilogue=epilogue)
+    if params["kind"] == "fxc_mma":
+        tiles = params.get("tiles")
+        f = packed_mma_primfunc(**common, tiles=None if tiles is None else {c: tuple(t) for c, t in tiles.items()})
+    elif params["kind"] == "fxc_gemv":
+        f = packed_gemv_primfunc(**common, tile=Tile(**params["tile"]))
+    else:
+        raise TVMBackendError(f"unknown hand-written kernel kind {params['kind']!r}")
+    return f.with_attr(FXC_KERNEL_ATTR, json.dumps(params, sort_keys=True))
+
+
+def fxc_kernel_params(func) -> dict | None:
+    """The generator arguments of a hand-written kernel PrimFunc (None for any other function)."""
+    attrs = getattr(func, "attrs", None)
+    if attrs is None or FXC_KERNEL_ATTR not in attrs:
+        return None
+    return json.loads(str(attrs[FXC_KERNEL_ATTR]))

@@ -1,13 +1,29 @@
-"""Relax passes of the TVM pipeline: the two fxcompress rewrites and the fusion sequence.
+"""Relax passes of the TVM pipeline: the fxcompress rewrites and the fusion sequence.
 
 Each rewrite is a ``relax.PyExprMutator`` run over every Relax function by :func:`relax_function_pass` (TVM is
 imported when a pass is made, so this module imports without TVM).
+
+Fewer kernel launches per decode step (issue 13; :func:`fuse_passes` with ``epilogues=True``):
+
+* :func:`gemv_epilogue_pass`: a hand-written quantized-linear kernel (``call_tir`` of an opaque, already
+  scheduled PrimFunc, which ``FuseOps`` cannot fuse with anything) followed by a residual ``add`` or, for a fused
+  gate/up linear, by ``split -> silu(gate) * up``, becomes one ``call_tir`` of the kernel regenerated with that
+  epilogue (:mod:`.kernels.epilogue`).
+* :func:`split_to_slices_pass`: a ``split`` whose parts feed different ops (q / k / v after a fused q/k/v linear)
+  becomes one ``strided_slice`` per part, which ``FuseOps`` fuses into each consumer (a ``split`` returns a tuple,
+  which it cannot fuse, and TVM emits one kernel per part).
+* :func:`rms_norm_fusion_pass`: the RMSNorm chain ``astype -> x*x -> mean -> +eps -> rsqrt -> x*r -> astype ->
+  w*`` as one kernel (``FuseOps`` leaves the fp32 cast and the square outside the reduction because the cast
+  is read twice, so it was three launches).
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
-__all__ = ["small_int_power_pass", "constant_transpose_pass", "fuse_passes", "relax_function_pass"]
+__all__ = ["small_int_power_pass", "constant_transpose_pass", "fuse_passes", "relax_function_pass",
+           "gemv_epilogue_pass", "split_to_slices_pass", "rms_norm_fusion_pass"]
 
 
 def small_int_power_pass():
@@ -93,13 +109,407 @@ def constant_transpose_pass():
     return relax_function_pass(_Fold, "FxcFoldConstantTranspose")
 
 
-def fuse_passes():
+def _is_op(expr, name: str) -> bool:
+    from tvm import relax
+
+    return isinstance(expr, relax.Call) and isinstance(expr.op, __import__("tvm").ir.Op) and expr.op.name == name
+
+
+def _shape_dtype(expr):
+    """(static shape tuple or None, dtype) of a tensor expression."""
+    si = expr.ty
+    dtype = str(getattr(si, "dtype", ""))
+    shape = getattr(si, "shape", None)
+    try:
+        return tuple(int(d) for d in shape.values), dtype
+    except (AttributeError, TypeError, ValueError):
+        return None, dtype
+
+
+class _Uses:
+    """Bindings and users of every variable of one Relax function (dataflow and plain blocks)."""
+
+    def __init__(self, func):
+        from tvm import relax
+
+        self.value = {}  # var -> bound value
+        self.users = {}  # var -> [binding var that reads it] (function output: None)
+        self.order = []  # binding vars in program order
+        self.in_dataflow = set()  # vars bound inside dataflow blocks (the only ones a rewrite touches)
+
+        def reads(expr):
+            found = []
+
+            @relax.expr_functor.visitor
+            class _V(relax.PyExprVisitor):
+                def visit_var_(self, v):  # noqa: N802
+                    found.append(v)
+
+                def visit_dataflow_var_(self, v):  # noqa: N802
+                    found.append(v)
+
+            _V().visit_expr(expr)
+            return found
+
+        for block in func.body.blocks:
+            for b in block.bindings:
+                if not isinstance(b, relax.VarBinding):
+                    continue
+                self.value[b.var] = b.value
+                self.order.append(b.var)
+                if isinstance(block, relax.DataflowBlock):
+                    self.in_dataflow.add(b.var)
+                for v in reads(b.value):
+                    self.users.setdefault(v, []).append(b.var)
+        for v in reads(func.body.body):
+            self.users.setdefault(v, []).append(None)
+
+    def only_user(self, var):
+        """The one binding var that reads ``var`` (once), else None."""
+        u = self.users.get(var, [])
+        return u[0] if len(u) == 1 and u[0] is not None else None
+
+
+def _fxc_call(expr, mod):
+    """(GlobalVar, generator params, args) when ``expr`` is a ``call_tir`` of a hand-written kernel."""
+    from tvm import relax
+
+    from .emit import fxc_kernel_params
+
+    if not (_is_op(expr, "relax.call_tir") and isinstance(expr.args[0], relax.GlobalVar)):
+        return None
+    gv = expr.args[0]
+    params = fxc_kernel_params(mod[gv]) if gv in mod.functions else None
+    if params is None or not isinstance(expr.args[1], relax.Tuple):
+        return None
+    return gv, params, list(expr.args[1].fields)
+
+
+def _match_residual(y, uses, params):
+    """``add(y, r)`` / ``add(r, y)``, ``y`` read only there, ``r`` an fp16 tensor of y's exact shape (no
+    broadcast).  Returns (the add's var, r) or None."""
+    add_var = uses.only_user(y)
+    add = uses.value.get(add_var) if add_var is not None else None
+    if not _is_op(add, "relax.add"):
+        return None
+    a, b = add.args
+    if a.same_as(b):
+        return None
+    r = b if a.same_as(y) else a if b.same_as(y) else None
+    if r is None or _shape_dtype(r) != _shape_dtype(y) or _shape_dtype(y)[1] != "float16":
+        return None
+    return add_var, r
+
+
+def _match_float32(y, uses, params):
+    """``astype(y, "float32")`` of an fp16 ``y`` read only there, whose result is only returned (e.g. logits):
+    then the cast would be a kernel of its own.  A cast that feeds other ops is left to them (FuseOps or the
+    RMSNorm fusion fold it into their kernel; an fp32 store would only double the bytes written).  Returns the
+    cast's var or None."""
+    from tvm import relax
+
+    cast_var = uses.only_user(y)
+    cast = uses.value.get(cast_var) if cast_var is not None else None
+    if not (_is_op(cast, "relax.astype") and str(cast.attrs.dtype) == "float32"
+            and _shape_dtype(y)[1] == "float16"):
+        return None
+
+    def only_returned(var, depth=0):
+        users = uses.users.get(var, [])
+        return bool(users) and depth < 4 and all(
+            u is None or (isinstance(uses.value.get(u), relax.Tuple) and only_returned(u, depth + 1)) for u in users)
+
+    return cast_var if only_returned(cast_var) else None
+
+
+def _match_swiglu(y, uses, params):
+    """``split(y, 2 halves, last axis) -> g, u; fp16(g32 * sigmoid(g32)) * u`` with ``g32 = astype(g, fp32)`` (the
+    export of ``F.silu(g) * u`` in fp16), every intermediate read only inside the chain.  Returns the final
+    multiply's var or None."""
+    if params["kind"] != "fxc_mma":
+        return None
+    shape, dtype = _shape_dtype(y)
+    if shape is None or dtype != "float16":
+        return None
+    n = shape[-1]
+    split_var = uses.only_user(y)
+    split = uses.value.get(split_var) if split_var is not None else None
+    if not _is_op(split, "relax.split"):
+        return None
+    axis = int(split.attrs.axis)
+    sections = split.attrs.indices_or_sections
+    halves = (isinstance(sections, int) or hasattr(sections, "value")) and int(sections) == 2
+    if not halves:
+        try:
+            halves = [int(i) for i in sections] == [n // 2]
+        except TypeError:
+            halves = False
+    if axis not in (-1, len(shape) - 1) or not halves:
+        return None
+    parts = {}
+    for uv in uses.users.get(split_var, []):
+        item = uses.value.get(uv) if uv is not None else None
+        if item is None or not hasattr(item, "index") or int(item.index) in parts:
+            return None
+        parts[int(item.index)] = uv
+    if sorted(parts) != [0, 1]:
+        return None
+    g, u = parts[0], parts[1]
+    g32_var = uses.only_user(g)
+    g32 = uses.value.get(g32_var)
+    if not (_is_op(g32, "relax.astype") and str(g32.attrs.dtype) == "float32"):
+        return None
+    readers = uses.users.get(g32_var, [])
+    if len(readers) != 2 or None in readers:
+        return None
+    sig_var = next((r for r in readers if _is_op(uses.value[r], "relax.sigmoid")), None)
+    mul_var = next((r for r in readers if _is_op(uses.value[r], "relax.multiply")), None)
+    if sig_var is None or mul_var is None or uses.only_user(sig_var) is None \
+            or not uses.only_user(sig_var).same_as(mul_var):
+        return None
+    ma, mb = uses.value[mul_var].args
+    if not ({ma, mb} == {g32_var, sig_var} or (ma.same_as(g32_var) and mb.same_as(sig_var))
+            or (ma.same_as(sig_var) and mb.same_as(g32_var))):
+        return None
+    h_var = uses.only_user(mul_var)
+    h = uses.value.get(h_var) if h_var is not None else None
+    if not (_is_op(h, "relax.astype") and str(h.attrs.dtype) == "float16"):
+        return None
+    out_var = uses.only_user(h_var)
+    out = uses.value.get(out_var) if out_var is not None else None
+    if not _is_op(out, "relax.multiply") or uses.only_user(u) is None or not uses.only_user(u).same_as(out_var):
+        return None
+    oa, ob = out.args
+    if not ((oa.same_as(h_var) and ob.same_as(u)) or (oa.same_as(u) and ob.same_as(h_var))):
+        return None
+    return out_var
+
+
+def _swiglu_args(args, params):
+    """The kernel's constant arguments with the weight rows in :func:`.kernels.epilogue.swiglu_row_order`."""
+    import tvm
+    from tvm import relax
+
+    from .kernels.epilogue import swiglu_row_order, unpack_mma_words
+    from .packing import pack_mma_words
+
+    n, bits = params["n"], params["bits"]
+    order = swiglu_row_order(n)
+    consts = args[1:]
+    if not all(isinstance(c, tvm.ir.expr.Constant) for c in consts):
+        return None
+    words = pack_mma_words(unpack_mma_words(consts[0].value.numpy(), bits)[order], 0, bits)
+    out = [args[0], relax.const(words)]
+    for c in consts[1:]:  # scale, zero point (rows 1 or n), bias (n,)
+        a = c.value.numpy()
+        out.append(relax.const(np.ascontiguousarray(a[order] if a.shape[0] == n else a)))
+    return out
+
+
+def gemv_epilogue_pass():
+    """Hand-written quantized-linear kernel + the elementwise op(s) that consume its output -> one kernel.
+
+    Matched (every intermediate value read only inside the chain; otherwise nothing changes):
+
+    * ``y = kernel(x, ...); z = add(y, r)`` (either order), ``r`` fp16 of y's exact shape -> ``z = kernel_res(x,
+      ..., r)`` (residual epilogue; ``r`` may have other readers);
+    * ``y = kernel(x, ...); z = astype(y, "float32")``, ``z`` only returned -> ``z = kernel_f32(x, ...)`` (the
+      kernel stores fp32);
+    * ``y = kernel(x, ...)`` (tensor cores) ``; g, u = split(y, 2, axis=-1); z = fp16(g32 * sigmoid(g32)) * u`` ->
+      ``z = kernel_swiglu(x, ...)`` with the weight rows reordered (:func:`.kernels.epilogue.swiglu_row_order`).
+
+    Only ``call_tir``s of the kernels of :mod:`.kernels` are touched (they are emitted for CUDA only, so on llvm
+    the pass finds nothing).
+    """
+    import tvm
+    from tvm import relax
+
+    from .emit import fxc_primfunc
+    from .kernels.epilogue import Epilogue
+
+    @relax.expr_functor.mutator
+    class _Rewrite(relax.PyExprMutator):
+        def __init__(self, mod, plan):
+            super().__init__(mod)
+            self.plan = plan
+
+        def visit_var_binding_(self, binding):  # noqa: N802 - TVM's visitor name
+            entry = self.plan.get(binding.var)
+            if entry is None:
+                return super().visit_var_binding_(binding)
+            gv, args, sinfo = entry
+            call = relax.call_tir(gv, relax.Tuple([self.visit_expr(a) for a in args]), sinfo)
+            if isinstance(binding.var, relax.DataflowVar):
+                new = self.builder_.emit(call, name_hint=binding.var.name)
+            else:
+                new = self.builder_.emit_output(call, name_hint=binding.var.name)
+            self.set_var_remap(binding.var, new)
+
+    @tvm.transform.module_pass(opt_level=0, name="FxcGemvEpilogue")
+    def _pass(mod, _ctx):
+        plans = {}
+        for gv, f in mod.functions.items():
+            if not isinstance(f, relax.Function):
+                continue
+            uses = _Uses(f)
+            new_funcs = []
+            for var in uses.order:
+                hit = _fxc_call(uses.value[var], mod)
+                if hit is None or var not in uses.in_dataflow:
+                    continue
+                kgv, params, args = hit
+                res = _match_residual(var, uses, params)
+                if res is not None:
+                    target_var, r = res
+                    new_funcs.append((target_var, params, Epilogue("residual"), args + [r], kgv.name_hint + "_res"))
+                    continue
+                cast_var = _match_float32(var, uses, params)
+                if cast_var is not None:
+                    new_funcs.append((cast_var, params, Epilogue("float32"), args, kgv.name_hint + "_f32"))
+                    continue
+                out_var = _match_swiglu(var, uses, params)
+                if out_var is not None:
+                    sargs = _swiglu_args(args, params)
+                    if sargs is not None:
+                        new_funcs.append((out_var, params, Epilogue("swiglu"), sargs, kgv.name_hint + "_swiglu"))
+            new_funcs = [nf for nf in new_funcs if nf[0] in uses.in_dataflow]
+            if new_funcs:
+                plans[gv] = new_funcs
+        if not plans:
+            return mod
+        out, made = mod, {}  # (params, epilogue) -> the kernel's GlobalVar: one kernel per distinct signature
+        for fgv, new_funcs in plans.items():
+            rw = _Rewrite(out, {})
+            for target_var, params, epi, args, name in new_funcs:
+                key = (json.dumps(params, sort_keys=True), epi.kind)
+                if key not in made:
+                    f = fxc_primfunc(params, epi, name)
+                    made[key] = rw.builder_.add_func(f, name)
+                    rw.builder_.update_func(made[key], f.with_attr("global_symbol", made[key].name_hint))
+                rw.plan[target_var] = (made[key], args, target_var.ty)
+            rw.builder_.update_func(fgv, rw.visit_expr(out[fgv]))
+            out = rw.builder_.get()
+        return _drop_unused_kernels(relax.transform.DeadCodeElimination()(out))
+
+    return _pass
+
+
+def _drop_unused_kernels(mod):
+    """``mod`` without the hand-written kernels no Relax function calls any more (those replaced by an epilogue
+    version; they carry a global symbol, so dead-code elimination keeps them, and they would still be compiled)."""
+    from tvm import relax
+
+    from .emit import fxc_kernel_params
+
+    called = set()
+
+    @relax.expr_functor.visitor
+    class _Refs(relax.PyExprVisitor):
+        def visit_global_var_(self, gv):  # noqa: N802
+            called.add(gv.name_hint)
+
+    for f in mod.functions.values():
+        if isinstance(f, relax.Function):
+            _Refs().visit_expr(f)
+    for gv, f in list(mod.functions.items()):
+        if gv.name_hint not in called and fxc_kernel_params(f) is not None:
+            mod = mod.without(gv) if hasattr(mod, "without") else _module_without(mod, gv)
+    return mod
+
+
+def _module_without(mod, gv):
+    import tvm
+
+    funcs = {g: f for g, f in mod.functions.items() if not g.same_as(gv)}
+    return tvm.IRModule(funcs, attrs=mod.attrs)
+
+
+def split_to_slices_pass():
+    """``parts = split(x, ...); p_i = parts[i]`` with static shapes -> ``p_i = strided_slice(x, ...)``.
+
+    A ``split`` yields a tuple: ``FuseOps`` fuses it with none of its consumers, and it runs as one kernel per part.
+    A slice is an injective op that fuses into its consumer (q / k / v of a fused q/k/v linear each into its own
+    rotary or transpose kernel).  Values are unchanged (a slice copies the same elements)."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Rewrite(relax.PyExprMutator):
+        def visit_tuple_getitem_(self, item):  # noqa: N802 - TVM's visitor name
+            item = self.visit_expr_post_order(item)
+            tup = item.tuple_value
+            src = self.lookup_binding(tup) if isinstance(tup, relax.Var) else tup
+            if not _is_op(src, "relax.split"):
+                return item
+            x = src.args[0]
+            shape, _ = _shape_dtype(x)
+            if shape is None:
+                return item
+            axis = int(src.attrs.axis) % len(shape)
+            sec = src.attrs.indices_or_sections
+            size = shape[axis]
+            if isinstance(sec, int) or hasattr(sec, "value"):
+                n = int(sec)
+                if size % n:
+                    return item
+                bounds = [size // n * i for i in range(n + 1)]
+            else:
+                bounds = [0] + [int(i) for i in sec] + [size]
+            i = int(item.index)
+            return relax.op.strided_slice(x, axes=[axis], begin=[bounds[i]], end=[bounds[i + 1]])
+
+    return relax_function_pass(_Rewrite, "FxcSplitToSlices")
+
+
+def _rms_norm_patterns():
+    """DPL patterns of the RMSNorm chain as PyTorch exports it (with / without the fp32 cast and the weight)."""
+    from tvm.relax.dpl import is_op, wildcard
+
+    def mul(a, b):
+        return is_op("relax.multiply")(a, b) | is_op("relax.multiply")(b, a)
+
+    out = []
+    for lead in (True, False):  # the fp32 cast before (may be a linear kernel's float32 epilogue) and after
+        for trail in (True, False):
+            x = wildcard()
+            xf = is_op("relax.astype")(x) if lead else x
+            sq = is_op("relax.multiply")(xf, xf)
+            r = is_op("relax.rsqrt")(is_op("relax.add")(is_op("relax.mean")(sq), wildcard()))
+            normed = mul(xf, r)
+            back = is_op("relax.astype")(normed) if trail else normed
+            out.append(mul(wildcard(), back))
+            out.append(back)
+    return out
+
+
+def rms_norm_fusion_pass():
+    """The RMSNorm chain -> one fused function (``FuseOpsByPattern``; ``FuseTIR`` makes it one PrimFunc, dlight
+    schedules it as one reduction kernel).  Matched only where every intermediate value is read inside the chain;
+    the ops and their order are unchanged, so the values are too."""
+    from tvm import relax
+
+    def check(ctx) -> bool:  # every matched value except the chain's result is read only inside the chain
+        inside = ctx.matched_bindings
+        for var, expr in inside.items():
+            if expr.same_as(ctx.matched_expr):
+                continue
+            if any(user not in inside for user in ctx.var_usages.get(var, [])):
+                return False
+        return True
+
+    pats = [(f"fxc.rms_norm{i}", p, {}, check) for i, p in enumerate(_rms_norm_patterns())]
+    return relax.transform.FuseOpsByPattern(pats, bind_constants=False, annotate_codegen=False)
+
+
+def fuse_passes(epilogues: bool = True):
+    """The Relax pass list from import to fused TIR.  ``epilogues``: the launch-saving rewrites above (on by
+    default; False keeps each elementwise op of the decode step in TVM's own fusion only, for comparison)."""
     from tvm import relax
 
     # no FoldConstant: it would decode the constant packed weights at build time (back to float)
     # DispatchSortScan: cumsum / sort / topk to their TOPI scan kernels (LegalizeOps leaves them, and the VM then
     # fails on e.g. the bool-mask cumsum of Hugging Face position ids), as TVM's default pipelines do
-    return [small_int_power_pass(), constant_transpose_pass(), relax.backend.DispatchSortScan(),
+    fewer = [gemv_epilogue_pass(), split_to_slices_pass(), rms_norm_fusion_pass()] if epilogues else []
+    return [small_int_power_pass(), constant_transpose_pass(), *fewer, relax.backend.DispatchSortScan(),
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.DeadCodeElimination(), relax.transform.FuseOps(), relax.transform.FuseTIR()]

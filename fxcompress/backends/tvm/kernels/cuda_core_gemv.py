@@ -35,6 +35,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .epilogue import Epilogue, primfunc_with_params
+
 SHARED_BYTES = 48 * 1024
 MAX_M = 16
 LANES = 32
@@ -101,15 +103,19 @@ def supports(*, m: int, k: int, n: int, bits: int, group_size: int, dtype: str, 
 
 def packed_gemv_primfunc(*, m: int, k: int, n: int, bits: int, qmin: int, group_size: int, scale_rows: int,
                          has_zero_point: bool, has_bias: bool, lead: tuple = (), name: str = "fxc_packed_gemv",
-                         tile: Tile | None = None):
-    """The scheduled PrimFunc ``(x, words, scale[, zero_point][, bias], y)`` computing
-    ``y[m, n] = sum_k x[m, k] * ((u[n, k] + qmin - zp[r, g]) * scale[r, g]) (+ bias[n])`` in fp32, stored fp16.
+                         tile: Tile | None = None, epilogue: Epilogue = Epilogue()):
+    """The scheduled PrimFunc ``(x, words, scale[, zero_point][, bias][, residual], y)`` computing
+    ``y[m, n] = sum_k x[m, k] * ((u[n, k] + qmin - zp[r, g]) * scale[r, g]) (+ bias[n])`` in fp32, stored fp16
+    through ``epilogue`` (:class:`.epilogue.Epilogue`: "none", "residual", which adds the fp16 ``residual``
+    shaped as ``y``, or "float32", which stores fp32; "swiglu" is the tensor-core kernel's only).
 
     ``x``: ``(*lead, k)`` fp16 with ``prod(lead) == m`` (default ``(m, k)``), ``y`` likewise;
     ``words``: ``(n, k * bits / 32)`` uint32 (:func:`tvm.pack_words` layout);
     ``scale`` / ``zero_point``: ``(scale_rows, k / group_size)`` fp16; ``bias``: ``(n,)`` fp16.
     """
     t = tile or tile_for(m, k, n)
+    if not isinstance(epilogue, Epilogue) or epilogue.kind == "swiglu":
+        raise ValueError(f"packed GEMV kernel: epilogue must be an Epilogue other than 'swiglu', got {epilogue!r}")
     reason = supports(m=m, k=k, n=n, bits=bits, group_size=group_size, dtype="float16", tile=t)
     if reason is not None:
         raise ValueError(f"packed GEMV kernel: {reason}")
@@ -157,10 +163,15 @@ def packed_gemv_primfunc(*, m: int, k: int, n: int, bits: int, qmin: int, group_
     def srow(row):
         return T.min(row, scale_rows - 1)
 
+    def acc_plus_bias(b, v, row):
+        return v + T.Cast("float32", b[row]) if has_bias else v
+
     @T.macro
-    def body(xin, w, s, z, b, yout):
+    def body(xin, w, s, z, b, rin, yout):
         x = T.decl_buffer((m, k), "float16", data=xin.data)
-        y = T.decl_buffer((m, n), "float16", data=yout.data)
+        y = T.decl_buffer((m, n), epilogue.out_dtype, data=yout.data)
+        if epilogue.has_residual:
+            res = T.decl_buffer((m, n), "float16", data=rin.data)
         for bx in T.thread_binding(n_blocks, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(LANES, thread="threadIdx.x"):
@@ -237,35 +248,16 @@ def packed_gemv_primfunc(*, m: int, k: int, n: int, bits: int, qmin: int, group_
                     if tx == 0:
                         for r in T.unroll(rows):
                             for mi in T.unroll(m):
-                                if has_bias:
-                                    y[mi, bx * rpb + ty * rows + r] = T.Cast(
-                                        "float16", acc[r * m + mi] + T.Cast("float32", b[bx * rpb + ty * rows + r]))
+                                if epilogue.has_residual:
+                                    y[mi, bx * rpb + ty * rows + r] = epilogue.store(
+                                        acc_plus_bias(b, acc[r * m + mi], bx * rpb + ty * rows + r),
+                                        res[mi, bx * rpb + ty * rows + r])
                                 else:
-                                    y[mi, bx * rpb + ty * rows + r] = T.Cast("float16", acc[r * m + mi])
+                                    y[mi, bx * rpb + ty * rows + r] = epilogue.store(
+                                        acc_plus_bias(b, acc[r * m + mi], bx * rpb + ty * rows + r))
 
     attrs = {"tir.is_scheduled": True, "tirx.is_scheduled": True, "tir.noalias": True, "op_pattern": 8}
-    if has_zero_point and has_bias:
-        @T.prim_func(private=True)
-        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer((n, kw), "uint32"), s: T.Buffer(zshape, "float16"),
-                   z: T.Buffer(zshape, "float16"), b: T.Buffer((n,), "float16"), y: T.Buffer(yshape, "float16")):
-            T.func_attr(attrs)
-            body(x, w, s, z, b, y)
-    elif has_zero_point:
-        @T.prim_func(private=True)
-        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer((n, kw), "uint32"), s: T.Buffer(zshape, "float16"),
-                   z: T.Buffer(zshape, "float16"), y: T.Buffer(yshape, "float16")):
-            T.func_attr(attrs)
-            body(x, w, s, z, None, y)
-    elif has_bias:
-        @T.prim_func(private=True)
-        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer((n, kw), "uint32"), s: T.Buffer(zshape, "float16"),
-                   b: T.Buffer((n,), "float16"), y: T.Buffer(yshape, "float16")):
-            T.func_attr(attrs)
-            body(x, w, s, None, b, y)
-    else:
-        @T.prim_func(private=True)
-        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer((n, kw), "uint32"), s: T.Buffer(zshape, "float16"),
-                   y: T.Buffer(yshape, "float16")):
-            T.func_attr(attrs)
-            body(x, w, s, None, None, y)
-    return kernel.with_attr("global_symbol", name)
+    params = [("x", xshape, "float16"), ("w", (n, kw), "uint32"), ("s", zshape, "float16"),
+              ("z", zshape if has_zero_point else None, "float16"), ("b", (n,) if has_bias else None, "float16"),
+              ("r", yshape if epilogue.has_residual else None, "float16"), ("y", yshape, epilogue.out_dtype)]
+    return primfunc_with_params(body, params, attrs).with_attr("global_symbol", name)

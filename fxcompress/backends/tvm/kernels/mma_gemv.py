@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from ..packing import MMA_BITS, mma_k_per_load, pack_mma_words  # noqa: F401  (pack_mma_words: the layout it reads)
+from .epilogue import Epilogue, primfunc_with_params
 
 LANES = 32  # threads per warp
 MAX_M = 32  # activation rows the kernel takes: up to 4 n8 tiles of mma.m16n8k16
@@ -46,14 +47,20 @@ def mma_supports(*, m: int, k: int, n: int, bits: int, group_size: int, dtype: s
 
 def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, scale_rows: int,
                         has_zero_point: bool, has_bias: bool, lead: tuple = (), name: str = "fxc_packed_mma",
-                        bits: int = 4, tiles=None):
-    """The scheduled PrimFunc ``(x, words, scale[, zero_point][, bias], y)`` of an int4 / int8 linear on tensor cores:
+                        bits: int = 4, tiles=None, epilogue: Epilogue = Epilogue()):
+    """The scheduled PrimFunc ``(x, words, scale[, zero_point][, bias][, residual], y)`` of an int4 / int8 linear on
+    tensor cores:
     ``words`` from :func:`pack_mma_words`; each warp owns 16 output rows and 1/warps of K (:func:`mma_tile`), decodes its A
     fragments in registers (two integer ops per pair of codes, then ``(h - (1024 - qmin) - zp) * scale`` in fp16),
     loads B fragments (the activations, fp16 pairs) from global memory / L1, and runs one ``mma.m16n8k16`` per
     16x16 weight tile and 8 activation rows (``ceil(m / 8)`` mmas reuse one decoded A fragment), accumulating in
     fp32.  Rows past ``m`` of the last 8-row tile are zeros: at batch 1 the tensor cores do 8x the needed math,
-    which is free next to the weight reads.  The warps' partial tiles are summed through shared memory."""
+    which is free next to the weight reads.  The warps' partial tiles are summed through shared memory, and the
+    sums go through ``epilogue`` (:class:`.epilogue.Epilogue`) on their way out: ``"residual"`` adds the fp16
+    ``residual`` (shaped as ``y``); ``"swiglu"`` takes weights in :func:`.epilogue.swiglu_row_order` and writes
+    ``n / 2`` features, ``silu(gate) * up`` of tile rows ``r`` and ``r + 8``; ``"float32"`` stores fp32."""
+    if not isinstance(epilogue, Epilogue):
+        raise ValueError(f"tensor-core kernel: epilogue must be an Epilogue, got {type(epilogue).__name__}")
     reason = mma_supports(m=m, k=k, n=n, bits=bits, group_size=group_size, dtype="float16")
     if reason is not None:
         raise ValueError(f"tensor-core kernel: {reason}")
@@ -73,18 +80,25 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
     kq_w = kq // warps  # per warp
     pf = max(d for d in range(1, prefetch + 1) if kq_w % d == 0)  # weight loads in flight per lane
     threads = warps * LANES
-    red_iters = -(-(16 * na) // threads)
+    n_out = epilogue.out_features(n)
+    rows_out = 8 if epilogue.kind == "swiglu" else 16  # output features per block
+    red_iters = -(-(rows_out * na) // threads)
     zshape = (scale_rows, k // group_size)
-    xshape, yshape = (*lead, k), (*lead, n)
+    xshape, yshape = (*lead, k), (*lead, n_out)
     off = float(1024 - qmin)  # fp16 1024 + u  ->  u + qmin (exact: u < 256)
 
     def srow(row):
         return T.min(row, scale_rows - 1)
 
+    def acc_plus_bias(b, v, row):
+        return v + T.Cast("float32", b[row]) if has_bias else v
+
     @T.macro
-    def body(xin, w, s, z, b, yout):
+    def body(xin, w, s, z, b, rin, yout):
         x32 = T.decl_buffer((m, k // 2), "uint32", data=xin.data)
-        y = T.decl_buffer((m, n), "float16", data=yout.data)
+        y = T.decl_buffer((m, n_out), epilogue.out_dtype, data=yout.data)
+        if epilogue.has_residual:
+            res = T.decl_buffer((m, n_out), "float16", data=rin.data)
         for bx in T.thread_binding(n // 16, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(LANES, thread="threadIdx.x"):
@@ -134,42 +148,33 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
                                 cf[t2 * 4 + c]
                     T.tvm_storage_sync("shared")
                     for o in T.serial(red_iters):  # output (row, act) = divmod(idx, na)
-                        if o * threads + ty * LANES + tx < 16 * na and (o * threads + ty * LANES + tx) % na < m:
+                        if o * threads + ty * LANES + tx < rows_out * na \
+                                and (o * threads + ty * LANES + tx) % na < m:
                             cf[0] = T.float32(0)
                             for wi in T.unroll(warps):
                                 cf[0] = cf[0] + red[wi * (16 * na) + o * threads + ty * LANES + tx]
-                            if has_bias:
+                            if epilogue.kind == "swiglu":  # up feature: tile row + 8
+                                cf[1] = T.float32(0)
+                                for wi in T.unroll(warps):
+                                    cf[1] = cf[1] + red[wi * (16 * na) + 8 * na + o * threads + ty * LANES + tx]
+                                y[(o * threads + ty * LANES + tx) % na, bx * 8 + (o * threads + ty * LANES + tx) // na] = \
+                                    epilogue.store((
+                                        acc_plus_bias(b, cf[0], bx * 16 + (o * threads + ty * LANES + tx) // na),
+                                        acc_plus_bias(b, cf[1], bx * 16 + 8 + (o * threads + ty * LANES + tx) // na)))
+                            elif epilogue.has_residual:
                                 y[(o * threads + ty * LANES + tx) % na, bx * 16 + (o * threads + ty * LANES + tx) // na] = \
-                                    T.Cast("float16", cf[0] + T.Cast(
-                                        "float32", b[bx * 16 + (o * threads + ty * LANES + tx) // na]))
+                                    epilogue.store(
+                                        acc_plus_bias(b, cf[0], bx * 16 + (o * threads + ty * LANES + tx) // na),
+                                        res[(o * threads + ty * LANES + tx) % na,
+                                            bx * 16 + (o * threads + ty * LANES + tx) // na])
                             else:
                                 y[(o * threads + ty * LANES + tx) % na, bx * 16 + (o * threads + ty * LANES + tx) // na] = \
-                                    T.Cast("float16", cf[0])
+                                    epilogue.store(
+                                        acc_plus_bias(b, cf[0], bx * 16 + (o * threads + ty * LANES + tx) // na))
 
     wshape = (n // 16, kq, LANES, 4)
     attrs = {"tir.is_scheduled": True, "tirx.is_scheduled": True, "tir.noalias": True, "op_pattern": 8}
-    if has_zero_point and has_bias:
-        @T.prim_func(private=True)
-        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
-                   z: T.Buffer(zshape, "float16"), b: T.Buffer((n,), "float16"), y: T.Buffer(yshape, "float16")):
-            T.func_attr(attrs)
-            body(x, w, s, z, b, y)
-    elif has_zero_point:
-        @T.prim_func(private=True)
-        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
-                   z: T.Buffer(zshape, "float16"), y: T.Buffer(yshape, "float16")):
-            T.func_attr(attrs)
-            body(x, w, s, z, None, y)
-    elif has_bias:
-        @T.prim_func(private=True)
-        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
-                   b: T.Buffer((n,), "float16"), y: T.Buffer(yshape, "float16")):
-            T.func_attr(attrs)
-            body(x, w, s, None, b, y)
-    else:
-        @T.prim_func(private=True)
-        def kernel(x: T.Buffer(xshape, "float16"), w: T.Buffer(wshape, "uint32"), s: T.Buffer(zshape, "float16"),
-                   y: T.Buffer(yshape, "float16")):
-            T.func_attr(attrs)
-            body(x, w, s, None, None, y)
-    return kernel.with_attr("global_symbol", name)
+    params = [("x", xshape, "float16"), ("w", wshape, "uint32"), ("s", zshape, "float16"),
+              ("z", zshape if has_zero_point else None, "float16"), ("b", (n,) if has_bias else None, "float16"),
+              ("r", yshape if epilogue.has_residual else None, "float16"), ("y", yshape, epilogue.out_dtype)]
+    return primfunc_with_params(body, params, attrs).with_attr("global_symbol", name)
