@@ -6,7 +6,7 @@
 Model: the one of tools/bench_decode_gpu.py (``CausalLM`` hidden 2048, intermediate 5632, 4 layers, 16 heads,
 vocab 32000, random init), its linears RTN int4 g128 asymmetric (``--l4q``: the bench's L4Q-converted weights)
 with q/k/v and gate/up fused (``fuse_linears``); lm_head fp16.  Built with ``build_tvm(..., target="cuda",
-dtype=torch.float16)`` twice: ``TVMBuildConfig(fuse_epilogues=False)`` and ``True`` (the default).
+dtype=torch.float16)`` twice: ``TVMBuildConfig(fuse_epilogues=False)`` (the default) and ``True``.
 
 Launch list (no GPU needed): the scheduled Relax ``main`` after ``RewriteDataflowReshape`` (the VM turns
 reshape-like ``call_tir``s into views, so they launch nothing), one row per ``call_tir`` in program order, times
