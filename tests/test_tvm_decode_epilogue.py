@@ -273,7 +273,7 @@ def test_cuda_build_compiles_the_fused_kernels_and_cuts_launches(lm):
 @pytest.mark.parametrize("mode,suffix", [("residual", "_res"), ("float32", "_f32")])
 def test_cuda_build_residual_and_float32_epilogues_for_both_kernels(bits, mode, suffix):
     b = build_tvm(_Residual(mode, bits=bits).eval(), (torch.randn(1, 3, 256),), target="cuda",
-                  dtype=torch.float16)
+                  dtype=torch.float16, config=TVMBuildConfig(fuse_epilogues=True))
     assert [k for k in b.kernel_names() if k.endswith(f"{suffix}_kernel")], b.kernel_names()
     assert not [k for k in b.kernel_names() if k.startswith(("add", "cast"))]
 
