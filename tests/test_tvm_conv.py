@@ -257,3 +257,32 @@ def test_cuda_resnet18_224_int8xint8_builds_and_runs():
     assert torch.isfinite(out).all()
     cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0).item()
     assert cos > 0.99, cos
+
+
+def test_int8_conv_fp16_mma_form_equals_int32_form():
+    """The CUDA form of the int8 x int8 conv (codes converted to fp16 inside the GEMM, float32 sums: what the fp16
+    tensor cores run) gives the int32 form's result, built and run on llvm."""
+    from tvm import te
+
+    from fxcompress.backends.tvm.kernels.conv_int8 import int8_conv2d_te
+
+    g = ConvGeometry(2, 16, 7, 9, 24, 3, 3, (2, 1), (1, 1), (1, 1), 1)
+    rng = np.random.default_rng(0)
+    xs = rng.integers(-128, 128, size=(2, 16, 7, 9), dtype=np.int8)
+    ws = rng.integers(-128, 128, size=(24, g.k), dtype=np.int8)
+    mult = rng.uniform(1e-4, 1e-3, size=24).astype(np.float32)
+    corr = (-5 * ws.astype(np.int64).sum(1)).astype(np.int32)
+    outs = {}
+    for mma in ("int32", "float16"):
+        ph = [te.placeholder(s, d, name=n) for s, d, n in (((2, 16, 7, 9), "int8", "x"), ((24, g.k), "int8", "w"),
+                                                          ((24,), "float32", "m"), ((24,), "int32", "c"))]
+        y = int8_conv2d_te(g, "float32", zp8=-5, per_channel=True, has_bias=False, mma=mma)(*ph)
+        f = tvm.compile(te.create_prim_func([*ph, y]), target="llvm")
+        out = tvm.runtime.empty(g.out_shape, "float32")
+        f(*(tvm.runtime.tensor(a) for a in (xs, ws, mult, corr)), out)
+        outs[mma] = out.numpy()
+    x_f = np.pad(xs.astype(np.float64) + 5, ((0, 0), (0, 0), (1, 1), (1, 1)))  # (q8 - zp8), zero padded
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x_f), torch.from_numpy(ws.astype(np.float64)).view(24, 16, 3, 3),
+                                     stride=(2, 1)).numpy() * mult.reshape(1, -1, 1, 1)
+    np.testing.assert_allclose(outs["int32"], ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(outs["float16"], outs["int32"], rtol=1e-6, atol=1e-6)

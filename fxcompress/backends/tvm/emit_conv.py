@@ -128,9 +128,11 @@ def _int8xint8_blocker(q: QuantConv2d, act: ActQuant | None) -> str | None:
     return None
 
 
-def emit_quant_conv(bb, x, q: QuantConv2d, name: str, act: ActQuant | None = None):
+def emit_quant_conv(bb, x, q: QuantConv2d, name: str, act: ActQuant | None = None, cuda: bool = False):
     """Emit ``q`` (a :class:`QuantConv2d`) reading its int8 codes: int8 x int8 when ``act`` (the quantized form of
-    ``x``) is given and the weight allows it, else weight-only int8.  Returns ``(y, ConvInfo)``."""
+    ``x``) is given and the weight allows it, else weight-only int8.  ``cuda``: the int8 x int8 products are summed
+    as fp16 MMA operands in float32 (the tensor-core form, :func:`.kernels.conv_int8.int8_conv2d_te`), on llvm in
+    int32.  Returns ``(y, ConvInfo)``."""
     require_tvm()
     from tvm import relax
 
@@ -154,11 +156,12 @@ def emit_quant_conv(bb, x, q: QuantConv2d, name: str, act: ActQuant | None = Non
     if blocker is None:
         mult = (act.scale * scale).astype(np.float32)
         corr = (act.zp8 * w8.astype(np.int64).sum(axis=1)).astype(np.int32)
-        f = int8_conv2d_te(g, dtype, zp8=act.zp8, per_channel=per_channel, has_bias=bias is not None)
+        mma = "float16" if cuda and g.groups == 1 else "int32"
+        f = int8_conv2d_te(g, dtype, zp8=act.zp8, per_channel=per_channel, has_bias=bias is not None, mma=mma)
         args = [act.codes, relax.const(w8), relax.const(mult), relax.const(corr)]
         if bias is not None:
             args.append(relax.const(bias.astype(np.float32)))
-        path, why, hint = "int8xint8", "input and weight quantized", "fxc_conv2d_int8"
+        path, why, hint = "int8xint8", f"input and weight quantized; products summed as {mma}", "fxc_conv2d_int8"
     else:
         np_dt = {"float32": np.float32, "float16": np.float16}[dtype]
         has_zp = bool(np.any(zp != 0)) or off != 0

@@ -240,7 +240,7 @@ def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | Non
         def convert_conv(node, importer):
             src = node.args[0]
             name, q = sites[int(node.args[1])]
-            y, info = emit_quant_conv(importer.block_builder, importer.env[src], q, name, acts.get(src.name))
+            y, info = emit_quant_conv(importer.block_builder, importer.env[src], q, name, acts.get(src.name), cuda)
             convs.append(info)
             return y
 

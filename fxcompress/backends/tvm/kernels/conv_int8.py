@@ -3,10 +3,11 @@
 Two computes, both written as an implicit GEMM (for ``groups == 1``) so dlight's Matmul rule recognises them and
 inlines the im2col gather and the weight decode into its shared-memory loads (:mod:`..rules.conv_gemm`):
 
-* :func:`dequant_conv2d_primfunc` (**weight-only int8**): float activations ``x (N, C, H, W)``; the weight is
+* :func:`dequant_conv2d_te` (**weight-only int8**): float activations ``x (N, C, H, W)``; the weight is
   ``int8 (O, C*kh*kw)`` codes (offset so they fit int8) decoded in the kernel as ``(code - zp[o]) * scale[o]`` and
   multiplied in the activation dtype, accumulating in float32 -- HBM holds and the kernel reads int8 weights.
-* :func:`int8_conv2d_primfunc` (**int8 x int8 -> int32**): the activations arrive as int8 codes ``q8 = q - 128``
+* :func:`int8_conv2d_te` (**int8 x int8**, summed in int32, or -- for CUDA tensor cores -- as exact fp16 products
+  summed in float32): the activations arrive as int8 codes ``q8 = q - 128``
   of a uint8 per-tensor quantizer ``(scale_x, zp_x)``; padding is filled with ``zp8 = zp_x - 128`` (the code of 0.0),
   so ``sum_k (q8 - zp8) w8 = acc - zp8 * sum_k w8`` exactly, and the requantize epilogue is
   ``y = float32(acc - zp8 * rowsum[o]) * (scale_x * scale_w[o]) + bias[o]`` (cast to the activation dtype).
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ConvGeometry", "dequant_conv2d_te", "int8_conv2d_te", "weight_codes_int8"]
+__all__ = ["ConvGeometry", "dequant_conv2d_te", "int8_conv2d_te", "weight_codes_int8", "MMA_DTYPES"]
 
 @dataclass(frozen=True)
 class ConvGeometry:
@@ -168,32 +169,50 @@ def dequant_conv2d_te(g: ConvGeometry, dtype: str, *, has_zero_point: bool, per_
     return f
 
 
-def int8_conv2d_te(g: ConvGeometry, dtype: str, *, zp8: int, per_channel: bool, has_bias: bool):
-    """The TE function ``f(x_int8, w_int8, mult, corr[, bias]) -> y`` of the int8 x int8 -> int32 conv.
+MMA_DTYPES = ("int32", "float16")
+
+
+def int8_conv2d_te(g: ConvGeometry, dtype: str, *, zp8: int, per_channel: bool, has_bias: bool,
+                   mma: str = "int32"):
+    """The TE function ``f(x_int8, w_int8, mult, corr[, bias]) -> y`` of the int8 x int8 conv.
 
     ``x_int8``: activation codes ``q - 128``; padding is ``zp8`` (the code of 0.0).  ``corr`` is
     ``int32 (O,) = zp8 * sum_k w8[o, k]``; ``mult`` = ``scale_x * scale_w[o]`` (float32, ``(O,)`` or ``(1,)``);
-    ``bias`` float32 ``(O,)``.  ``y = float32(acc - corr[o]) * mult[o] + bias[o]``, cast to ``dtype``."""
+    ``bias`` float32 ``(O,)``.  ``y = float32(acc - corr[o]) * mult[o] + bias[o]``, cast to ``dtype``.
+
+    ``mma``: how the products are summed.  "int32": int8 x int8 -> int32 (exact).  "float16": the int8 codes are
+    converted to fp16 on their way into the GEMM (``act_f16`` / ``w_f16`` blocks, inlined into the loads, so
+    memory still holds and the kernel still reads int8) and summed in float32: the form dlight's fp16 tensor-core
+    rule takes (TVM 0.27's int8 wmma path does not build).  Every int8 value and every product (|p| <= 2**14) is
+    exact in fp16 / fp32; the float32 sum is exact while partial sums stay below 2**24 and otherwise rounds at
+    float32 precision, as the float torch reference does."""
     from tvm import te, tirx
 
     if not -128 <= zp8 <= 127:
         raise ValueError(f"zp8 must be an int8 value, got {zp8}")
+    if mma not in MMA_DTYPES:
+        raise ValueError(f"mma must be one of {MMA_DTYPES}, got {mma!r}")
+    acc = "int32" if mma == "int32" else "float32"
 
     def f(x, w, mult, corr, *rest):
         bias = rest[0] if has_bias else None
         pad = tirx.const(zp8, "int8")
         if g.groups == 1:
             _, col = _pad_im2col(te, tirx, x, g, pad)
+            wk = w
+            if mma == "float16":
+                col = te.compute(col.shape, lambda *i: col[i].astype("float16"), name="act_f16")
+                wk = te.compute(w.shape, lambda *i: w[i].astype("float16"), name="w_f16")
             rk = te.reduce_axis((0, g.k), name="k")
             y = te.compute(g.out_shape, lambda n, o, i, j: te.sum(
-                col[n, i, j, rk].astype("int32") * w[o, rk].astype("int32"), axis=rk), name="conv_gemm")
+                col[n, i, j, rk].astype(acc) * wk[o, rk].astype(acc), axis=rk), name="conv_gemm")
         else:
             xp = _padded(te, tirx, x, g, pad)
-            y = _direct(te, tirx, lambda *i: xp[i], lambda o, k: w[o, k], g, "int32", "conv_direct")
+            y = _direct(te, tirx, lambda *i: xp[i], lambda o, k: w[o, k], g, acc, "conv_direct")
 
         def epi(n, o, i, j):
             m = mult[o] if per_channel else mult[0]
-            v = (y[n, o, i, j] - corr[o]).astype("float32") * m
+            v = (y[n, o, i, j] - corr[o].astype(acc)).astype("float32") * m
             if bias is not None:
                 v = v + bias[o]
             return v.astype(dtype) if dtype != "float32" else v
