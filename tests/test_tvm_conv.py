@@ -222,6 +222,26 @@ def test_cuda_build_int8_conv_kernels_read_int8(models):
     for name, ss in sigs.items():  # the GEMM kernel reads int8 weights / activations from global memory
         assert any("signed char* __restrict__" in sig for sig in ss), (name, ss)
     assert "dequantize" not in " ".join(b.kernel_names())
+    from fxcompress.backends.tvm import meta_schedule_usable
+
+    if meta_schedule_usable()[0]:  # apache-tvm-ffi 0.1.14: tensorization works -> the convs run on tensor cores
+        assert src.count("wmma::mma_sync") >= 10
+    else:  # 0.1.15 (Tensorize would segfault): dlight's SIMT matmul, no tensor-core instruction at all
+        assert "wmma" not in src and "mma.sync" not in src
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="needs nvcc to build CUDA code")
+def test_cuda_build_weight_only_fp16_conv():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(64, 128, 3, 1, 1)
+    model = nn.Sequential(QuantConv2d.from_conv(conv, QuantSpec(8, True, "per_channel", None)), nn.ReLU()).eval()
+    x = torch.randn(1, 64, 16, 16)
+    b = build_tvm(fxc.capture(model, (x,)), (x,), target="cuda", dtype=torch.float16)
+    assert b.info["convs"][0]["path"] == "weight_only_int8"
+    (k,) = {k.removesuffix("_1") for k in b.kernel_names() if "conv2d_dequant" in k}  # decode fused into the conv
+    src = b.device_source()
+    sig = src[src.index(f" {k}("):].split(")")[0]
+    assert "signed char* __restrict__" in sig and "half* __restrict__" in sig, sig
 
 
 # ---------------------------------------------------------------------------------------------------------- GPU
