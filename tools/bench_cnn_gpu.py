@@ -170,6 +170,9 @@ class Bench:
         convs = r.info.get("convs", [])
         paths = sorted({c["path"] for c in convs})
         note = f"build {build_s:.0f} s; {len(convs)} convs: {', '.join(paths)}"
+        if not self.dry:
+            src = r.build.device_source() if getattr(r, "build", None) is not None else ""
+            note += "; wmma tensor cores" if "wmma" in src else "; NO tensor-core instruction (SIMT; see rules/conv_gemm.py)"
         return t, y, note
 
 

@@ -80,25 +80,17 @@ def weight_codes_int8(codes: np.ndarray, qmin: int, qmax: int) -> tuple[np.ndarr
     return c.reshape(c.shape[0], -1).astype(np.int8), off
 
 
-def _pad_im2col(te, tirx, x, g: ConvGeometry, pad_value):
+def _im2col(te, tirx, x, g: ConvGeometry, pad_value):
     """``pad`` and ``im2col`` blocks (``groups == 1``): col[n, oh, ow, k] with k = (c, r, s)."""
-    (ph, pw), (sh, sw), (dh, dw) = g.padding, g.stride, g.dilation
-    hp, wp = g.h + 2 * ph, g.w + 2 * pw
-    if ph or pw:
-        def pad_fn(n, c, i, j):
-            inside = tirx.all(i >= ph, i < g.h + ph, j >= pw, j < g.w + pw)
-            return tirx.if_then_else(inside, x[n, c, i - ph, j - pw], pad_value)
-
-        xp = te.compute((g.n, g.c, hp, wp), pad_fn, name="pad")
-    else:
-        xp = x
+    (sh, sw), (dh, dw) = g.stride, g.dilation
+    xp = _padded(te, tirx, x, g, pad_value)
     khw = g.kh * g.kw
 
     def col_fn(n, i, j, k):
         c, r, s = k // khw, (k % khw) // g.kw, k % g.kw
         return xp[n, c, i * sh + r * dh, j * sw + s * dw]
 
-    return xp, te.compute((g.n, g.oh, g.ow, g.k), col_fn, name="im2col")
+    return te.compute((g.n, g.oh, g.ow, g.k), col_fn, name="im2col")
 
 
 def _direct(te, tirx, xp_fn, wk, g: ConvGeometry, acc: str, name: str):
@@ -150,7 +142,7 @@ def dequant_conv2d_te(g: ConvGeometry, dtype: str, *, has_zero_point: bool, per_
         d = te.compute((g.o, g.k), deq, name="dequantize")
         zero = tirx.const(0, dtype)
         if g.groups == 1:
-            _, col = _pad_im2col(te, tirx, x, g, zero)
+            col = _im2col(te, tirx, x, g, zero)
             rk = te.reduce_axis((0, g.k), name="k")
             y = te.compute(g.out_shape, lambda n, o, i, j: te.sum(col[n, i, j, rk].astype(acc) * d[o, rk].astype(acc),
                                                                    axis=rk), name="conv_gemm")
@@ -198,7 +190,7 @@ def int8_conv2d_te(g: ConvGeometry, dtype: str, *, zp8: int, per_channel: bool, 
         bias = rest[0] if has_bias else None
         pad = tirx.const(zp8, "int8")
         if g.groups == 1:
-            _, col = _pad_im2col(te, tirx, x, g, pad)
+            col = _im2col(te, tirx, x, g, pad)
             wk = w
             if mma == "float16":
                 col = te.compute(col.shape, lambda *i: col[i].astype("float16"), name="act_f16")
