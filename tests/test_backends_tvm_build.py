@@ -85,7 +85,7 @@ def test_fractional_zero_point_exact(bits, gran, gs):
     np.testing.assert_allclose(r(x).double().numpy(), ref, atol=2e-5, rtol=1e-5)
 
 
-def test_digits_resnet_conv_dequantized_parity():
+def test_digits_resnet_int8_conv_parity():
     from fxcompress.models import load_digits_split, pretrained_digits_resnet
 
     model = pretrained_digits_resnet()
@@ -96,7 +96,8 @@ def test_digits_resnet_conv_dequantized_parity():
     rep = check_parity(q, r, (x,))
     assert rep.ok(atol=1e-4, rtol=1e-4), rep
     assert torch.equal(r(x).argmax(-1), q(x).argmax(-1))
-    assert len(r.info["layers"]) == 1  # the fc head is packed; the convolutions are dequantized float convs
+    assert len(r.info["layers"]) == 1  # the fc head is a packed linear
+    assert {c["path"] for c in r.info["convs"]} == {"weight_only_int8"}  # the convs read int8 codes (test_tvm_conv.py)
 
 
 def test_export_library_load_roundtrip(block4, tmp_path):

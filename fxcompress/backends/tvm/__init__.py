@@ -7,7 +7,8 @@ One concern per module (the package only re-exports):
 * :mod:`.importer` -- ``lower_to_relax``: torch.export + Relax import with packed-linear stand-ins;
 * :mod:`.packing` -- codes -> uint32 words (``pack_words``, ``pack_mma_words``);
 * :mod:`.emit` -- one quantized linear as a fused decode+matmul PrimFunc or a hand-written kernel;
-* :mod:`.kernels` -- the hand-scheduled CUDA kernels (CUDA-core GEMV, tensor-core mma);
+* :mod:`.emit_conv` -- integer convolutions (int8 weight constants; int8 x int8 after activation quantization);
+* :mod:`.kernels` -- the hand-scheduled CUDA kernels (CUDA-core GEMV, tensor-core mma) and the conv TE computes;
 * :mod:`.transforms` -- fxcompress's Relax passes and the fusion sequence;
 * :mod:`.rules` -- dlight schedule rules (small-batch GEMV, tuned GEMV);
 * :mod:`.meta_schedule` -- MetaSchedule tuning with a reusable records database;

@@ -60,6 +60,7 @@ from .importer import lower_to_relax
 from ...runtime.native_logs import drop_native_stderr
 from .meta_schedule import tune_meta_schedule
 from .rules import dlight_pass
+from .rules.conv_gemm import conv_gemm_pass
 from .transforms import fuse_passes
 
 __all__ = ["build_tvm", "compile_tvm", "TVMBuild"]
@@ -88,6 +89,7 @@ def _schedule(mod, target, tune: str, trials: int, work_dir, config: TVMBuildCon
                                         cost_model=config.ms_cost_model)
     if target.kind.name == "cuda" and tune in ("dlight", "meta_schedule"):
         with target:
+            mod = conv_gemm_pass()(mod)  # integer convs first (implicit GEMM); dlight skips what is scheduled
             mod = dlight_pass(target, config)(mod)
     elif target.kind.name == "cuda":  # tune="none": still needs thread bindings to run on a GPU
         from tvm.s_tir import dlight as dl

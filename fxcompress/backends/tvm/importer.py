@@ -2,11 +2,13 @@
 
 A deep copy of the model is made in which every ``QuantLinear`` becomes a stub that calls the opaque custom op
 ``fxc_tvm::quant_linear(x, site, out_features)`` (a ``torch.library`` op with a fake implementation, so
-``torch.export`` keeps it as one node), and every ``QuantConv2d`` becomes a float ``conv2d`` whose weight is the
-dequantized integer weight (**convolutions are dequantized to a constant float weight at import**: only linears
-keep packed integer weights).  The float parts go through ``torch.export`` and
-``tvm.relax.frontend.torch.from_exported_program``; the custom op is converted by a ``custom_convert_map`` entry
-(TVM 0.27 signature ``fn(node, importer) -> relax.Var``) that emits the packed linear (:mod:`.emit`).
+``torch.export`` keeps it as one node), every ``QuantConv2d`` a stub calling ``fxc_tvm::int_conv2d(x, site)``, and
+(in a GraphModule) every ``torch.fake_quantize_per_tensor_affine`` node (the activation quantizers of
+:func:`fxcompress.passes.activations.quantize_activations`) the op ``fxc_tvm::act_fake_quant``.  The float parts go
+through ``torch.export`` and ``tvm.relax.frontend.torch.from_exported_program``; the custom ops are converted by
+``custom_convert_map`` entries (TVM 0.27 signature ``fn(node, importer) -> relax.Var``) that emit the packed linear
+(:mod:`.emit`), the integer convolution and the activation quantizer (:mod:`.emit_conv`): **convolution weights
+stay int8 constants**; a conv whose input is a quantized activation runs int8 x int8 -> int32.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from ...passes.program import materialize_quant_modules
 from .base import TVMBackendError, require_tvm
 from .config import TVMBuildConfig
 from .emit import DEFAULT_CONFIG, LayerInfo, emit_quant_linear
+from .emit_conv import emit_act_quant, emit_quant_conv
 
 __all__ = ["lower_to_relax"]
 
@@ -54,16 +57,62 @@ class _QuantLinearStub(nn.Module):
         return torch.ops.fxc_tvm.quant_linear(x, self.site, self.out_features)
 
 
-class _ConvStandIn(nn.Module):
-    def __init__(self, q: QuantConv2d):
+_ACTIVE_CONV: dict[int, QuantConv2d] = {}
+
+
+@torch.library.custom_op("fxc_tvm::int_conv2d", mutates_args=())
+def _int_conv2d_op(x: torch.Tensor, site: int) -> torch.Tensor:
+    mod = _ACTIVE_CONV.get(site)
+    if mod is None:
+        raise RuntimeError(f"fxc_tvm::int_conv2d site {site} is not registered (only used during lowering)")
+    return mod(x).clone()
+
+
+@_int_conv2d_op.register_fake
+def _(x, site):
+    q = _ACTIVE_CONV[site]
+    return F.conv2d(x, x.new_empty(tuple(q.weight_shape)), None, q.stride, q.padding, q.dilation, q.groups)
+
+
+@torch.library.custom_op("fxc_tvm::act_fake_quant", mutates_args=())
+def _act_fake_quant_op(x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int) -> torch.Tensor:
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+
+
+@_act_fake_quant_op.register_fake
+def _(x, scale, zero_point, qmin, qmax):
+    return torch.empty_like(x)
+
+
+_CONV_OP, _ACT_OP = "int_conv2d.default", "act_fake_quant.default"
+_FAKE_QUANT_TARGETS = (torch.fake_quantize_per_tensor_affine, torch.ops.aten.fake_quantize_per_tensor_affine.default)
+
+
+class _QuantConvStub(nn.Module):
+    def __init__(self, site: int):
         super().__init__()
-        self.weight = nn.Parameter(q.dequantized_weight(torch.float32), requires_grad=False)
-        self.bias = None if q.bias is None else nn.Parameter(q.bias.detach().float().clone(), requires_grad=False)
-        self.stride, self.padding, self.dilation, self.groups = q.stride, q.padding, q.dilation, q.groups
+        self.site = site
 
     def forward(self, x):
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        return F.conv2d(x, self.weight.to(x.dtype), b, self.stride, self.padding, self.dilation, self.groups)
+        return torch.ops.fxc_tvm.int_conv2d(x, self.site)
+
+
+def _mark_act_quant(m: nn.Module) -> None:
+    """In a GraphModule, per-tensor fake-quant nodes (static scale / zero point) -> ``fxc_tvm::act_fake_quant``, so
+    they reach the converter as one op (torch.export would decompose them) and integer convs can read their codes."""
+    import torch.fx as fx
+
+    if not isinstance(m, fx.GraphModule):
+        return
+    changed = False
+    for n in m.graph.nodes:
+        if n.op == "call_function" and n.target in _FAKE_QUANT_TARGETS and len(n.args) == 5 and not n.kwargs \
+                and all(isinstance(a, (int, float)) for a in n.args[1:]):
+            n.target = torch.ops.fxc_tvm.act_fake_quant
+            n.args = (n.args[0], float(n.args[1]), int(n.args[2]), int(n.args[3]), int(n.args[4]))
+            changed = True
+    if changed:
+        m.recompile()
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -125,19 +174,23 @@ def _as_tuple(example_inputs) -> tuple:
 
 
 def _prepare(model: nn.Module, base_site: int):
-    """A copy of ``model`` with QuantLinear -> stub, QuantConv2d -> float conv.  Returns (copy, sites)."""
+    """A copy of ``model`` with QuantLinear / QuantConv2d -> stubs, fake-quant nodes -> ``act_fake_quant``.
+    Returns (copy, sites); a site maps to (module path, QuantLinear or QuantConv2d)."""
     m = copy.deepcopy(model).eval()
-    sites: dict[int, tuple[str, QuantLinear]] = {}
+    sites: dict[int, tuple[str, nn.Module]] = {}
     for name, mod in list(m.named_modules()):
         if isinstance(mod, QuantLinear):
             site = base_site + len(sites)
             sites[site] = (name, mod)
             _set_submodule(m, name, _QuantLinearStub(site, mod))
         elif isinstance(mod, QuantConv2d):
-            _set_submodule(m, name, _ConvStandIn(mod))
+            site = base_site + len(sites)
+            sites[site] = (name, mod)
+            _set_submodule(m, name, _QuantConvStub(site))
         elif hasattr(type(mod), "quant_weight") or "qweight" in getattr(mod, "_buffers", {}):
             raise TVMBackendError(f"layer {name!r} ({type(mod).__name__}) holds an integer weight but the TVM "
                                   "backend only lowers QuantLinear and QuantConv2d; convert it first (e.g. convert_l4q)")
+    _mark_act_quant(m)
     return m, sites
 
 
@@ -165,8 +218,10 @@ def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | Non
     if dtype is not None:
         m = m.to(dtype)  # (QuantLinear casts its dequantized weight to x.dtype itself)
     layers: list[LayerInfo] = []
+    convs: list = []
+    acts: dict[str, object] = {}  # exported fake-quant node name -> ActQuant (its int8 codes)
     for s, (_, q) in sites.items():
-        _ACTIVE[s] = q
+        (_ACTIVE_CONV if isinstance(q, QuantConv2d) else _ACTIVE)[s] = q
     try:
         try:
             ep = torch.export.export(m, args)
@@ -182,8 +237,24 @@ def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | Non
             layers.append(info)
             return y
 
+        def convert_conv(node, importer):
+            src = node.args[0]
+            name, q = sites[int(node.args[1])]
+            y, info = emit_quant_conv(importer.block_builder, importer.env[src], q, name, acts.get(src.name), cuda)
+            convs.append(info)
+            return y
+
+        def convert_act(node, importer):
+            scale, zp, qmin, qmax = node.args[1:5]
+            xf, act = emit_act_quant(importer.block_builder, importer.env[node.args[0]], float(scale), int(zp),
+                                     int(qmin), int(qmax), node.name)
+            acts[node.name] = act
+            return xf
+
         try:
-            mod = from_exported_program(ep, custom_convert_map={_OP_NAME: convert, "addmm.default": _convert_addmm,
+            mod = from_exported_program(ep, custom_convert_map={_OP_NAME: convert, _CONV_OP: convert_conv,
+                                                                  _ACT_OP: convert_act,
+                                                                  "addmm.default": _convert_addmm,
                                                                   "cumsum.default": _convert_cumsum})
         except AssertionError as e:
             msg = str(e)
@@ -197,6 +268,7 @@ def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | Non
     finally:
         for s in sites:
             _ACTIVE.pop(s, None)
+            _ACTIVE_CONV.pop(s, None)
     in_names = [s.arg.name for s in ep.graph_signature.input_specs
                 if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
     n_out = len([s for s in ep.graph_signature.output_specs
@@ -206,5 +278,6 @@ def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | Non
                    for n, a in zip(in_names, args)],
         "outputs": [f"output_{i}" for i in range(n_out)],
         "layers": [vars(layer) for layer in layers],
+        "convs": [vars(c) for c in convs],
     }
     return mod, info
