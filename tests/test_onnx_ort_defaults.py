@@ -22,6 +22,15 @@ CASES = {
 }
 
 
+def _off_grid(qm):
+    """Move each learned zero point by up to +-0.4 code (``offset = -scale * zp``), as L4Q training does."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for mod in qm.modules():
+            if getattr(mod, "offset", None) is not None:
+                mod.offset.add_(-mod.scale * (torch.rand(mod.offset.shape, generator=g) - 0.5) * 0.8)
+
+
 @pytest.fixture(scope="module")
 def block():
     torch.manual_seed(0)
@@ -34,10 +43,7 @@ def block():
 def l4q(block):
     m, _, x = block
     qm = fxc.prepare_l4q(m, (x,), fxc.L4QConfig(bits=4, group_size=32, lora_rank=4, lora_alpha=8.0))
-    with torch.no_grad():  # move the learned offsets off the integer grid, as training does
-        for name, p in qm.named_parameters():
-            if "offset" in name or "zero" in name or "lora_b" in name.lower():
-                p.add_(0.05 * torch.randn_like(p))
+    _off_grid(qm)
     dm = fxc.convert_l4q(qm).eval()
     assert not dm.get_submodule("q_proj").quant_weight.zero_point_is_integer
     return dm
@@ -119,10 +125,7 @@ def test_compile_lm_ort_default_is_fused_at_level_4(tmp_path):
     m = tiny_causal_lm(seed=0, vocab_size=128, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2)
     ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
     qm = fxc.prepare_l4q(m, (ids,), fxc.L4QConfig(bits=4, group_size=32, exclude=("lm_head",)))
-    with torch.no_grad():
-        for name, p in qm.named_parameters():
-            if "offset" in name or "zero" in name:
-                p.add_(0.05 * torch.randn_like(p))
+    _off_grid(qm)
     dm = fxc.convert_l4q(qm)
     lm = compile_lm(dm, "ort", max_seq_len=32, prefill_chunk=8)
     lm.save(tmp_path / "lm")
