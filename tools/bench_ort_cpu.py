@@ -47,6 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from toymodels import DecoderBlock  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+BLOCK_WEIGHTS = ("int8 per-channel sym", "int4 g128 asym", "int4 g32 sym", "int3 g128 sym", "int2 g128 asym",
+                 "L4Q int4 g128 (fractional zp)")
+BLOCK_KEYS = {"int8": "int8 per-channel sym", "int4": "int4 g128 asym", "int4g32": "int4 g32 sym",
+              "int3": "int3 g128 sym", "int2": "int2 g128 asym", "l4q": "L4Q int4 g128 (fractional zp)"}
 ROWS = RESULTS / "logs" / "ort_cpu_rows.json"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
            "The three primary colors are"]
@@ -138,7 +142,7 @@ def timed(fn, inputs, repeats: int, min_time: float, flush=None) -> tuple[float,
 def l4q_converted(blk, ex, group_size: int, steps: int = 3):
     """L4Q on the block: prepare, a few Adam steps (the learned offsets leave the integer grid), convert."""
     qm = fxc.prepare_l4q(blk, (ex,), fxc.L4QConfig(bits=4, group_size=group_size, lora_rank=8, lora_alpha=16.0))
-    opt = torch.optim.Adam(fxc.l4q_param_groups(qm, 2e-3, 1e-3))
+    opt = torch.optim.Adam(fxc.l4q_param_groups(qm, 2e-3, 1e-5))
     with torch.no_grad():
         target = blk(ex)
     for _ in range(steps):
@@ -161,29 +165,33 @@ def block_rows(args, tmp: Path) -> list[dict]:
     ex = torch.randn(1, 8, d)
     gm = fxc.capture(blk, (ex,))
     dyn = {"input_names": ["x"], "dynamic_axes": {"x": {0: "batch", 1: "seq"}, "output": {0: "batch", 1: "seq"}}}
-    t0 = time.time()
-    models = {
-        "int8 per-channel sym": fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8, symmetric=True, granularity="per_channel")),
-        "int4 g128 asym": fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group",
-                                                             group_size=128)),
-        "int4 g32 sym": fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=True, granularity="per_group",
-                                                           group_size=32)),
-        "int3 g128 sym": fxc.quantize_rtn(gm, fxc.RTNConfig(bits=3, symmetric=True, granularity="per_group",
-                                                            group_size=128)),
-        "int2 g128 asym": fxc.quantize_rtn(gm, fxc.RTNConfig(bits=2, symmetric=False, granularity="per_group",
-                                                             group_size=128)),
-        "L4Q int4 g128 (fractional zp)": l4q_converted(blk, ex, 128),
+    rtn = {
+        "int8 per-channel sym": dict(bits=8, symmetric=True, granularity="per_channel"),
+        "int4 g128 asym": dict(bits=4, symmetric=False, granularity="per_group", group_size=128),
+        "int4 g32 sym": dict(bits=4, symmetric=True, granularity="per_group", group_size=32),
+        "int3 g128 sym": dict(bits=3, symmetric=True, granularity="per_group", group_size=128),
+        "int2 g128 asym": dict(bits=2, symmetric=False, granularity="per_group", group_size=128),
     }
-    print(f"quantized in {time.time() - t0:.0f} s", flush=True)
-    fp32 = export_onnx(blk, (ex,), tmp / "fp32.onnx", **dyn)
-    # (weights, variant label, how to make the file, whether it is export_onnx's default)
-    variants = [("fp32", "ORT fp32", lambda: fp32, False)]
+    models = {}
+    for w in BLOCK_WEIGHTS:
+        if w not in args.weights:
+            continue
+        t0 = time.time()
+        models[w] = (l4q_converted(blk, ex, 128) if w.startswith("L4Q")
+                     else fxc.quantize_rtn(gm, fxc.RTNConfig(**rtn[w])))
+        print(f"{w}: quantized in {time.time() - t0:.0f} s", flush=True)
     made: dict[str, Path] = {}
 
     def once(key, fn):
         if key not in made:
             made[key] = Path(fn())
         return made[key]
+
+    def fp32():
+        return once("fp32", lambda: export_onnx(blk, (ex,), tmp / "fp32.onnx", **dyn))
+
+    # (weights, variant label, how to make the file, whether it is export_onnx's default)
+    variants = [("fp32", "ORT fp32", fp32, False)] if args.fp32 else []
 
     for w, q in models.items():
         base = str(tmp / w.split()[0]) + "_" + w.split()[1]
@@ -204,7 +212,7 @@ def block_rows(args, tmp: Path) -> list[dict]:
             variants.append((w, "QDQ, ORT-fused, session acc 0 (old runner default)", (0, qdq), False))
             variants.append((w, "QDQ, ORT-fused, session acc 4 (ORT default)", (None, qdq), False))
             variants.append(("int8 per-channel (ORT quantize_dynamic)", "MatMulInteger (dynamic int8 activations)",
-                             lambda: once("mmi", lambda: matmulinteger_file(fp32, tmp / "mmi.onnx")), False))
+                             lambda: once("mmi", lambda: matmulinteger_file(fp32(), tmp / "mmi.onnx")), False))
         if w == "int4 g128 asym":
             variants.append((w, "QDQ, ORT-fused, session acc 4 (ORT default)", (None, qdq), False))
         if w == "L4Q int4 g128 (fractional zp)":
@@ -216,12 +224,15 @@ def block_rows(args, tmp: Path) -> list[dict]:
         x = torch.randn(1, tokens, d, generator=torch.Generator().manual_seed(tokens))
         with torch.no_grad():
             ref = blk(x)
-            hot = timed(blk, (x,), args.repeats, args.min_time)
-            cold = timed(blk, (x,), args.repeats, args.min_time, flush)
+            if args.fp32:
+                hot = timed(blk, (x,), args.repeats, args.min_time)
+                cold = timed(blk, (x,), args.repeats, args.min_time, flush)
         label = f"DecoderBlock d{d} ffn{ffn} t{tokens}"
-        rows.append(dict(part="block", label=label, weights="fp32", variant="torch eager fp32", default=False,
-                         bytes=None, hot=hot, cold=cold, max_err=None, mean_err=None, kern_err=None, kernels="-"))
-        print(f"{label}  torch eager fp32  cold {cold[0]:.3f} ms [{cold[1]:.3f}-{cold[2]:.3f}]  hot {hot[0]:.3f}",
+        if args.fp32:
+            rows.append(dict(part="block", label=label, weights="fp32", variant="torch eager fp32", default=False,
+                             bytes=None, hot=hot, cold=cold, max_err=None, mean_err=None, kern_err=None, kernels="-"))
+            store([rows[-1]])
+            print(f"{label}  torch eager fp32  cold {cold[0]:.3f} ms [{cold[1]:.3f}-{cold[2]:.3f}]  hot {hot[0]:.3f}",
               flush=True)
         for w, name, make, is_default in variants:
             level = None  # the runner's default session (ORT's own level for fused QDQ)
@@ -240,6 +251,7 @@ def block_rows(args, tmp: Path) -> list[dict]:
                        max_err=float((y - ref).abs().max()), mean_err=float((y - ref).abs().mean()),
                        kern_err=float((y - qref).abs().max()), kernels=kernels(r.optimized_op_types()))
             rows.append(row)
+            store([row])
             print(f"{label}  {w:<30} {name:<48} cold {cold[0]:9.3f} ms [{cold[1]:.3f}-{cold[2]:.3f}] hot "
                   f"{hot[0]:9.3f}  err {row['max_err']:.1e} "
                   f"/ {row['mean_err']:.1e}  kern {row['kern_err']:.1e}  {row['kernels']}", flush=True)
@@ -276,7 +288,6 @@ def lm_rows(args, tmp: Path) -> list[dict]:
         ref_tokens = [greedy_torch(model, p) for p in prompts]
         ref_logits = [model(p) for p in prompts]
     ex = prompts[0]
-    gm = fxc.capture(model, (ex,))
     dyn = {"input_names": ["input_ids"], "dynamic_axes": {"input_ids": {1: "seq"}, "output": {1: "seq"}},
            "dynamic_batch": False}
     rows = []
@@ -285,10 +296,10 @@ def lm_rows(args, tmp: Path) -> list[dict]:
         if fmt == "fp32":
             q = model
         elif fmt == "int8":
-            q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8, symmetric=True, granularity="per_channel",
+            q = fxc.quantize_rtn(fxc.capture(model, (ex,)), fxc.RTNConfig(bits=8, symmetric=True, granularity="per_channel",
                                                    exclude=("lm_head",)))
         elif fmt == "int4":
-            q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=128,
+            q = fxc.quantize_rtn(fxc.capture(model, (ex,)), fxc.RTNConfig(bits=4, symmetric=False, granularity="per_group", group_size=128,
                                                    exclude=("lm_head",)))
         else:  # l4q: prepared + converted without training, offsets moved off the grid by <= 0.4 code
             qm = fxc.prepare_l4q(model, (ex,), fxc.L4QConfig(bits=4, group_size=128, exclude=("lm_head",)))
@@ -326,6 +337,7 @@ def lm_rows(args, tmp: Path) -> list[dict]:
                        max_err=float(d32.max()), mean_err=float(d32.mean()), kern_err=float(dq.max()),
                        kern_mean=float(dq.mean()), text=tok.decode(toks[0].tolist()))
             rows.append(row)
+            store([row])
             print(f"SmolLM2 {fmt:<5} {name:<26} agree fp32 {a32:.3f} (prefix {p32:.1f}) vs torch-same-weights "
                   f"{aq:.3f} (prefix {pq:.1f})  logits err {row['max_err']:.2e}/{row['mean_err']:.2e}, kernel "
                   f"{row['kern_err']:.2e}  | {row['text']!r}", flush=True)
@@ -364,6 +376,7 @@ def cnn_rows(args, tmp: Path) -> list[dict]:
                                  default=True, bytes=path.stat().st_size, hot=hot, cold=cold,
                                  max_err=float((y - ref).abs().max()), mean_err=float((y - ref).abs().mean()),
                                  kern_err=float((y - q(xb)).abs().max()), kernels=kernels(r.optimized_op_types())))
+                store([rows[-1]])
                 print(f"{label} b{bs} {w:<18} cold {cold[0]:9.3f} ms [{cold[1]:.3f}-{cold[2]:.3f}] hot {hot[0]:9.3f}  "
                       f"{rows[-1]['kernels']}", flush=True)
     return rows
@@ -373,15 +386,24 @@ def cnn_rows(args, tmp: Path) -> list[dict]:
 # the table
 
 
-def merge(rows: list[dict], meta: dict) -> list[dict]:
+_STORE = {"out": None, "meta": None}
+
+
+def store(rows: list[dict]) -> None:
+    """Merge ``rows`` into the stored rows and rewrite the table (after every row: a run cut short keeps its
+    rows).  No-op with --quick."""
+    if _STORE["out"] is None:
+        return
     stored = json.loads(ROWS.read_text()) if ROWS.exists() else {"rows": [], "runs": []}
     keys = {(r["part"], r["label"], r["weights"], r["variant"]) for r in rows}
     stored["rows"] = [r for r in stored["rows"] if (r["part"], r["label"], r["weights"], r["variant"]) not in keys]
     stored["rows"] += rows
-    stored["runs"].append(meta)
+    if _STORE["meta"] is not None:
+        stored["runs"].append(_STORE["meta"])
+        _STORE["meta"] = None
     ROWS.parent.mkdir(parents=True, exist_ok=True)
     ROWS.write_text(json.dumps(stored, indent=1))
-    return stored
+    write_table(stored, _STORE["out"])
 
 
 def _e(v, fmt=".1e"):
@@ -407,9 +429,9 @@ def write_table(stored: dict, out: Path) -> None:
         "Runs that produced these rows (`tools/bench_ort_cpu.py`, rows of later runs replace earlier ones):",
         "",
     ]
-    for m in runs[-8:]:
-        lines.append(f"- `{m['cmd']}` ({m['date']}, {m['threads']} threads, {m['repeats']} repeats, load average "
-                     f"{m['load0']:.1f} -> {m['load1']:.1f})")
+    for m in runs[-12:]:
+        lines.append(f"- `{m['cmd']}` ({m['date']}, {m['threads']} threads, {m['repeats']} repeats, 1-min load "
+                     f"average {m['load']:.1f} at start)")
     lines += ["", "**default** = what `export_onnx(model, ...)` / `compile_lm(model, backend=\"ort\")` write with no "
               "`weight_format` / `accuracy_level`: `MatMulNBits` for every linear, `accuracy_level=4` (int8 "
               "activations inside the kernel).  `acc 0` = fp32 compute (bit-level parity with torch).  "
@@ -460,13 +482,15 @@ def write_table(stored: dict, out: Path) -> None:
     if notes.exists():
         lines += [notes.read_text()]
     out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", nargs="+", default=["block"], choices=["block", "lm", "cnn"])
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 128], help="block: tokens per call")
+    ap.add_argument("--weights", nargs="+", default=list(BLOCK_KEYS), choices=list(BLOCK_KEYS),
+                    help="block: which integer formats (each with its variants)")
+    ap.add_argument("--no-fp32", dest="fp32", action="store_false", help="block: skip the fp32 reference rows")
     ap.add_argument("--lm-formats", nargs="+", default=["fp32", "int8", "int4", "l4q"],
                     choices=["fp32", "int8", "int4", "l4q"])
     ap.add_argument("--quick", action="store_true", help="1024-wide block, short timing, results not stored")
@@ -478,17 +502,18 @@ def main(argv=None):
     if args.repeats < 1:
         ap.error("--repeats must be >= 1")
     args.min_time = args.min_time if args.min_time is not None else (0.2 if args.quick else 1.0)
-    load0 = os.getloadavg()[0]
+    args.weights = [BLOCK_KEYS[w] for w in args.weights]
+    if not args.quick:
+        cmd = "/work/venv/bin/python tools/bench_ort_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        _STORE["out"] = Path(args.out)
+        _STORE["meta"] = dict(cmd=cmd.strip(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                              threads=args.threads, repeats=args.repeats, load=os.getloadavg()[0])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for part in args.part:
             rows += {"block": block_rows, "lm": lm_rows, "cnn": cnn_rows}[part](args, Path(tmp))
-    if args.quick:
-        return rows
-    cmd = "/work/venv/bin/python tools/bench_ort_cpu.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    meta = dict(cmd=cmd.strip(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), threads=args.threads,
-                repeats=args.repeats, load0=load0, load1=os.getloadavg()[0])
-    write_table(merge(rows, meta), Path(args.out))
+    if _STORE["out"] is not None:
+        print(f"wrote {args.out}")
     return rows
 
 
