@@ -90,6 +90,7 @@ def matmulinteger_file(fp32: Path, dst: Path) -> Path:
 
 def kernels(ops) -> str:
     keep = ("MatMulNBits", "DequantizeLinear", "MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "FusedMatMul",
+            "MatMulIntegerToFloat", "DynamicQuantizeLinear",
             "Gemm", "Conv", "FusedConv", "QLinearConv")
     return ", ".join(f"{k}x{v}" for k, v in sorted(ops.items()) if k in keep)
 
