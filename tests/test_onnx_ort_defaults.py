@@ -136,3 +136,31 @@ def test_compile_lm_ort_default_is_fused_at_level_4(tmp_path):
     assert ops["MatMulNBits"] == len(written) and ops["DequantizeLinear"] == 0
     out = lm.generate(ids, max_new_tokens=4)
     assert out.shape == (1, 12)
+
+
+class _SharedFractional(torch.nn.Module):
+    """One layer with fractional zero points applied twice: the correction's intermediate names stay unique."""
+
+    def __init__(self):
+        super().__init__()
+        from fxcompress.nn import QuantLinear
+        from fxcompress.quant import QuantSpec, QuantWeight
+
+        g = torch.Generator().manual_seed(0)
+        spec = QuantSpec(4, False, "per_group", 16)
+        codes = torch.randint(0, 16, (32, 32), generator=g)
+        self.fc = QuantLinear(QuantWeight.from_codes(codes, torch.rand(32, 2, generator=g) * 0.05 + 0.01,
+                                                     torch.rand(32, 2, generator=g) * 15, spec), None)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(x)))
+
+
+def test_fractional_layer_called_twice(tmp_path):
+    m = _SharedFractional().eval()
+    x = torch.randn(3, 32)
+    path = export_onnx(m, (x,), tmp_path / "s.onnx", accuracy_level=0)
+    assert len(_nodes(path)) == 2 and len(layer_formats(path)) == 1
+    inits = [t.name for t in onnx.load(str(path)).graph.initializer]
+    assert inits.count("fc.qweight") == 1 and inits.count("fc.zp_correction") == 1
+    assert check_parity(m, load_ort(path), (x,)).ok(atol=1e-4)
