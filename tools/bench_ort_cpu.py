@@ -54,6 +54,7 @@ BLOCK_KEYS = {"int8": "int8 per-channel sym", "int4": "int4 g128 asym", "int4g32
 ROWS = RESULTS / "logs" / "ort_cpu_rows.json"
 LM_PROMPTS = ["The capital of France is", "Once upon a time, in a small village,"]
 LM_NEW = 32
+LM_WEIGHTS = {"fp32": "fp32", "int8": "int8 per-channel sym", "int4": "int4 g64 asym", "l4q": "L4Q int4 g64"}
 LM_REF = RESULTS / "logs" / "ort_cpu_lm_ref.json"
 
 
@@ -307,10 +308,10 @@ def lm_rows(args, tmp: Path) -> list[dict]:
             q = model
         elif fmt in ("int8", "int4"):
             cfg = (dict(bits=8, symmetric=True, granularity="per_channel") if fmt == "int8" else
-                   dict(bits=4, symmetric=False, granularity="per_group", group_size=128))
+                   dict(bits=4, symmetric=False, granularity="per_group", group_size=64))  # 64 divides 576
             q = fxc.quantize_rtn(fxc.capture(model, (ex,)), fxc.RTNConfig(**cfg, exclude=("lm_head",)))
         else:  # l4q: prepared + converted without training, offsets moved off the grid by <= 0.4 code
-            qm = fxc.prepare_l4q(model, (ex,), fxc.L4QConfig(bits=4, group_size=128, exclude=("lm_head",)))
+            qm = fxc.prepare_l4q(model, (ex,), fxc.L4QConfig(bits=4, group_size=64, exclude=("lm_head",)))
             g = torch.Generator().manual_seed(0)
             with torch.no_grad():  # offset = -scale * zero_point: move each zero point by up to +-0.4 code
                 for mod in qm.modules():
@@ -333,7 +334,7 @@ def lm_rows(args, tmp: Path) -> list[dict]:
             d32 = torch.cat([(lo - lr).abs().flatten() for lo, lr in zip(logits, ref_logits)])
             dq = torch.cat([(lo - lr).abs().flatten() for lo, lr in zip(logits, q_logits)])
             name = "ORT fp32" if fmt == "fp32" else f"MatMulNBits, acc {level}" + (" (default)" if level == 4 else "")
-            row = dict(part="lm", label="SmolLM2-135M", weights=fmt, variant=name, default=level == 4,
+            row = dict(part="lm", label="SmolLM2-135M", weights=LM_WEIGHTS[fmt], variant=name, default=level == 4,
                        bytes=p_level.stat().st_size, agree_fp32=a32, prefix_fp32=p32, agree_q=aq, prefix_q=pq,
                        max_err=float(d32.max()), mean_err=float(d32.mean()), kern_err=float(dq.max()),
                        kern_mean=float(dq.mean()), text=tok.decode(toks[0].tolist()))
