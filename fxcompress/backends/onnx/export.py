@@ -1,4 +1,4 @@
-"""Lower an integer-weight graph (QuantLinear / QuantConv2d) to ONNX with DequantizeLinear weights.
+"""Lower an integer-weight graph (QuantLinear / QuantConv2d) to ONNX: MatMulNBits linears, DequantizeLinear weights.
 
 How it works
 ------------
@@ -8,7 +8,7 @@ How it works
    the layer, so the rewritten graph never has to guess which initializer belongs to which layer.
    A linear stand-in computes ``MatMul(x, W^T) (+ bias)`` with ``W^T`` laid out ``[K, N]`` (in, out), the
    layout ONNX Runtime fuses into ``MatMulNBits``; a conv stand-in keeps ``[O, I, kh, kw]``.
-2. The ONNX graph is rewritten with the ``onnx`` package: each placeholder becomes integer
+2. The ONNX graph is rewritten with the ``onnx`` package.  The QDQ form (item 4): each placeholder becomes integer
    initializers feeding ``DequantizeLinear`` (opset >= 21 for int4 / blocked scales):
 
    ============  ==========================================  ====================================

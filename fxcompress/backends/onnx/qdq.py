@@ -58,10 +58,6 @@ def _zp_representable(qw: QuantWeight, dtype: int) -> bool:
     return bool(zp.min() >= lo and zp.max() <= hi)
 
 
-def _is_pow2(v: int) -> bool:
-    return v > 0 and (v & (v - 1)) == 0
-
-
 def matmulnbits_plan(site: _Site) -> tuple[int, int] | None:
     """``(container_bits, block_size)`` of the ``MatMulNBits`` node a linear lowers to, or None (QDQ form).
 
