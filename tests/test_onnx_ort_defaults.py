@@ -4,14 +4,13 @@ never accuracy level 0 for 8-bit weights (a dequantize-then-GEMM path ~20x slowe
 import onnx
 import pytest
 import torch
+from toymodels import DecoderBlock
 
 import fxcompress as fxc
 from fxcompress.backends.onnx import export_onnx, layer_formats
 from fxcompress.backends.onnx.base import default_accuracy_level
 from fxcompress.runtime.ort import load_ort
 from fxcompress.runtime.runner import check_parity
-
-from toymodels import DecoderBlock
 
 CASES = {
     "int8-per-channel": dict(bits=8, symmetric=True, granularity="per_channel"),

@@ -41,7 +41,6 @@ import torch
 import fxcompress as fxc
 from fxcompress.backends.onnx import export_onnx
 from fxcompress.runtime.ort import load_ort
-from fxcompress.runtime.runner import benchmark
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from toymodels import DecoderBlock  # noqa: E402
