@@ -300,9 +300,7 @@ def lm_rows(args, tmp: Path) -> list[dict]:
         pre = statistics.mean(next((i for i in range(LM_NEW) if a[i] != b[i]), LM_NEW) for a, b in zip(a_list, b_list))
         return pos, pre
 
-    rows = []
-    for fmt in args.lm_formats:
-        t0 = time.time()
+    def quantized(fmt):
         if fmt == "fp32":
             q = model
         elif fmt in ("int8", "int4"):
@@ -317,7 +315,20 @@ def lm_rows(args, tmp: Path) -> list[dict]:
                     if getattr(mod, "offset", None) is not None:
                         mod.offset.add_(-mod.scale * (torch.rand(mod.offset.shape, generator=g) - 0.5) * 0.8)
             q = fxc.convert_l4q(qm).eval()
-        path = export_onnx(q, (ex,), tmp / f"lm_{fmt}.onnx", **dyn)
+        return q
+
+    rows = []
+    for fmt in args.lm_formats:
+        t0 = time.time()
+        q = quantized(fmt)
+        cached = Path(args.lm_cache) / f"lm_{fmt}.onnx" if args.lm_cache else None
+        if cached is not None and cached.exists():
+            path = cached
+        else:
+            path = export_onnx(q, (ex,), cached or tmp / f"lm_{fmt}.onnx", check=False, **dyn)
+            if args.lm_export_only:
+                print(f"{fmt}: exported to {path} in {time.time() - t0:.0f} s", flush=True)
+                continue
         print(f"{fmt}: quantized + exported in {time.time() - t0:.0f} s", flush=True)
         with torch.no_grad():
             q_logits = [q(p) for p in prompts] if fmt != "fp32" else ref_logits
@@ -497,6 +508,9 @@ def main(argv=None):
     ap.add_argument("--no-fp32", dest="fp32", action="store_false", help="block: skip the fp32 reference rows")
     ap.add_argument("--lm-formats", nargs="+", default=["fp32", "int8", "int4", "l4q"],
                     choices=["fp32", "int8", "int4", "l4q"])
+    ap.add_argument("--lm-cache", default=None, help="lm: keep / reuse the exported SmolLM2 ONNX files in this folder")
+    ap.add_argument("--lm-export-only", action="store_true", help="lm: export into --lm-cache and stop (a slow "
+                    "machine can then evaluate in a second run)")
     ap.add_argument("--quick", action="store_true", help="1024-wide block, short timing, results not stored")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--repeats", type=int, default=3, help="independent medians per row (spread = their min-max)")
