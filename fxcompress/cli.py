@@ -446,7 +446,10 @@ def _add_export_args(p) -> None:
                         "stored in the artifact's manifest)")
     g = p.add_argument_group("ONNX (--format onnx)")
     g.add_argument("--opset", type=int, default=21)
-    g.add_argument("--weight-format", default="qdq", choices=["qdq", "matmulnbits"])
+    g.add_argument("--weight-format", default="matmulnbits", choices=["qdq", "matmulnbits"],
+                   help="matmulnbits (default): fused MatMulNBits for every linear it holds exactly, QDQ for the rest")
+    g.add_argument("--accuracy-level", type=int, default=None, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits compute: 4 (the default: int8 activations, fastest on CPU), 0 (fp32, exact)")
     g.add_argument("--static-batch", action="store_true", help="keep the batch dimension fixed")
     t = p.add_argument_group("TVM (--format tvm)")
     t.add_argument("--target", default="llvm", choices=["llvm", "cuda"])
@@ -489,12 +492,13 @@ def _cmd_export(args) -> int:
 
     inputs = tuple(torch.randn(*s) for s in shapes)
     path = export_onnx(gm, inputs, args.out, opset=args.opset, weight_format=args.weight_format,
-                       dynamic_batch=not args.static_batch)
+                       accuracy_level=args.accuracy_level, dynamic_batch=not args.static_batch)
     rep = check_parity(gm, load_runner(path, backend="ort"), inputs)
     print(f"wrote {path} ({path.stat().st_size} bytes, opset {args.opset}, {args.weight_format})")
     for row in layer_formats(path):
+        extra = (f" block={row['block_size']} acc={row['accuracy_level']}" if row["format"] == "MatMulNBits" else "")
         print(f"  {row['layer']:<32} {row['format']:<17} {row.get('container', ''):<6} bits={row['bits']} "
-              f"{row['granularity']} zp={row['zero_point']}")
+              f"{row['granularity']} zp={row['zero_point']}{extra}")
     print(rep)
     return 0
 

@@ -31,9 +31,12 @@ def test_bench_ort_dry_run_has_fused_decode_row(tmp_path):
     assert bench_ort_gpu.main(["--dry-run", "--out", str(out)]) == 0
     text = out.read_text()
     assert "DRY RUN" in text and "MatMulNBits nodes: int4 15, fused 9" in text  # 2 layers: 7 -> 4 each, + head
-    row = next(line for line in text.splitlines() if line.startswith("| CausalLM"))
-    errs = row.split(" | ")[12].split(" / ")
-    assert float(errs[1]) == pytest.approx(float(errs[2]), rel=1e-3, abs=1e-6)  # fused == plain int4 model
+    rows = {r.split(" | ")[1]: r.split(" | ") for r in text.splitlines() if r.startswith("| CausalLM")}
+    assert set(rows) == {"fp16", "int4", "int4 fused"}
+    assert float(rows["int4"][8]) == pytest.approx(float(rows["int4 fused"][8]), rel=1e-3, abs=1e-6)  # fused == plain
+    layers = {r.split(" | ")[1]: r.split(" | ") for r in text.splitlines() if r.startswith("| linear")}
+    assert set(layers) == {"fp16", "int4", "int8", "int8 qdq"}  # the int8 default (MatMulNBits 8-bit) beside QDQ
+    assert all(float(r[8]) < 2e-2 for r in layers.values())  # each format computes its own weight's product
 
 
 def test_bench_gemv_dry_run_peers_agree(tmp_path):

@@ -18,6 +18,12 @@ from fxcompress.runtime.runner import Runner, RunnerInputError, check_parity, lo
 from toymodels import DecoderBlock, same_state, state_copy
 
 TOL = 1e-4
+EXACT = {"accuracy_level": 0}  # MatMulNBits in fp32 compute: parity with torch to ~1e-6
+
+
+def _exact_ort(path, **kw):
+    """The runner with ORT's fused QDQ MatMulNBits in fp32 compute too (the defaults quantize activations)."""
+    return load_ort(path, matmulnbits_accuracy_level=0, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -58,10 +64,10 @@ def test_decoder_block_parity(block, tmp_path, case, cfg, fmt):
     gm, x = block
     q = fxc.quantize_rtn(gm, fxc.RTNConfig(**cfg))
     before = state_copy(q)
-    path = export_onnx(q, (x,), tmp_path / "m.onnx", opset=21, weight_format=fmt)
+    path = export_onnx(q, (x,), tmp_path / "m.onnx", opset=21, weight_format=fmt, **EXACT)
     assert same_state(q, before)  # export never changes the source module
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    runner = load_ort(path)
+    runner = _exact_ort(path)
     rep = check_parity(q, runner, (x,))
     assert rep.ok(atol=TOL), str(rep)
     # a different batch size runs (dynamic batch) and still matches
@@ -92,7 +98,7 @@ def test_file_size_tracks_bits(tmp_path):
     for bits in (8, 4):
         q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=bits, symmetric=True, granularity="per_group",
                                                 group_size=128))
-        p = export_onnx(q, (x,), tmp_path / f"m{bits}.onnx")
+        p = export_onnx(q, (x,), tmp_path / f"m{bits}.onnx", **EXACT)
         sizes[bits] = p.stat().st_size
         scales = 4 * n_weights // 128
         assert n_weights * bits / 8 + scales <= sizes[bits] <= 1.02 * (n_weights * bits / 8 + scales) + 4096
@@ -106,8 +112,8 @@ def test_digits_resnet_parity(digits, tmp_path, bits, sym):
     from fxcompress.models import accuracy
 
     q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=bits, symmetric=sym, granularity="per_channel"))
-    path = export_onnx(q, (xte[:4],), tmp_path / "digits.onnx")
-    runner = load_ort(path)
+    path = export_onnx(q, (xte[:4],), tmp_path / "digits.onnx", **EXACT)
+    runner = _exact_ort(path)
     rep = check_parity(q, runner, (xte[:64],))
     assert rep.ok(atol=TOL), str(rep)
     assert accuracy(runner, xte, yte) == accuracy(q, xte, yte)
@@ -141,11 +147,11 @@ def test_fractional_zero_point(tmp_path, fmt):
                       nn.ReLU(), _fractional_linear(32, 16, specs[2], 3)).eval()
     assert not m[0].quant_weight.zero_point_is_integer
     x = torch.randn(5, 64)
-    path = export_onnx(m, (x,), tmp_path / "frac.onnx", weight_format=fmt)
-    rep = check_parity(m, load_ort(path), (x,))
+    path = export_onnx(m, (x,), tmp_path / "frac.onnx", weight_format=fmt, **EXACT)
+    rep = check_parity(m, _exact_ort(path), (x,))
     assert rep.ok(atol=TOL), str(rep)
     zps = [r["zero_point"] for r in layer_formats(path)]
-    assert zps == (["float", "float_offset", "float_offset"] if fmt == "matmulnbits" else ["float_offset"] * 3)
+    assert zps == ["fractional_corrected" if fmt == "matmulnbits" else "float_offset"] * 3
 
 
 def test_fractional_zero_point_conv(tmp_path):
@@ -163,8 +169,8 @@ def test_fractional_zero_point_conv(tmp_path):
 def test_matmulnbits_fusion_detected(block, tmp_path):
     gm, x = block
     q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, symmetric=True, granularity="per_group", group_size=32))
-    path = export_onnx(q, (x,), tmp_path / "m.onnx")
-    runner = load_ort(path)
+    path = export_onnx(q, (x,), tmp_path / "m.onnx", weight_format="qdq")
+    runner = _exact_ort(path)
     written, optimized = runner.op_types(), runner.optimized_op_types()
     assert written["DequantizeLinear"] == 7 and written["MatMulNBits"] == 0
     assert optimized["MatMulNBits"] == 7 and optimized["DequantizeLinear"] == 0
@@ -179,9 +185,9 @@ def test_opset_below_21(block, tmp_path):
     with pytest.raises(ExportError, match=r"'q_proj'.*opset >= 21"):
         export_onnx(q4, (x,), tmp_path / "a.onnx", opset=20)
     # the documented opt-in: int8 containers for 4-bit codes work at opset 20
-    p = export_onnx(q4, (x,), tmp_path / "b.onnx", opset=20, low_bit_container="int8")
+    p = export_onnx(q4, (x,), tmp_path / "b.onnx", opset=20, low_bit_container="int8", weight_format="qdq")
     assert onnx.load(str(p)).opset_import[0].version == 20
-    assert check_parity(q4, load_ort(p), (x,)).ok(atol=TOL)
+    assert check_parity(q4, _exact_ort(p), (x,)).ok(atol=TOL)
     qg = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8, symmetric=True, granularity="per_group", group_size=32))
     with pytest.raises(ExportError, match="blocked DequantizeLinear"):
         export_onnx(qg, (x,), tmp_path / "c.onnx", opset=17)
@@ -240,7 +246,7 @@ def test_bad_inputs_rejected_before_ort(block, tmp_path):
 def test_load_dispatch_and_devices(block, tmp_path):
     gm, x = block
     q = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=8))
-    p = export_onnx(q, (x,), tmp_path / "m.onnx")
+    p = export_onnx(q, (x,), tmp_path / "m.onnx", **EXACT)
     r = load_runner(p, backend="ort", device="cpu")
     assert isinstance(r, OrtRunner) and torch.allclose(r(x), q(x), atol=TOL)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -290,10 +296,10 @@ def test_layer_used_twice(tmp_path, fmt):
     x = torch.randn(3, 32)
     q = fxc.quantize_rtn(fxc.capture(_Shared(), (x,)), fxc.RTNConfig(bits=4, symmetric=True, granularity="per_group",
                                                                       group_size=16))
-    path = export_onnx(q, (x,), tmp_path / "s.onnx", weight_format=fmt)
+    path = export_onnx(q, (x,), tmp_path / "s.onnx", weight_format=fmt, **EXACT)
     inits = [t.name for t in onnx.load(str(path)).graph.initializer]
     assert inits.count("fc.qweight") == 1 and len(layer_formats(path)) == 1
-    assert check_parity(q, load_ort(path), (x,)).ok(atol=TOL)
+    assert check_parity(q, _exact_ort(path), (x,)).ok(atol=TOL)
 
 
 def _nbits_fp16(tmp_path, x):

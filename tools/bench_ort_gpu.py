@@ -1,9 +1,13 @@
-"""ONNX Runtime on the GPU (CUDA EP): fp16 vs int4 MatMulNBits, single layers and a LLaMA-style decode step.
+"""ONNX Runtime on the GPU (CUDA EP), weights cold: fp16 vs int4 / int8 MatMulNBits (what ``export_onnx`` writes
+by default) vs int8 QDQ, single layers and a LLaMA-style decode step.
 
-    PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/bench_ort_gpu.py --out tools/results/ort_gpu.md
+    PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/bench_ort_gpu.py --out tools/results/ort_gpu.md   # ~2-3 min, H100
+    PYTHONPATH=$PWD python tools/bench_ort_gpu.py --dry-run          # CPU EP smoke run of the code (not a result)
 
 * Single layers (K x N = 4096x4096, 8192x8192, batch 1): fp16 ``MatMul`` with an fp16 weight vs
-  ``com.microsoft.MatMulNBits`` (4-bit, g128, fp16 scales, fp16 activations).
+  ``com.microsoft.MatMulNBits`` 4-bit g128 and 8-bit (per-channel scales repeated over blocks of 128) and vs int8
+  ``DequantizeLinear`` + ``MatMul`` (fp16 scales and activations).  The nodes carry ``accuracy_level=4`` as the
+  export default does; the CUDA EP's MatMulNBits kernel does not read that attribute (it matters on CPU).
 * Decode step: ``fxcompress.models.smollm2.CausalLM`` (hidden 2048, intermediate 5632, 4 layers, 16 heads,
   vocab 32000, untied head), random init, one token at batch 1 (the model has no KV cache, so one token is
   the whole forward).  fp16: the float model exported with ``fxcompress.export_onnx`` and converted to fp16
@@ -38,16 +42,16 @@ GROUP = 128
 
 
 def layer_models(k: int, n: int, m: int = 1, seed: int = 0, half: bool = True):
-    """(fp16 MatMul model, int4 MatMulNBits model, fp32 reference weight [n, k]) as serialized bytes
-    (``half=False``: fp32 activations, weights and scales, for the CPU dry run)."""
+    """({tag: serialized model}, {tag: weight bytes read}, fp32 reference weight [n, k] per tag) for one
+    linear (``half=False``: fp32 activations, weights and scales, for the CPU dry run).
+
+    Tags: ``fp16`` (MatMul, fp16 weight); ``int4`` (MatMulNBits bits=4 g128, signed codes offset by 8, no zero
+    point: what ``export_onnx`` writes for symmetric int4 g128); ``int8`` (MatMulNBits bits=8, per-channel
+    scales repeated over blocks of 128: what ``export_onnx`` now writes by default for int8 per-channel);
+    ``int8 qdq`` (int8 ``DequantizeLinear`` axis=1 + MatMul: the ``weight_format="qdq"`` export)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    codes = rng.integers(-8, 8, size=(n, k), dtype=np.int64)
-    scale = (rng.random((n, k // GROUP), dtype=np.float32) * 0.02 + 0.001).astype(np.float16)
-    w = (codes.reshape(n, k // GROUP, GROUP) * scale.astype(np.float32)[..., None]).reshape(n, k)
-    u = (codes + 8).astype(np.uint8)
-    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8).reshape(n, k // GROUP, GROUP // 2)
     ft, fnp = (TensorProto.FLOAT16, np.float16) if half else (TensorProto.FLOAT, np.float32)
     a = helper.make_tensor_value_info("A", ft, [m, k])
     y = helper.make_tensor_value_info("Y", ft, [m, n])
@@ -58,12 +62,36 @@ def layer_models(k: int, n: int, m: int = 1, seed: int = 0, half: bool = True):
         mp.ir_version = 10  # onnx 1.23 writes a newer IR than onnxruntime 1.31 reads
         return mp.SerializeToString()
 
-    fp16 = model([helper.make_node("MatMul", ["A", "W"], ["Y"])],
-                 [numpy_helper.from_array(np.ascontiguousarray(w.T).astype(fnp), "W")])
-    nbits = model([helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft", K=k, N=n,
-                                    bits=4, block_size=GROUP, accuracy_level=0)],
-                  [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scale.reshape(-1).astype(fnp), "scales")])
-    return fp16, nbits, w
+    # int4 g128
+    codes = rng.integers(-8, 8, size=(n, k), dtype=np.int64)
+    scale = (rng.random((n, k // GROUP), dtype=np.float32) * 0.02 + 0.001).astype(np.float16)
+    w4 = (codes.reshape(n, k // GROUP, GROUP) * scale.astype(np.float32)[..., None]).reshape(n, k)
+    u = (codes + 8).astype(np.uint8)
+    packed = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8).reshape(n, k // GROUP, GROUP // 2)
+    # int8 per-channel
+    c8 = rng.integers(-127, 128, size=(n, k), dtype=np.int64)
+    s8 = (rng.random(n, dtype=np.float32) * 0.0015 + 0.0001).astype(np.float16)
+    w8 = c8 * s8.astype(np.float32)[:, None]
+    models = {
+        "fp16": model([helper.make_node("MatMul", ["A", "W"], ["Y"])],
+                      [numpy_helper.from_array(np.ascontiguousarray(w4.T).astype(fnp), "W")]),
+        "int4": model([helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft", K=k, N=n,
+                                        bits=4, block_size=GROUP, accuracy_level=4)],
+                      [numpy_helper.from_array(packed, "B"),
+                       numpy_helper.from_array(scale.reshape(-1).astype(fnp), "scales")]),
+        "int8": model([helper.make_node("MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft", K=k, N=n,
+                                        bits=8, block_size=GROUP, accuracy_level=4)],
+                      [numpy_helper.from_array((c8 + 128).astype(np.uint8).reshape(n, k // GROUP, GROUP), "B"),
+                       numpy_helper.from_array(np.repeat(s8, k // GROUP).astype(fnp), "scales")]),
+        "int8 qdq": model([helper.make_node("DequantizeLinear", ["Q", "s"], ["W"], axis=1),
+                           helper.make_node("MatMul", ["A", "W"], ["Y"])],
+                          [numpy_helper.from_array(np.ascontiguousarray(c8.T).astype(np.int8), "Q"),
+                           numpy_helper.from_array(s8.astype(fnp), "s")]),
+    }
+    nbytes = {"fp16": n * k * 2, "int4": n * k // 2 + n * k // GROUP * 2, "int8": n * k + n * k // GROUP * 2,
+              "int8 qdq": n * k + n * 2}
+    refs = {"fp16": w4, "int4": w4, "int8": w8, "int8 qdq": w8}
+    return models, nbytes, refs
 
 
 def decode_models(workdir: Path, cfg_kwargs: dict, half: bool = True):
@@ -198,18 +226,18 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(1)
     half = not dry
     for k, n in ([(256, 512)] if dry else [(4096, 4096), (8192, 8192)]):
-        fp16, nbits, w = layer_models(k, n, half=half)
+        models, nbytes, refs = layer_models(k, n, half=half)
         x = (rng.standard_normal((1, k)) * 0.5).astype(np.float16 if half else np.float32)
-        ref = x.astype(np.float32) @ w.T
-        r = {"name": f"linear {k}x{n}, batch 1"}
-        for tag, mdl, nbytes in (("fp16", fp16, n * k * 2), ("int4", nbits, n * k // 2 + n * k // GROUP * 2)):
+        r = {"name": f"linear {k}x{n}, batch 1", "tags": list(models)}
+        for tag, mdl in models.items():
+            ref = x.astype(np.float32) @ refs[tag].T
             t, outs, mode, err = measure(mdl, {"A": x}, cg, flush, args.reps, args.calls, device)
             r[tag], r[tag + "_mode"] = t, mode
             r[tag + "_err"] = (float(np.abs(outs[0].astype(np.float32) - ref).max() / np.abs(ref).max())
                                if outs is not None else err)
-            r[tag + "_bw"] = (nbytes / (t.cold.median * 1e-6) / peak * 100) if (t and peak) else None
+            r[tag + "_bw"] = (nbytes[tag] / (t.cold.median * 1e-6) / peak * 100) if (t and peak) else None
         rows.append(r)
-        print(r, flush=True)
+        print({k_: str(v) for k_, v in r.items()}, flush=True)
     if dry:
         h, f, L, V, heads = 256, 512, 2, 1000, 4
     else:
@@ -219,7 +247,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         paths, n_nbits, ids, ref = decode_models(Path(d), cfg, half=half)
         lin = L * (4 * h * h + 3 * h * f) + h * V  # weights read per token
-        r = {"name": f"CausalLM decode step (h{h}, ffn{f}, {L} layers, vocab {V}), batch 1, 1 token"}
+        r = {"name": f"CausalLM decode step (h{h}, ffn{f}, {L} layers, vocab {V}), batch 1, 1 token",
+             "tags": list(TAGS)}
         for tag in TAGS:
             nbytes = lin * 2 if tag == "fp16" else lin // 2 + lin // GROUP * 4
             t, outs, mode, err = measure(paths[tag], {"input_ids": ids}, cg, flush, args.reps, args.calls, device)
@@ -229,55 +258,41 @@ def main(argv=None) -> int:
             r[tag + "_bw"] = (nbytes / (t.cold.median * 1e-6) / peak * 100) if (t and peak) else None
         r["note"] = f"MatMulNBits nodes: int4 {n_nbits['int4']}, fused {n_nbits['int4 fused']}"
         rows.append(r)
-        print(r, flush=True)
+        print({k_: str(v) for k_, v in r.items()}, flush=True)
     total = time.time() - t0
     how = ("DRY RUN on the CPU EP in fp32 (wall clock, no flush): exercises the code, NOT a GPU result" if dry else
            f"cold = {flush.describe()} + synchronize, then one synchronous run timed by wall clock")
     lines = [
-        "# ONNX Runtime CUDA EP, weights cold: fp16 vs int4 MatMulNBits (plain and fused linears)", "",
+        "# ONNX Runtime CUDA EP, weights cold: fp16 vs int4 / int8 MatMulNBits and int8 QDQ", "",
         f"GPU: **{gpu}**; onnxruntime {ort.__version__}; torch {torch.__version__}; total {total:.0f} s.", "",
         "Command: `PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/bench_ort_gpu.py " + " ".join(argv) + "`", "",
         f"Timing: {how}; hot = back-to-back runs. Figures: median of {args.reps} per-repeat medians ({args.calls} runs "
         "each) with the spread (min-max of those medians); speedups cold vs cold against fp16 of the same run. Inputs "
         "and outputs bound on the GPU (io_binding); mode = `cuda graph` when ORT's CUDA-graph capture worked, else "
-        "`plain` (launch + ORT host overhead included). int4 = MatMulNBits bits=4 g128, fp16 scales and activations, "
-        "accuracy_level 0; int4 fused = the same after fuse_linears (q/k/v and gate/up one MatMulNBits each). err = "
+        "`plain` (launch + ORT host overhead included). int4 = MatMulNBits bits=4 g128; int8 = MatMulNBits bits=8 "
+        "(per-channel scales over blocks of 128); int8 qdq = int8 DequantizeLinear + MatMul; fp16 scales and "
+        "activations, accuracy_level 4 as export_onnx writes by default (the CUDA kernel ignores it); int4 fused = "
+        "int4 after fuse_linears (q/k/v and gate/up one MatMulNBits each). err = "
         "max|y - ref| / max|ref| vs an fp32 torch reference (the layers: of the dequantized weight; the decode step: "
         "the fp32 float model, so the int4 error includes quantization). % HBM = weight bytes / cold time / peak ("
         + (f"{peak / 1e12} TB/s" if peak else "unknown") + ").", "",
-        "| workload | fp16 cold µs (spread) | fp16 hot | int4 cold µs (spread) | int4 hot | int4 fused cold µs | "
-        "int4 fused hot | int4 vs fp16, cold | fused vs fp16, cold | fp16 % HBM | int4 % HBM | fused % HBM | "
-        "fp16 / int4 / fused err | modes | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| workload | weights / format | mode | cold µs (spread) | hot µs (spread) | speed vs fp16, cold | "
+        "speed vs fp16, hot | % HBM (cold) | err | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-
-    def c(r, tag, spread=True):
-        t = r.get(tag)
-        return "-" if not isinstance(t, Timing) else (str(t.cold) if spread else f"{t.cold.median:.1f}")
-
-    def h_(r, tag):
-        t = r.get(tag)
-        return f"{t.hot.median:.1f}" if isinstance(t, Timing) else "-"
-
-    def sp(r, tag):
-        a, b = r.get("fp16"), r.get(tag)
-        return f"{b.ratio_to(a):.2f}x" if isinstance(a, Timing) and isinstance(b, Timing) else "-"
-
-    def pc(r, tag):
-        v = r.get(tag + "_bw")
-        return f"{v:.0f}%" if isinstance(v, float) else "-"
-
-    def e(r, tag):
-        v = r.get(tag + "_err")
-        return f"{v:.1e}" if isinstance(v, float) else (str(v) if v else "-")
-
     for r in rows:
-        lines.append(f"| {r['name']} | {c(r, 'fp16')} | {h_(r, 'fp16')} | {c(r, 'int4')} | {h_(r, 'int4')} | "
-                     f"{c(r, 'int4 fused')} | {h_(r, 'int4 fused')} | {sp(r, 'int4')} | {sp(r, 'int4 fused')} | "
-                     f"{pc(r, 'fp16')} | {pc(r, 'int4')} | {pc(r, 'int4 fused')} | "
-                     f"{e(r, 'fp16')} / {e(r, 'int4')} / {e(r, 'int4 fused')} | "
-                     + " / ".join(r.get(t + "_mode", "-") for t in TAGS if t + "_mode" in r)
-                     + f" | {r.get('note', '')} |")
+        base = r.get("fp16")
+        for tag in r["tags"]:
+            t = r.get(tag)
+            ok = isinstance(t, Timing)
+            vs_c = f"{t.ratio_to(base):.2f}x" if ok and isinstance(base, Timing) else "-"
+            vs_h = f"{base.hot.median / t.hot.median:.2f}x" if ok and isinstance(base, Timing) else "-"
+            bw = r.get(tag + "_bw")
+            err = r.get(tag + "_err")
+            lines.append(f"| {r['name']} | {tag} | {r.get(tag + '_mode', '-')} | {t.cold if ok else '-'} | "
+                         f"{t.hot if ok else '-'} | {vs_c} | {vs_h} | {f'{bw:.0f}%' if isinstance(bw, float) else '-'} | "
+                         f"{f'{err:.1e}' if isinstance(err, float) else (err or '-')} | "
+                         f"{r.get('note', '') if tag == r['tags'][0] else ''} |")
     print("\n".join(lines))
     write_table(args.out, lines, total)
     return 0

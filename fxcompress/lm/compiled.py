@@ -83,14 +83,15 @@ class CompiledLM:
 
 def compile_lm(model, backend: str = "torch", device: str = "cpu", max_seq_len: int = 2048,
                dtype: torch.dtype | None = None, *, batch_size: int = 1, prefill_chunk: int = 64,
-               weight_format: str = "matmulnbits", accuracy_level: int = 0, cuda_graph: bool = True) -> CompiledLM:
+               weight_format: str = "matmulnbits", accuracy_level: int | None = None, cuda_graph: bool = True) -> CompiledLM:
     """Compile a causal LM (``forward(input_ids) -> logits``: the built-in ``CausalLM``, a Hugging Face
     ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM``, or either after ``quantize_rtn`` /
     ``convert_l4q``) into cached prefill / decode steps on ``backend`` ("torch", "ort", "tvm").
 
     Shapes are static: ``batch_size`` rows, a KV cache of ``max_seq_len`` positions, prompts prefilled in chunks
     of ``prefill_chunk`` tokens.  ``dtype`` (e.g. ``torch.float16``) casts the float parameters and activations.
-    ORT: ``weight_format`` / ``accuracy_level`` go to :func:`fxcompress.export_onnx`.  TVM on CUDA: ``cuda_graph``
+    ORT: ``weight_format`` / ``accuracy_level`` go to :func:`fxcompress.export_onnx` (None: its per-format
+    default, 4 = int8 activations in MatMulNBits on CPU; 0 = fp32 compute, token-exact with torch, slower).  TVM on CUDA: ``cuda_graph``
     builds the steps with ``relax.backend.use_cuda_graph`` (0.88 vs 1.31 ms/token on the 2048-wide model in
     tools/results/generate_gpu.md, two runs; both reproduce the uncached model's greedy tokens on an H100).
     The model is not modified.

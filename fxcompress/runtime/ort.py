@@ -6,9 +6,11 @@
 optimized graph holds (:meth:`OrtRunner.optimized_op_types`).  The CUDA path needs onnxruntime-gpu.
 
 ``matmulnbits_accuracy_level`` sets the compute precision of the MatMulNBits kernels that ORT fuses from
-DequantizeLinear + MatMul (session config ``session.qdq_matmulnbits_accuracy_level``): 0 (the default
-here) computes in fp32 and matches torch to ~1e-6; 4 (ORT's own default, ``None`` leaves it) quantizes
-activations to int8 inside the kernel: faster on CPU, ~1e-3 relative error.
+DequantizeLinear + MatMul (session config ``session.qdq_matmulnbits_accuracy_level``; it does not change
+MatMulNBits nodes written in the file, which carry their own level: see ``export_onnx(accuracy_level=)``).
+``None`` (the default) leaves ORT's own default, 4: int8 activations inside the kernel, faster than fp32 on
+CPU, ~1e-2 relative error.  0 computes in fp32 and matches torch to ~1e-6, but is a trap for 8-bit
+weights on CPU: ORT then dequantizes and runs a float GEMM, ~20x slower than the fp32 model.
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ class OrtRunner(Runner):
     backend = "ort"
 
     def __init__(self, path, device: str = "cpu", *, optimization: str = "all", intra_op_num_threads: int | None = None,
-                 matmulnbits_accuracy_level: int | None = 0, log_severity_level: int = 3):
+                 matmulnbits_accuracy_level: int | None = None, log_severity_level: int = 3):
         import onnxruntime as ort
 
         self.path = Path(path)

@@ -1,4 +1,4 @@
-"""Lower an integer-weight graph (QuantLinear / QuantConv2d) to ONNX with DequantizeLinear weights.
+"""Lower an integer-weight graph (QuantLinear / QuantConv2d) to ONNX: MatMulNBits linears, DequantizeLinear weights.
 
 How it works
 ------------
@@ -8,7 +8,7 @@ How it works
    the layer, so the rewritten graph never has to guess which initializer belongs to which layer.
    A linear stand-in computes ``MatMul(x, W^T) (+ bias)`` with ``W^T`` laid out ``[K, N]`` (in, out), the
    layout ONNX Runtime fuses into ``MatMulNBits``; a conv stand-in keeps ``[O, I, kh, kw]``.
-2. The ONNX graph is rewritten with the ``onnx`` package: each placeholder becomes integer
+2. The ONNX graph is rewritten with the ``onnx`` package.  The QDQ form (item 4): each placeholder becomes integer
    initializers feeding ``DequantizeLinear`` (opset >= 21 for int4 / blocked scales):
 
    ============  ==========================================  ====================================
@@ -23,14 +23,22 @@ How it works
    are INT4 / UINT4 (two codes a byte, so 2/3-bit weights cost 4 bits in the file: ONNX has no
    narrower type that ONNX Runtime reads).  ``low_bit_container="int8"`` stores them as INT8/UINT8
    instead.  Symmetric weights omit the zero point (it is 0).
-3. Fractional zero points (L4Q's learned LSQ+ offset) are not representable as ONNX integer zero
-   points.  They are handled exactly, never rounded: ``DequantizeLinear`` runs with zero point 0 and
-   an ``Add`` of the per-channel / per-group offset ``-zero_point * scale`` follows (per-group offsets
-   broadcast through a ``Reshape`` to ``[K/g, g, N]`` and back).  Such layers therefore do not fuse
-   into ``MatMulNBits``; ``weight_format="matmulnbits"`` does fuse them, with float zero points.
-4. ``weight_format="matmulnbits"`` emits ``com.microsoft.MatMulNBits`` (bits=4) directly for every
-   per-group linear of at most 4 bits whose group size is a power of two >= 16 (2/3-bit codes are
-   offset into the 4-bit range, exactly); other layers fall back to the QDQ form above.
+3. ``weight_format="matmulnbits"`` (the default) emits ``com.microsoft.MatMulNBits`` directly for every
+   linear it can hold exactly (:func:`.qdq.matmulnbits_plan`): 1..4-bit codes in a 4-bit container, 5..8-bit
+   codes in an 8-bit one, per-group (power-of-two blocks of 16..256 dividing the group), per-channel and
+   per-tensor scales (repeated over blocks of 128).  Fractional zero points (L4Q's learned LSQ+ offset) are
+   split exactly into an integer zero point for the fused kernel plus a small float correction
+   ``(x @ E) @ C`` per group, so L4Q models run the fused integer kernel too.  ``accuracy_level`` (None:
+   :func:`.base.default_accuracy_level`, i.e. 4, int8 activations) is written on every node: it is what
+   keeps 8-bit weights from the ~20x-slower-than-fp32 fallback of level 0 on CPU.  Linears it cannot hold
+   (a group size not a multiple of 16, K < 16) and every conv fall back to the QDQ form below.
+4. ``weight_format="qdq"`` (and the fallback): each placeholder becomes integer initializers feeding
+   ``DequantizeLinear``; ONNX Runtime fuses DequantizeLinear + MatMul into MatMulNBits itself at the
+   accuracy level of its session (``OrtRunner(matmulnbits_accuracy_level=...)``; ORT's default is 4).
+   Fractional zero points are not representable as ONNX integer zero points: they are handled exactly,
+   never rounded, by ``DequantizeLinear`` with zero point 0 and an ``Add`` of the offset ``-zero_point *
+   scale`` (per-group offsets broadcast through a ``Reshape`` to ``[K/g, g, N]`` and back); such layers do
+   not fuse and run as float MatMul.
 
 ``opset`` below 21 with any sub-8-bit or per-group weight raises :class:`ExportError` (no silent
 fallback to int8: pass ``low_bit_container="int8"`` to choose it, per-group still needs 21).  The result
@@ -53,7 +61,8 @@ from torch import nn
 
 from ...nn import QuantConv2d, QuantLinear
 from ...passes.program import materialize_quant_modules
-from .base import _MS, _PDOMAIN, _PLACEHOLDER, MIN_OPSET, TORCH_MAX_OPSET, WEIGHT_FORMATS, ExportError, _Site
+from .base import (_MS, _PDOMAIN, _PLACEHOLDER, ACCURACY_LEVELS, MIN_OPSET, TORCH_MAX_OPSET, WEIGHT_FORMATS,
+                   ExportError, _Site)
 from .qdq import rewrite_quant_weights
 
 __all__ = ["export_onnx", "ExportError", "layer_formats"]
@@ -170,24 +179,25 @@ def _default_input_names(model, n: int) -> list[str]:
     return [f"input_{i}" for i in range(n)]
 
 
-def export_onnx(gm: nn.Module, example_inputs, path, opset: int = 21, weight_format: str = "qdq", *,
+def export_onnx(gm: nn.Module, example_inputs, path, opset: int = 21, weight_format: str = "matmulnbits", *,
                 dynamic_batch: bool = True, dynamic_axes: dict | None = None, input_names=None, output_names=None,
-                low_bit_container: str = "int4", accuracy_level: int = 0, check: bool = True) -> Path:
+                low_bit_container: str = "int4", accuracy_level: int | None = None, check: bool = True) -> Path:
     """Write ``gm`` (a GraphModule or any nn.Module with QuantLinear / QuantConv2d layers) to ``path``.
 
-    ``weight_format``: "qdq" (integer initializers + DequantizeLinear) or "matmulnbits" (MatMulNBits for
-    per-group <= 4-bit linears, QDQ for the rest).  ``dynamic_batch`` makes dim 0 of every input and output
+    ``weight_format``: "matmulnbits" (the default: MatMulNBits for every linear it holds exactly, QDQ for the
+    rest) or "qdq" (integer initializers + DequantizeLinear everywhere).  ``dynamic_batch`` makes dim 0 of every input and output
     symbolic; ``dynamic_axes`` (``{name: {dim: "label"}}``, torch.onnx's form, names as in ``input_names`` /
     ``output_names``, default ``x``-style placeholder names and ``output``) replaces that, e.g. to make a
-    sequence dimension symbolic too.  ``accuracy_level`` goes on emitted MatMulNBits nodes (0: fp32 compute, 4: int8 activations).
+    sequence dimension symbolic too.  ``accuracy_level`` goes on emitted MatMulNBits nodes (0: fp32 compute, 4: int8 activations; None:
+    :func:`~fxcompress.backends.onnx.base.default_accuracy_level`, 4, never slower than fp32 on CPU).
     Returns the path written.  Per-layer formats are stored in the model's metadata
     (``fxcompress.layers``, read them with :func:`layer_formats`).
     """
     gm = materialize_quant_modules(gm)  # ExportedProgram / fxcompress:: op nodes -> QuantLinear modules
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
-    if accuracy_level not in (0, 1, 2, 3, 4):
-        raise ValueError(f"accuracy_level must be 0..4, got {accuracy_level!r}")
+    if accuracy_level is not None and (isinstance(accuracy_level, bool) or accuracy_level not in ACCURACY_LEVELS):
+        raise ValueError(f"accuracy_level must be None (the per-format default) or 0..4, got {accuracy_level!r}")
     if low_bit_container not in ("int4", "int8"):
         raise ValueError(f"low_bit_container must be 'int4' or 'int8', got {low_bit_container!r}")
     max_opset = onnx.defs.onnx_opset_version()

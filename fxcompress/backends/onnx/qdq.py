@@ -8,7 +8,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ...quant import QuantWeight
-from .base import _MS, _PDOMAIN, _PLACEHOLDER, ExportError, _Site
+from .base import _MS, _PDOMAIN, _PLACEHOLDER, ExportError, _Site, default_accuracy_level
 
 __all__ = ["rewrite_quant_weights"]
 
@@ -58,14 +58,28 @@ def _zp_representable(qw: QuantWeight, dtype: int) -> bool:
     return bool(zp.min() >= lo and zp.max() <= hi)
 
 
-def _is_pow2(v: int) -> bool:
-    return v > 0 and (v & (v - 1)) == 0
+def matmulnbits_plan(site: _Site) -> tuple[int, int] | None:
+    """``(container_bits, block_size)`` of the ``MatMulNBits`` node a linear lowers to, or None (QDQ form).
 
-
-def _matmulnbits_ok(site: _Site) -> bool:
+    Codes of 1..4 bits go in a 4-bit container, 5..8 bits in an 8-bit one (signed codes offset into the
+    unsigned range, exactly).  Per-group weights use the largest power-of-two block (16..256) that divides
+    the group, with the group's scale / zero point repeated over its blocks; per-channel / per-tensor ones
+    a block of 128 (or the largest power of two <= K, at least 16).  Every choice is exact."""
     s = site.qw.spec
-    return (site.kind == "linear" and s.granularity == "per_group" and s.bits <= 4 and _is_pow2(s.group_size)
-            and s.group_size >= 16)
+    if site.kind != "linear" or not 1 <= s.bits <= 8:
+        return None
+    k = site.qw.shape[1]
+    if s.granularity == "per_group":
+        g = s.group_size
+        block = g & -g  # largest power of two dividing g
+        if block < 16:
+            return None
+        block = min(block, 256)
+    else:
+        if k < 16:
+            return None
+        block = min(128, 1 << (k.bit_length() - 1))
+    return (4 if s.bits <= 4 else 8), block
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -123,47 +137,90 @@ def _dq_nodes(site: _Site, out: str, opset: int, low_bit_container: str):
     return nodes, inits, "float_offset"
 
 
-def _matmulnbits_node(site: _Site, a: str, y: str, accuracy_level: int = 0):
-    """``com.microsoft.MatMulNBits`` (bits=4) replacing ``MatMul(a, W^T) -> y``."""
+def _per_block(t: np.ndarray, site: _Site, k: int, block: int) -> np.ndarray:
+    """(rows, groups) scale / zero point -> (N, blocks): each group's value repeated over its blocks."""
+    n = site.qw.shape[0]
+    nb = -(-k // block)
+    t = np.broadcast_to(t, (n, t.shape[1]))
+    if site.qw.spec.granularity == "per_group":
+        return np.repeat(t, site.qw.spec.group_size // block, axis=1)
+    return np.repeat(t[:, :1], nb, axis=1)
+
+
+def _pack_rows(v: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned values along the last axis packed low-bits-first into uint8 (4 bits: two a byte, the row padded)."""
+    v = v.astype(np.uint8)
+    if bits == 8:
+        return v
+    if v.shape[-1] % 2:
+        v = np.concatenate([v, np.zeros(v.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (v[..., 0::2] | (v[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _matmulnbits_nodes(site: _Site, a: str, y: str, accuracy_level: int):
+    """``com.microsoft.MatMulNBits`` replacing ``MatMul(a, W^T) -> y`` (see :func:`matmulnbits_plan`).
+
+    Zero points that are integers in the container's range go in as uint8 (omitted when all equal the
+    kernel's default ``2^(bits-1)``).  Fractional ones (L4Q's learned offsets) are split exactly into an
+    integer zero point ``zi = clip(round(z))`` for the fused kernel and a float correction per group:
+    ``W = s (q - zi) - s (z - zi)``, so ``y = MatMulNBits(a) + (a @ E) @ C`` with ``E`` the 0/1 [K, groups]
+    group-sum matrix (one initializer per (K, group size), shared by every layer with that input width) and
+    ``C = -(s (z - zi))^T`` [groups, N].  ONNX Runtime's CPU kernel has no fast path for float zero points
+    (8-bit: unsupported; 4-bit: a dequantize-then-GEMM fallback, ~50x slower than fp32), hence the split."""
     qw, spec, p = site.qw, site.qw.spec, site.name.replace(".", "_") or "root"
+    bits, block = matmulnbits_plan(site)
     n, k = qw.shape
-    g = spec.group_size
-    groups = k // g
-    c = 8 if spec.qmin < 0 else 0  # offset signed codes into [0, 15]; the zero point moves with them
+    nb = -(-k // block)
+    top = (1 << bits) - 1
+    c = (1 << (bits - 1)) if spec.qmin < 0 else 0  # offset signed codes into [0, 2^bits - 1]
     u = qw.codes().numpy().astype(np.int64) + c
-    flat = u.reshape(n, groups, g).astype(np.uint8)
-    packed = (flat[..., 0::2] | (flat[..., 1::2] << 4)).astype(np.uint8)  # [N, groups, g/2]
-    zp = qw.zero_point.numpy().astype(np.float64) + c  # (N, groups)
+    if nb * block != k:
+        u = np.concatenate([u, np.zeros((n, nb * block - k), np.int64)], axis=1)
+    packed = _pack_rows(u.reshape(n, nb, block), bits)  # [N, blocks, block * bits / 8]
+    scale = qw.scale.numpy().astype(np.float32)
+    zp = qw.zero_point.numpy().astype(np.float64) + c  # (rows, groups)
     inits = [numpy_helper.from_array(packed, f"{p}.qweight"),
-             _f32(f"{p}.scale", qw.scale.numpy().reshape(-1))]
+             _f32(f"{p}.scale", _per_block(scale, site, k, block).reshape(-1))]
     ins = [a, f"{p}.qweight", f"{p}.scale"]
-    if qw.zero_point_is_integer and zp.min() >= 0 and zp.max() <= 15:
-        zkind = "none" if np.all(zp == 8) else "int"
-        if zkind == "int":
-            z = zp.astype(np.uint8)
-            if groups % 2:
-                z = np.concatenate([z, np.zeros((n, 1), np.uint8)], axis=1)
-            zpk = (z[:, 0::2] | (z[:, 1::2] << 4)).astype(np.uint8).reshape(-1)
-            inits.append(numpy_helper.from_array(zpk, f"{p}.zero_point"))
-            ins.append(f"{p}.zero_point")
-    else:
-        zkind = "float"
-        inits.append(_f32(f"{p}.zero_point", zp.reshape(-1)))
+    zi = np.clip(np.round(zp), 0, top)
+    fractional = bool(np.any(zi != zp))
+    if np.any(zi != (1 << (bits - 1))):
+        zb = _per_block(zi, site, k, block).astype(np.uint8)
+        inits.append(numpy_helper.from_array(_pack_rows(zb, bits).reshape(-1), f"{p}.zero_point"))
         ins.append(f"{p}.zero_point")
-    node = helper.make_node("MatMulNBits", ins, [y], name=f"{p}/MatMulNBits", domain=_MS, K=k, N=n, bits=4,
-                            block_size=g, accuracy_level=int(accuracy_level))
-    return node, inits, zkind
+        zkind = "int"
+    else:
+        zkind = "none"
+    level = int(accuracy_level)
+    attrs = dict(K=k, N=n, bits=bits, block_size=block, accuracy_level=level)
+    if not fractional:
+        return [helper.make_node("MatMulNBits", ins, [y], name=f"{p}/MatMulNBits", domain=_MS, **attrs)], inits, \
+            zkind, bits, block
+    g = spec.group_size if spec.granularity == "per_group" else k
+    groups = k // g
+    corr = -(np.broadcast_to(scale, (n, scale.shape[1])).astype(np.float64) * (np.broadcast_to(zp, (n, zp.shape[1])) - zi))
+    e_name = f"fxc.group_sum.K{k}.g{g}"
+    e = np.zeros((k, groups), np.float32)
+    e[np.arange(k), np.arange(k) // g] = 1.0
+    inits += [_f32(e_name, e), _f32(f"{p}.zp_correction", corr.T)]  # [K, groups], [groups, N]
+    t = f"{y}/{p}"  # intermediate names from the call's output: unique when a layer is called twice
+    nodes = [helper.make_node("MatMulNBits", ins, [f"{t}.y_int"], name=f"{p}/MatMulNBits", domain=_MS, **attrs),
+             helper.make_node("MatMul", [a, e_name], [f"{t}.group_sum"], name=f"{p}/GroupSum"),
+             helper.make_node("MatMul", [f"{t}.group_sum", f"{p}.zp_correction"], [f"{t}.y_corr"],
+                              name=f"{p}/ZeroPointCorrection"),
+             helper.make_node("Add", [f"{t}.y_int", f"{t}.y_corr"], [y], name=f"{p}/AddCorrection")]
+    return nodes, inits, "fractional_corrected", bits, block
 
 
 def rewrite_quant_weights(model: onnx.ModelProto, sites: dict[str, _Site], opset: int, weight_format: str,
-             low_bit_container: str, accuracy_level: int = 0) -> list[dict]:
+             low_bit_container: str, accuracy_level: int | None = None) -> list[dict]:
     graph = model.graph
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
         for i in node.input:
             consumers.setdefault(i, []).append(node)
     new_nodes, new_inits, layers = [], [], []
-    replaced = {}  # id(MatMul node) -> MatMulNBits node
+    replaced = {}  # id(MatMul node) -> the MatMulNBits node(s) replacing it
     found: dict[str, str] = {}  # layer -> the float-weight tensor of its first use (QDQ form)
     init_names: set[str] = set()
     node_names: dict[str, int] = {}
@@ -179,7 +236,7 @@ def rewrite_quant_weights(model: onnx.ModelProto, sites: dict[str, _Site], opset
 
     for node in graph.node:
         if id(node) in replaced:
-            new_nodes.append(replaced[id(node)])
+            new_nodes += replaced[id(node)]
             continue
         if not (node.domain == _PDOMAIN and node.op_type == _PLACEHOLDER):
             new_nodes.append(node)
@@ -189,17 +246,19 @@ def rewrite_quant_weights(model: onnx.ModelProto, sites: dict[str, _Site], opset
         out = node.output[0]
         users = consumers.get(out, [])
         first = name not in found
-        if (weight_format == "matmulnbits" and _matmulnbits_ok(site) and len(users) == 1
+        if (weight_format == "matmulnbits" and matmulnbits_plan(site) and len(users) == 1
                 and users[0].op_type == "MatMul" and users[0].domain == "" and list(users[0].input)[1] == out):
             mm = users[0]
-            mnode, inits, zkind = _matmulnbits_node(site, mm.input[0], mm.output[0], accuracy_level)
-            add([mnode], inits)
-            replaced[id(mm)] = mnode
+            level = default_accuracy_level(matmulnbits_plan(site)[0]) if accuracy_level is None else accuracy_level
+            mnodes, inits, zkind, cbits, block = _matmulnbits_nodes(site, mm.input[0], mm.output[0], level)
+            add(mnodes, inits)
+            replaced[id(mm)] = mnodes
             found.setdefault(name, "")
             if first:
                 layers.append({"layer": name, "kind": site.kind, "format": "MatMulNBits",
                                "bits": site.qw.spec.bits, "granularity": site.qw.spec.granularity,
-                               "zero_point": zkind})
+                               "zero_point": zkind, "container_bits": cbits, "block_size": block,
+                               "accuracy_level": level})
             continue
         if found.get(name):  # the layer's weight was already dequantized once: reuse it
             ident = helper.make_node("Identity", [found[name]], [out], name=f"{name}/Reuse")
