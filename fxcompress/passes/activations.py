@@ -276,19 +276,24 @@ def _fold_bn(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
     return folded
 
 
-def kernel_sum_preserving_codes(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def kernel_sum_preserving_codes(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None,
+                                qmax: int | None = None) -> torch.Tensor:
     """Per-channel symmetric codes of a conv weight ``(out, in, kh, kw)`` whose per-(out, in) sums over the taps are
     ``round(sum(w) / scale)``: RTN, then the fewest taps nearest a rounding boundary move one code toward it.
 
     Every code stays within one step of ``w / scale`` (so in range and within one RTN step of the weight); only
     the taps' rounding directions change, chosen so that the kernel's response to a constant input is exact to
-    half a code.  A 1x1 kernel (one tap) is returned as plain RTN.
+    half a code.  A 1x1 kernel (one tap) is returned as plain RTN.  ``scale`` (out, 1) and ``qmax`` default to
+    the spec's abs-max scales and code range (pass them for 5..7-bit codes in an 8-bit container).
     """
     if spec.granularity != "per_channel" or not spec.symmetric or w.dim() != 4:
         raise ValueError("kernel_sum_preserving_codes needs a 4-D conv weight and a per-channel symmetric spec")
-    scale, zp = affine.minmax_params(w, spec)
+    if scale is None:
+        scale, _ = affine.minmax_params(w, spec)
+    qmax = spec.qmax if qmax is None else qmax
+    qmin = -qmax - 1
     v = w.detach().double() / scale.double().view(-1, 1, 1, 1)
-    codes = torch.round(v).clamp(spec.qmin, spec.qmax)
+    codes = torch.round(v).clamp(qmin, qmax)
     taps = v.shape[2] * v.shape[3]
     if taps == 1:
         return codes.to(torch.int32)
@@ -296,8 +301,8 @@ def kernel_sum_preserving_codes(w: torch.Tensor, spec: QuantSpec) -> torch.Tenso
     need = torch.round(vv.sum(-1)) - cc.sum(-1)  # codes to add (> 0) or remove (< 0) per (out, in)
     resid = vv - cc  # in [-0.5, 0.5] where not clamped
     rank = resid.argsort(-1, descending=True).argsort(-1)  # 0: the tap most worth rounding up
-    up = (rank < need.unsqueeze(-1)) & (cc < spec.qmax)
-    down = (rank >= taps + need.unsqueeze(-1)) & (cc > spec.qmin)
+    up = (rank < need.unsqueeze(-1)) & (cc < qmax)
+    down = (rank >= taps + need.unsqueeze(-1)) & (cc > qmin)
     return (cc + up.to(cc.dtype) - down.to(cc.dtype)).reshape(v.shape).to(torch.int32)
 
 
@@ -305,20 +310,22 @@ def _quantize_weights(gm: fx.GraphModule, bits: int, report: Report, means=None,
                       preserve_kernel_sums: bool = True) -> None:
     """Per-channel RTN of every float Conv2d / Linear; with ``means`` (node -> per-channel mean of the layer's
     input, or None), the bias absorbs the expected rounding error: ``b -= (W_q - W) E[x]`` (bias correction)."""
-    spec = QuantSpec(bits, True, "per_channel", None)
+    spec = QuantSpec(bits if bits in (2, 3, 4, 8) else 8, True, "per_channel", None)  # 5..7: 8-bit container
+    qmax = 2 ** (bits - 1) - 1
     for n in gm.graph.nodes:
         if n.op != "call_module":
             continue
         m = gm.get_submodule(n.target)
-        if type(m) is nn.Conv2d and not isinstance(m.padding, str):
-            if preserve_kernel_sums:
-                scale, zp = affine.minmax_params(m.weight, spec)
-                qw = QuantWeight.from_codes(kernel_sum_preserving_codes(m.weight, spec), scale, zp, spec)
-                q = QuantConv2d(qw, m.bias, m.stride, m.padding, m.dilation, m.groups)
+        if (type(m) is nn.Conv2d and not isinstance(m.padding, str)) or type(m) is nn.Linear:
+            w = m.weight.detach()
+            scale = (w.float().flatten(1).abs().amax(1, keepdim=True) / qmax).clamp_min(1e-8)
+            if preserve_kernel_sums and w.dim() == 4:
+                codes = kernel_sum_preserving_codes(w, spec, scale, qmax)
             else:
-                q = QuantConv2d.from_conv(m, spec)
-        elif type(m) is nn.Linear:
-            q = QuantLinear.from_linear(m, spec)
+                codes = torch.round(w.double() / scale.double().view(-1, *[1] * (w.dim() - 1))).clamp(-qmax - 1, qmax)
+            qw = QuantWeight.from_codes(codes.to(torch.int32), scale, torch.zeros_like(scale), spec)
+            q = QuantConv2d(qw, m.bias, m.stride, m.padding, m.dilation, m.groups) if type(m) is nn.Conv2d else \
+                QuantLinear(qw, m.bias)
         else:
             continue
         note = "weights: per-channel " + ("RTN, kernel sums kept" if preserve_kernel_sums and type(m) is nn.Conv2d
