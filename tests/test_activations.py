@@ -203,3 +203,19 @@ def test_mobilenet_v2_int8_weights_and_activations_agree_with_fp32_under_ort(tmp
     cos = float(F.cosine_similarity(y8, y32).mean())
     agree = float((y8.argmax(1) == y32.argmax(1)).float().mean())
     assert cos >= 0.99 and agree >= 0.80, (cos, agree)
+
+
+def test_skip_leaves_a_layer_float_with_a_float_input(tmp_path):
+    m = _model()
+    x = torch.randn(4, 3, 12, 12)
+    qgm = quantize_activations(m, (x[:1],), ActivationConfig(skip=("fc",)))
+    assert type(qgm.get_submodule("fc")) is nn.Linear
+    fc = [n for n in qgm.graph.nodes if n.target == "fc"][0]
+    assert fc.args[0].target is not torch.fake_quantize_per_tensor_affine
+    rows = {(r.layer, r.action) for r in fxc.report(qgm)}
+    assert ("fc", "skipped") in rows and ("conv", "quantized") in rows
+    runner = load_ort(fxc.export_onnx(qgm, (x[:1],), tmp_path / "s.onnx"), intra_op_num_threads=1)
+    ops = runner.optimized_op_types()
+    assert ops["QLinearConv"] == 2 and ops.get("DequantizeLinear", 0) == 1, ops  # only the pooled input's
+    with pytest.raises(ValueError, match="skip"):
+        ActivationConfig(skip="fc")

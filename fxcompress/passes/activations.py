@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 import math
 import operator
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ class ActivationConfig:
     # the nearest code sum: plain RTN of a k x k kernel that nearly cancels (an edge filter; MobileNetV2's depthwise
     # convs) errs by up to k*k/2 codes in that sum, which BN's gain then amplifies; 1x1 kernels are plain RTN
     preserve_kernel_sums: bool = True
+    # globs of Conv2d / Linear names (full path or last component) left float, input and weights: e.g.
+    # ("classifier.*",) keeps an ImageNet head float, which ONNX Runtime then runs as a prepacked float Gemm
+    # instead of dequantizing its 1.28M int8 weights on every run (see tools/results/cnn_ort_cpu.md)
+    skip: tuple = ()
 
     def __post_init__(self):
         if self.bits != 8 or isinstance(self.bits, bool):
@@ -88,6 +93,8 @@ class ActivationConfig:
             raise ValueError(f"ActivationConfig.input_range must be None or a finite (lo, hi) with lo < hi, got {r!r}")
         if not isinstance(self.preserve_kernel_sums, bool):
             raise ValueError(f"ActivationConfig.preserve_kernel_sums must be a bool, got {self.preserve_kernel_sums!r}")
+        if not isinstance(self.skip, tuple) or not all(isinstance(g, str) for g in self.skip):
+            raise ValueError(f"ActivationConfig.skip must be a tuple of name globs, got {self.skip!r}")
         if not isinstance(self.bias_correction, bool):
             raise ValueError(f"ActivationConfig.bias_correction must be a bool, got {self.bias_correction!r}")
 
@@ -307,7 +314,7 @@ def kernel_sum_preserving_codes(w: torch.Tensor, spec: QuantSpec, scale: torch.T
 
 
 def _quantize_weights(gm: fx.GraphModule, bits: int, report: Report, means=None,
-                      preserve_kernel_sums: bool = True) -> None:
+                      preserve_kernel_sums: bool = True, skip: tuple = ()) -> None:
     """Per-channel RTN of every float Conv2d / Linear; with ``means`` (node -> per-channel mean of the layer's
     input, or None), the bias absorbs the expected rounding error: ``b -= (W_q - W) E[x]`` (bias correction)."""
     spec = QuantSpec(bits if bits in (2, 3, 4, 8) else 8, True, "per_channel", None)  # 5..7: 8-bit container
@@ -316,6 +323,10 @@ def _quantize_weights(gm: fx.GraphModule, bits: int, report: Report, means=None,
         if n.op != "call_module":
             continue
         m = gm.get_submodule(n.target)
+        if _skipped(n.target, skip) and type(m) in (nn.Conv2d, nn.Linear):
+            report.append(LayerReport(n.target, "conv2d" if type(m) is nn.Conv2d else "linear", "skipped", None,
+                                      None, None, "left float (ActivationConfig.skip)"))
+            continue
         if (type(m) is nn.Conv2d and not isinstance(m.padding, str)) or type(m) is nn.Linear:
             w = m.weight.detach()
             scale = (w.float().flatten(1).abs().amax(1, keepdim=True) / qmax).clamp_min(1e-8)
@@ -353,11 +364,17 @@ def _quantize_weights(gm: fx.GraphModule, bits: int, report: Report, means=None,
                                   shape, shape, note))
 
 
-def _quant_points(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
+def _skipped(name: str, skip: tuple) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], g) for g in skip)
+
+
+def _quant_points(gm: fx.GraphModule, skip: tuple = ()) -> dict[fx.Node, list[fx.Node]]:
     """Tensors to quantize -> the users that should read the quantized copy (layers and residual adds)."""
     points: dict[fx.Node, list[fx.Node]] = {}
     for n in gm.graph.nodes:
         m = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(m, _LAYER_TYPES) and _skipped(n.target, skip):
+            continue
         if isinstance(m, _LAYER_TYPES) and n.args and isinstance(n.args[0], fx.Node):
             points.setdefault(n.args[0], []).append(n)
         elif (n.op == "call_function" and n.target in _ADD_FNS) or (n.op == "call_method" and n.target == "add"):
@@ -387,7 +404,7 @@ def quantize_activations_pass(gm: fx.GraphModule, config: ActivationConfig = Act
     gm = copy.deepcopy(gm)
     report = Report()
     stats = _Stats(gm, float(config.k_std))  # also validates every BatchNorm's statistics
-    points = _quant_points(gm)
+    points = _quant_points(gm, config.skip)
     ranges: dict[fx.Node, tuple[float, float, str]] = {}
     need_cal = []
     for node in points:
@@ -414,7 +431,7 @@ def quantize_activations_pass(gm: fx.GraphModule, config: ActivationConfig = Act
         unfolded = {conv: bn for bn, conv in folded.items()}  # a folded conv's output is its BN's output
         _quantize_weights(gm, config.weight_bits, report,
                           (lambda x: stats.mean(unfolded.get(x, x))) if config.bias_correction else None,
-                          config.preserve_kernel_sums)
+                          config.preserve_kernel_sums, config.skip)
     for node, users in points.items():
         if node not in ranges:
             why = stats.why.get(node, "no BN statistics") + "; no calibration data"
