@@ -107,7 +107,7 @@ def find_pairs(gm: fx.GraphModule, relu6: str = "replace") -> tuple[list[_Pair],
             bn, a = a.target, a.args[0]
         c1 = _conv(gm, a)
         if c1 is None:
-            skips.append((n.target, "no conv feeds it through BN / ReLU alone"))
+            skips.append((n.target, "its input is not a conv output through BN / ReLU alone (residual add, pooling, network input)"))
             continue
         if len(a.users) != 1:
             skips.append((n.target, f"{a.target}'s output has other users (residual / branch)"))
