@@ -48,9 +48,9 @@ FINDINGS = """## Findings (profiled with ORT's profiler on this machine, 2026-11
   with 2 threads, ORT's int8 depthwise and thin pointwise convs are not 2x faster than its NCHWc fp32 convs;
   keeping the 3-channel stem float did not help. An integer head needs the exporter to emit the bias as an
   int32 DequantizeLinear so ORT fuses QGemm (backends/onnx, not changed here).
-- The machine's 2 cores were shared with several other jobs while this ran (load average ~9): absolute times
-  are 10-30x an idle run; the variants take turns run by run, so the ratios are the numbers to read, and
-  they still move by ~0.2x between runs.
+- The machine's 2 cores are shared with other jobs (load average between ~1 and ~9 during this session's
+  runs; under load absolute times were 10-30x these): the variants take turns run by run, so the ratios are
+  the numbers to read, and they still move by ~0.3x between runs.
 """
 
 
