@@ -27,6 +27,7 @@ _LAZY = {
     "quantize_activations_pass": "fxcompress.passes.activations",
     "L4QConfig": "fxcompress.passes", "prepare_l4q": "fxcompress.passes", "convert_l4q": "fxcompress.passes",
     "l4q_trainable_parameters": "fxcompress.passes", "l4q_param_groups": "fxcompress.passes",
+    "DFQConfig": "fxcompress.passes.dfq", "dfq": "fxcompress.passes.dfq", "dfq_pass": "fxcompress.passes.dfq",
     "UDFCConfig": "fxcompress.passes.udfc", "udfc": "fxcompress.passes.udfc", "udfc_pass": "fxcompress.passes.udfc",
     "QuantSpec": "fxcompress.quant", "QuantWeight": "fxcompress.quant",
     "save_artifact": "fxcompress.runtime.artifact", "load_artifact": "fxcompress.runtime.artifact",

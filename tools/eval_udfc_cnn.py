@@ -4,7 +4,9 @@ No ImageNet images ship here: the metric is agreement with the fp32 model on fix
 bundled with scikit-learn (top-1 agreement, top-5 overlap, logit cosine).  Rows: prune 10/30/50% x
 weights 8/6/4 bits (UDFC), the same with compensate=False (plain L2 pruning + RTN), merge="single"
 (Neuron-Merging style), torch-pruning (DepGraph, L1 importance, the same producers and ratio, no
-compensation, then per-channel RTN), and per-channel RTN alone for the quantization-only rows.
+compensation, then per-channel RTN); quantization-only rows (prune 0%): per-channel RTN, DFQ (cross-layer
+equalization + bias correction, then RTN), UDFC quantize-only, and the int8 weights + int8 activations model
+(``quantize_activations``, data-free BN ranges) that ORT runs with integer kernels.
 
     PYTHONPATH=$PWD /work/venv/bin/python tools/eval_udfc_cnn.py            # writes tools/results/udfc_cnn_eval.md
     PYTHONPATH=$PWD /work/venv/bin/python tools/eval_udfc_cnn.py --crops 64 --prunes 0.3 --bits 8   # quick
@@ -24,9 +26,11 @@ import torch
 from torch import nn
 
 import fxcompress as fxc
-from fxcompress.data.images import photo_crops
+from fxcompress.data.images import IMAGENET_INPUT_RANGE, photo_crops
 from fxcompress.models.vision import pretrained_mobilenet_v2
 from fxcompress.nn import QuantConv2d, QuantLinear
+from fxcompress.passes.activations import ActivationConfig, quantize_activations
+from fxcompress.passes.dfq import DFQConfig, dfq_pass
 from fxcompress.passes.udfc import UDFCConfig, udfc_pass
 
 OUT = Path(__file__).parent / "results" / "udfc_cnn_eval.md"
@@ -144,8 +148,17 @@ def main(argv=None) -> int:
     add("fp32", 0.0, 32, model)
     for bits in args.bits:
         add("RTN per channel", 0.0, bits, rtn(model, x, bits), "" if bits in (2, 3, 4, 8) else "8-bit container")
+        add("DFQ (CLE + bias corr.) + RTN", 0.0, bits, dfq_pass(gm, DFQConfig(weight_bits=bits)).gm,
+            "ReLU6 -> ReLU in equalized pairs; ORT: as RTN", latency=False)
         add("UDFC (quantize only)", 0.0, bits, udfc_pass(gm, UDFCConfig(prune=False, weight_bits=bits)).gm,
             "ORT: as RTN", latency=False)
+    # integer weights AND activations (data-free ranges): the deployable int8 model, ORT runs QLinearConv
+    act = ActivationConfig(input_range=IMAGENET_INPUT_RANGE)
+    add("int8 w+a (BN ranges)", 0.0, 8, quantize_activations(model, (x[:1],), act),
+        "quantize_activations(ranges='bn'); weights kernel-sum RTN + bias corr.")
+    add("DFQ + int8 w+a (BN ranges)", 0.0, 8,
+        quantize_activations(dfq_pass(gm, DFQConfig(weight_bits=None)).gm, (x[:1],), act),
+        "ORT: as int8 w+a", latency=False)
     for prune in args.prunes:
         for bits in args.bits:
             res = udfc_pass(gm, UDFCConfig(prune_ratio=prune, weight_bits=bits))
@@ -174,7 +187,8 @@ def _table(rows, args, elapsed, done) -> str:
              f"{args.crops} fixed crops of scikit-learn's china.jpg / flower.jpg (224x224), {elapsed:.0f} s.",
              "top-1 / top-5: agreement of the compressed model's top-1 class / top-5 set with fp32's (%); cosine: "
              "mean logit cosine vs fp32; params: Conv/Linear weights; MMACs per image; ORT: onnxruntime CPU "
-             f"latency at batch 1, 2 threads, median of {args.iters} (weight-only QDQ: dequantized at run time).", "",
+             f"latency at batch 1, 2 threads, median of {args.iters} (weight-only QDQ: dequantized at run time; "
+             "int8 w+a: QLinearConv). The 2 cores are shared with other jobs: latencies are noisy.", "",
              "| method | prune | w bits | top-1 agree % | top-5 overlap % | logit cos | params (M) | MMACs | ORT ms | note |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for method, prune, bits, t1, t5, cos, n, macs, lat, note in rows:

@@ -20,6 +20,10 @@ import torch.nn.functional as F
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PHOTO_NAMES = ("china.jpg", "flower.jpg")
+# the range of an ImageNet-normalized image, (0 - max mean) / its std .. (1 - min mean) / its std: the input range
+# for integer activations without data (ActivationConfig(input_range=IMAGENET_INPUT_RANGE))
+IMAGENET_INPUT_RANGE = (min(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)),
+                        max((1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)))
 
 
 def _sklearn_images_dir() -> str:

@@ -21,16 +21,19 @@ calibration min / max everywhere, for comparison.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import fnmatch
 import math
 import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..nn import QuantConv2d, QuantLinear
-from ..quant import QuantSpec, QuantWeight
+from ..quant import QuantSpec, QuantWeight, affine
 from .base import LayerReport, PassResult, Report, record
 from .channel_groups import activation_upper, is_activation
 
@@ -50,6 +53,20 @@ class ActivationConfig:
     k_std: float = 4.0  # a BN-derived range is mean +- k_std * std (clipped at the activation)
     weight_bits: int | None = 8  # float Conv2d/Linear weights -> per-channel RTN at these bits (None: keep float)
     fold_bn: bool = True  # fold BatchNorm into the conv before it (needed for fused integer convs)
+    # range of the network inputs (e.g. fxcompress.data.images.IMAGENET_INPUT_RANGE): no data needed for them;
+    # None: calibrated on `calibration` / the example inputs (a clipped input range costs much accuracy)
+    input_range: tuple | None = None
+    # analytic bias correction of the weight-rounding error (Nagel et al. 2019): b -= (W_q - W) E[x], with E[x]
+    # from the BN statistics of the layer's input (clipped-Gaussian means); layers without them are reported
+    bias_correction: bool = True
+    # round each conv kernel so that its sum over the spatial taps (its response to a locally constant input) is
+    # the nearest code sum: plain RTN of a k x k kernel that nearly cancels (an edge filter; MobileNetV2's depthwise
+    # convs) errs by up to k*k/2 codes in that sum, which BN's gain then amplifies; 1x1 kernels are plain RTN
+    preserve_kernel_sums: bool = True
+    # globs of Conv2d / Linear names (full path or last component) left float, input and weights: e.g.
+    # ("classifier.*",) keeps an ImageNet head float, which ONNX Runtime then runs as a prepacked float Gemm
+    # instead of dequantizing its 1.28M int8 weights on every run (see tools/results/cnn_ort_cpu.md)
+    skip: tuple = ()
 
     def __post_init__(self):
         if self.bits != 8 or isinstance(self.bits, bool):
@@ -69,6 +86,17 @@ class ActivationConfig:
             raise ValueError(f"ActivationConfig.weight_bits must be None or one of 2, 3, 4, 8, got {wb!r}")
         if not isinstance(self.fold_bn, bool):
             raise ValueError(f"ActivationConfig.fold_bn must be a bool, got {self.fold_bn!r}")
+        r = self.input_range
+        if r is not None and not (isinstance(r, (tuple, list)) and len(r) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in r)
+                and r[0] < r[1]):
+            raise ValueError(f"ActivationConfig.input_range must be None or a finite (lo, hi) with lo < hi, got {r!r}")
+        if not isinstance(self.preserve_kernel_sums, bool):
+            raise ValueError(f"ActivationConfig.preserve_kernel_sums must be a bool, got {self.preserve_kernel_sums!r}")
+        if not isinstance(self.skip, tuple) or not all(isinstance(g, str) for g in self.skip):
+            raise ValueError(f"ActivationConfig.skip must be a tuple of name globs, got {self.skip!r}")
+        if not isinstance(self.bias_correction, bool):
+            raise ValueError(f"ActivationConfig.bias_correction must be a bool, got {self.bias_correction!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,6 +158,23 @@ class _Stats:
             return None
         if isinstance(m, _PASS_MODULES) and ins:
             return self.gauss.get(ins[0])
+        return None
+
+    def mean(self, n: fx.Node) -> torch.Tensor | None:
+        """Per-channel mean of the tensor ``n`` from BN statistics, also through mean-preserving ops (global
+        average pooling, flatten, dropout, identity); None when no BN statistics reach it."""
+        g = self.gauss.get(n)
+        if g is not None:
+            return g[0]
+        m = self._mod(n)
+        ins = n.all_input_nodes
+        keeps = isinstance(m, (nn.Dropout, nn.Identity, nn.Flatten, nn.AdaptiveAvgPool2d)) or (
+            n.op == "call_function" and n.target in (torch.flatten, F.adaptive_avg_pool2d, F.dropout)) or (
+            n.op == "call_method" and n.target in ("flatten", "view", "reshape", "mean"))
+        if keeps and ins:
+            if n.target is F.adaptive_avg_pool2d and n.args[1:2] not in ((1,), ((1, 1),)):
+                return None
+            return self.mean(ins[0])
         return None
 
     def bn_range(self, n: fx.Node) -> tuple[float, float, str] | None:
@@ -238,34 +283,109 @@ def _fold_bn(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
     return folded
 
 
-def _quantize_weights(gm: fx.GraphModule, bits: int, report: Report) -> None:
-    spec = QuantSpec(bits, True, "per_channel", None)
+def kernel_sum_preserving_codes(w: torch.Tensor, spec: QuantSpec, scale: torch.Tensor | None = None,
+                                qmax: int | None = None) -> torch.Tensor:
+    """Per-channel symmetric codes of a conv weight ``(out, in, kh, kw)`` whose per-(out, in) sums over the taps are
+    ``round(sum(w) / scale)``: RTN, then the fewest taps nearest a rounding boundary move one code toward it.
+
+    Every code stays within one step of ``w / scale`` (so in range and within one RTN step of the weight); only
+    the taps' rounding directions change, chosen so that the kernel's response to a constant input is exact to
+    half a code.  A 1x1 kernel (one tap) is returned as plain RTN.  ``scale`` (out, 1) and ``qmax`` default to
+    the spec's abs-max scales and code range (pass them for 5..7-bit codes in an 8-bit container).
+    """
+    if spec.granularity != "per_channel" or not spec.symmetric or w.dim() != 4:
+        raise ValueError("kernel_sum_preserving_codes needs a 4-D conv weight and a per-channel symmetric spec")
+    if scale is None:
+        scale, _ = affine.minmax_params(w, spec)
+    qmax = spec.qmax if qmax is None else qmax
+    qmin = -qmax - 1
+    v = w.detach().double() / scale.double().view(-1, 1, 1, 1)
+    codes = torch.round(v).clamp(qmin, qmax)
+    taps = v.shape[2] * v.shape[3]
+    if taps == 1:
+        return codes.to(torch.int32)
+    vv, cc = v.flatten(2), codes.flatten(2)
+    need = torch.round(vv.sum(-1)) - cc.sum(-1)  # codes to add (> 0) or remove (< 0) per (out, in)
+    resid = vv - cc  # in [-0.5, 0.5] where not clamped
+    rank = resid.argsort(-1, descending=True).argsort(-1)  # 0: the tap most worth rounding up
+    up = (rank < need.unsqueeze(-1)) & (cc < qmax)
+    down = (rank >= taps + need.unsqueeze(-1)) & (cc > qmin)
+    return (cc + up.to(cc.dtype) - down.to(cc.dtype)).reshape(v.shape).to(torch.int32)
+
+
+def _quantize_weights(gm: fx.GraphModule, bits: int, report: Report, means=None,
+                      preserve_kernel_sums: bool = True, skip: tuple = ()) -> None:
+    """Per-channel RTN of every float Conv2d / Linear; with ``means`` (node -> per-channel mean of the layer's
+    input, or None), the bias absorbs the expected rounding error: ``b -= (W_q - W) E[x]`` (bias correction)."""
+    spec = QuantSpec(bits if bits in (2, 3, 4, 8) else 8, True, "per_channel", None)  # 5..7: 8-bit container
+    qmax = 2 ** (bits - 1) - 1
     for n in gm.graph.nodes:
         if n.op != "call_module":
             continue
         m = gm.get_submodule(n.target)
-        if type(m) is nn.Conv2d and not isinstance(m.padding, str):
-            gm.add_submodule(n.target, QuantConv2d.from_conv(m, spec))
-        elif type(m) is nn.Linear:
-            gm.add_submodule(n.target, QuantLinear.from_linear(m, spec))
+        if _skipped(n.target, skip) and type(m) in (nn.Conv2d, nn.Linear):
+            report.append(LayerReport(n.target, "conv2d" if type(m) is nn.Conv2d else "linear", "skipped", None,
+                                      None, None, "left float (ActivationConfig.skip)"))
+            continue
+        if (type(m) is nn.Conv2d and not isinstance(m.padding, str)) or type(m) is nn.Linear:
+            w = m.weight.detach()
+            scale = (w.float().flatten(1).abs().amax(1, keepdim=True) / qmax).clamp_min(1e-8)
+            if preserve_kernel_sums and w.dim() == 4:
+                codes = kernel_sum_preserving_codes(w, spec, scale, qmax)
+            else:
+                codes = torch.round(w.double() / scale.double().view(-1, *[1] * (w.dim() - 1))).clamp(-qmax - 1, qmax)
+            qw = QuantWeight.from_codes(codes.to(torch.int32), scale, torch.zeros_like(scale), spec)
+            q = QuantConv2d(qw, m.bias, m.stride, m.padding, m.dilation, m.groups) if type(m) is nn.Conv2d else \
+                QuantLinear(qw, m.bias)
         else:
             continue
+        note = "weights: per-channel " + ("RTN, kernel sums kept" if preserve_kernel_sums and type(m) is nn.Conv2d
+                                           and m.weight[0, 0].numel() > 1 else "RTN") + " (BN folded)"
+        if means is not None:
+            mu = means(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+            if mu is None:
+                note += "; no bias correction (no BN statistics for its input)"
+            else:
+                err = (q.quant_weight.dequantize().double() - m.weight.double())
+                groups = getattr(m, "groups", 1)
+                err = err.reshape(err.shape[0], err.shape[1], -1).sum(-1)  # (out, in/groups)
+                if groups == 1:
+                    shift = err @ mu.double()
+                else:  # grouped / depthwise: output o reads input channels of its group
+                    cin_g, per_g = err.shape[1], err.shape[0] // groups
+                    idx = (torch.arange(err.shape[0]) // per_g).unsqueeze(1) * cin_g + torch.arange(cin_g)
+                    shift = (err * mu.double()[idx]).sum(1)
+                b0 = q.bias.double() if q.bias is not None else torch.zeros_like(shift)
+                q.bias = nn.Parameter((b0 - shift).float(), requires_grad=False)
+                note += "; bias-corrected from BN statistics"
+        gm.add_submodule(n.target, q)
         shape = tuple(m.weight.shape)
         report.append(LayerReport(n.target, "conv2d" if type(m) is nn.Conv2d else "linear", "quantized", bits,
-                                  shape, shape, "weights: per-channel RTN (BN folded)"))
+                                  shape, shape, note))
 
 
-def _quant_points(gm: fx.GraphModule) -> dict[fx.Node, list[fx.Node]]:
+def _skipped(name: str, skip: tuple) -> bool:
+    return any(fnmatch.fnmatchcase(name, g) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], g) for g in skip)
+
+
+def _quant_points(gm: fx.GraphModule, skip: tuple = ()) -> dict[fx.Node, list[fx.Node]]:
     """Tensors to quantize -> the users that should read the quantized copy (layers and residual adds)."""
     points: dict[fx.Node, list[fx.Node]] = {}
     for n in gm.graph.nodes:
         m = gm.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(m, _LAYER_TYPES) and _skipped(n.target, skip):
+            continue
         if isinstance(m, _LAYER_TYPES) and n.args and isinstance(n.args[0], fx.Node):
             points.setdefault(n.args[0], []).append(n)
         elif (n.op == "call_function" and n.target in _ADD_FNS) or (n.op == "call_method" and n.target == "add"):
             for a in n.args[:2]:
                 if isinstance(a, fx.Node):
                     points.setdefault(a, []).append(n)
+        elif (isinstance(m, nn.AdaptiveAvgPool2d) or (n.op == "call_function" and n.target is F.adaptive_avg_pool2d)) \
+                and n.args and isinstance(n.args[0], fx.Node):
+            # global pooling reads a quantized tensor: the conv before it gets an integer output (QLinearConv) and
+            # ORT runs the pooling as QLinearGlobalAveragePool
+            points.setdefault(n.args[0], []).append(n)
     return points
 
 
@@ -284,10 +404,13 @@ def quantize_activations_pass(gm: fx.GraphModule, config: ActivationConfig = Act
     gm = copy.deepcopy(gm)
     report = Report()
     stats = _Stats(gm, float(config.k_std))  # also validates every BatchNorm's statistics
-    points = _quant_points(gm)
+    points = _quant_points(gm, config.skip)
     ranges: dict[fx.Node, tuple[float, float, str]] = {}
     need_cal = []
     for node in points:
+        if node.op == "placeholder" and config.input_range is not None:
+            ranges[node] = (float(config.input_range[0]), float(config.input_range[1]), "input_range")
+            continue
         r = stats.bn_range(node) if config.ranges == "bn" else None
         if r is None:
             need_cal.append(node)
@@ -301,12 +424,14 @@ def quantize_activations_pass(gm: fx.GraphModule, config: ActivationConfig = Act
                     f"calibrated ({stats.why.get(node, 'no BN statistics')})"
                 ranges[node] = (*cal[node], how)
     # rewrite: fold BN, quantize weights, then insert the fake-quant nodes
-    if config.fold_bn:
-        folded = _fold_bn(gm)
-        points = {folded.get(k, k): v for k, v in points.items()}
-        ranges = {folded.get(k, k): v for k, v in ranges.items()}
+    folded = _fold_bn(gm) if config.fold_bn else {}
+    points = {folded.get(k, k): v for k, v in points.items()}
+    ranges = {folded.get(k, k): v for k, v in ranges.items()}
     if config.weight_bits is not None:
-        _quantize_weights(gm, config.weight_bits, report)
+        unfolded = {conv: bn for bn, conv in folded.items()}  # a folded conv's output is its BN's output
+        _quantize_weights(gm, config.weight_bits, report,
+                          (lambda x: stats.mean(unfolded.get(x, x))) if config.bias_correction else None,
+                          config.preserve_kernel_sums, config.skip)
     for node, users in points.items():
         if node not in ranges:
             why = stats.why.get(node, "no BN statistics") + "; no calibration data"
@@ -350,6 +475,5 @@ def quantize_activations(model: nn.Module, example_inputs=None,
     gm = capture(model, example_inputs)
     if config.calibration is None and example_inputs is not None:
         ex = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-        config = ActivationConfig(config.bits, config.ranges, (ex,), config.k_std, config.weight_bits,
-                                  config.fold_bn)
+        config = dataclasses.replace(config, calibration=(ex,))
     return quantize_activations_pass(gm, config).gm

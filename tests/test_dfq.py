@@ -1,0 +1,104 @@
+"""DFQ (cross-layer equalization + bias correction): float invariance, equalized ranges, bias correction, bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxcompress as fxc
+from fxcompress.passes.dfq import DFQConfig, dfq_pass
+
+
+class Chain(nn.Module):
+    """conv -> BN -> act -> depthwise -> BN -> act -> conv -> BN, pooled linear head (MobileNetV2's block)."""
+
+    def __init__(self, act=nn.ReLU):
+        super().__init__()
+        self.c1, self.b1, self.a1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), act()
+        self.dw, self.b2, self.a2 = nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), act()
+        self.c3, self.b3 = nn.Conv2d(16, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = self.a2(self.b2(self.dw(self.a1(self.b1(self.c1(x))))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.b3(self.c3(y)), 1), 1))
+
+
+def _model(act=nn.ReLU, seed=0):
+    torch.manual_seed(seed)
+    m = Chain(act)
+    with torch.no_grad():  # channels of very different ranges: what equalization is for
+        m.b1.weight.copy_(torch.logspace(-2, 1, 16))
+        m.b2.weight.copy_(torch.logspace(1, -2, 16)[torch.randperm(16)])
+    x = torch.randn(512, 3, 10, 10, generator=torch.Generator().manual_seed(seed))
+    for bn in (m.b1, m.b2, m.b3):
+        bn.momentum = None  # BN statistics of exactly this data
+    m.train()
+    with torch.no_grad():
+        m(x)
+    return m.eval(), x
+
+
+def test_equalization_keeps_the_float_function_and_equalizes_ranges():
+    m, x = _model()
+    gm = fxc.capture(m, (x[:1],))
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    res = dfq_pass(gm, DFQConfig(weight_bits=None))
+    with torch.no_grad():
+        torch.testing.assert_close(res.gm(x), m(x), rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, gm.state_dict()[k]) for k, v in before.items())  # the input is not modified
+    q = res.gm
+    # plain reference: after equalization, conv1's BN-folded output range of channel i equals dw's range of channel i
+    gain = (q.b1.weight.detach() / torch.sqrt(q.b1.running_var + q.b1.eps)).abs()
+    r1 = q.c1.weight.detach().flatten(1).abs().amax(1) * gain
+    r2 = q.dw.weight.detach().flatten(1).abs().amax(1)
+    torch.testing.assert_close(r1, r2, rtol=1e-3, atol=0)
+    r1_before = m.c1.weight.detach().flatten(1).abs().amax(1) * (m.b1.weight.detach() / torch.sqrt(m.b1.running_var + m.b1.eps)).abs()
+    assert float(r1_before.max() / r1_before.min()) > 10 * float(r1.max() / r1.min())
+    assert {r.layer for r in res.report if r.action == "equalized"} == {"dw", "c3"}
+
+
+def test_bias_correction_reduces_the_output_mean_error():
+    m, x = _model()
+    gm = fxc.capture(m, (x[:1],))
+    with torch.no_grad():
+        ref = m.b3(m.c3(m.a2(m.b2(m.dw(m.a1(m.b1(m.c1(x))))))))
+    errs = {}
+    for bc in (False, True):
+        q = dfq_pass(gm, DFQConfig(equalize=False, weight_bits=3, bias_correction=bc)).gm
+        got = {}
+        q.get_submodule("c3").register_forward_hook(lambda mod, i, o: got.__setitem__("y", o))
+        with torch.no_grad():
+            q(x)
+        errs[bc] = float((got["y"] - ref).mean((0, 2, 3)).abs().mean())
+    assert errs[True] < 0.5 * errs[False], errs
+
+
+def test_relu6_is_replaced_or_skipped_and_reported():
+    m, x = _model(act=nn.ReLU6)
+    gm = fxc.capture(m, (x[:1],))
+    res = dfq_pass(gm, DFQConfig(weight_bits=None))
+    assert type(res.gm.a1) is nn.ReLU and "ReLU6 before it replaced by ReLU" in {r.layer: r for r in res.report}["dw"].note
+    res = dfq_pass(gm, DFQConfig(relu6="skip", weight_bits=8))
+    rows = {(r.layer, r.action): r for r in res.report}
+    assert ("dw", "skipped") in rows and "not positively homogeneous" in rows[("dw", "skipped")].note
+    assert type(res.gm.a1) is nn.ReLU6
+
+
+def test_nothing_to_compress_and_bad_config():
+    lin = nn.Sequential(nn.Linear(4, 4))
+    gm = fxc.capture(lin, (torch.randn(1, 4),))
+    with pytest.raises(fxc.NothingToCompressError, match="dfq changed nothing"):
+        dfq_pass(gm, DFQConfig(weight_bits=None))
+    for kw, field in [(dict(relu6="clip"), "relu6"), (dict(weight_bits=9), "weight_bits"), (dict(sweeps=0), "sweeps")]:
+        with pytest.raises(ValueError, match=field):
+            DFQConfig(**kw)
+    with pytest.raises(ValueError, match="DFQConfig"):
+        dfq_pass(gm, {"weight_bits": 8})
+
+
+def test_public_name_and_composition_with_integer_activations():
+    m, x = _model()
+    e = fxc.dfq(m, (x[:1],), fxc.DFQConfig(weight_bits=None))
+    q = fxc.quantize_activations(e, (x[:1],), fxc.ActivationConfig(input_range=(-5.0, 5.0)))
+    with torch.no_grad():
+        assert F.cosine_similarity(q(x[:64]), m(x[:64])).mean() > 0.98
