@@ -167,11 +167,15 @@ def torch_pruning_l1(model: nn.Module, x1: torch.Tensor, producers: list[str], r
 def quantize_wa(model: nn.Module, x1: torch.Tensor, ranges: str, calibration=None) -> tuple[nn.Module, str]:
     """8-bit weights (per channel, BN folded) + uint8 activations; returns (model, how the ranges were set).
 
-    ``ranges="bn"``: from BatchNorm statistics; tensors without them (the network input, the classifier's
-    pooled input) fall back to calibration on the one example image ``x1`` -- the pass's documented
-    default -- and the note counts them.  ``ranges="calibrate"``: min/max over ``calibration`` batches.
+    ``ranges="bn"``: from BatchNorm statistics, the network input's from the preprocessing (``input_range``);
+    a tensor without either falls back to calibration on the one example image ``x1`` -- the pass's
+    documented default -- and the note counts them.  ``ranges="calibrate"``: min/max over ``calibration`` batches.
     """
-    cfg = fxc.ActivationConfig(bits=8, ranges=ranges, calibration=tuple(calibration) if calibration else None)
+    # data-free: the network input's range follows from the preprocessing (pixels in [0, 1], normalized)
+    tfc = _load_train_module()
+    input_range = ((0.0 - tfc.MEAN) / tfc.STD, (1.0 - tfc.MEAN) / tfc.STD) if ranges == "bn" else None
+    cfg = fxc.ActivationConfig(bits=8, ranges=ranges, calibration=tuple(calibration) if calibration else None,
+                               input_range=input_range)
     q = fxc.quantize_activations(model, (x1[:1].contiguous(),), cfg)
     acts = [r for r in fxc.report(q) if r.op == "activation"]
     n_bn = sum(r.action == "quantized" and "BN:" in r.note for r in acts)
@@ -484,8 +488,8 @@ def main(argv=None) -> int:
               "QDQ, checked to run QLinearConv, with ORT vs torch fake-quant accuracy on the first 1000 images in "
               "the note). delta: points vs the float torch row. params: Conv/Linear weights; "
               "MFLOPs: 2 x Conv/Linear MACs per image; ORT ms: batch 1, median of "
-              f"{args.iters} runs, {args.threads} intra-op threads, exported graph (weight-only QDQ rows: "
-              "dequantized at run time, so not faster than fp32). UDFC and its baselines use `skip=()` (the "
+              f"{args.iters} runs, {args.threads} intra-op threads, exported graph (weight-only rows: "
+              "`load_ort` dequantizes the integer conv weights once at load, so they run at fp32 speed). UDFC and its baselines use `skip=()` (the "
               "classifier is quantized too); torch-pruning prunes the producer convs UDFC pruned, same ratio."),
               "The machine is shared with other jobs: latencies are noisy, compare within a model."]
     evaluators: list[Evaluator] = []
