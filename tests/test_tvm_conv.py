@@ -21,7 +21,7 @@ tvm = pytest.importorskip("tvm")
 import fxcompress as fxc  # noqa: E402
 from fxcompress.backends.tvm import TVMBackendError, build_tvm, compile_tvm, lower_to_relax  # noqa: E402
 from fxcompress.backends.tvm.kernels.conv_int8 import ConvGeometry, weight_codes_int8  # noqa: E402
-from fxcompress.models.vision import resnet18  # noqa: E402
+from fxcompress.models.vision import resnet18, with_random_bn_statistics  # noqa: E402
 from fxcompress.nn import QuantConv2d  # noqa: E402
 from fxcompress.quant import QuantSpec  # noqa: E402
 
@@ -31,16 +31,7 @@ HAS_NVCC = shutil.which("nvcc") is not None
 def _resnet(seed=0):
     """A ResNet-18 (ImageNet layout, 10 classes) with non-trivial BatchNorm statistics."""
     torch.manual_seed(seed)
-    m = resnet18(num_classes=10).eval()
-    g = torch.Generator().manual_seed(seed)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            n = mod.num_features
-            mod.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-            mod.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-            mod.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            mod.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-    return m
+    return with_random_bn_statistics(resnet18(num_classes=10).eval(), seed)
 
 
 def _int8_conv_constants(mod) -> list:

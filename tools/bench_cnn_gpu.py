@@ -46,21 +46,11 @@ ROWS = ("torch fp16 eager", "torch fp16 compile", "ORT CUDA EP fp16", "TVM int8 
 
 def _model(seed: int = 0, num_classes: int = 1000):
     import torch
-    from torch import nn
 
-    from fxcompress.models.vision import resnet18
+    from fxcompress.models.vision import resnet18, with_random_bn_statistics
 
     torch.manual_seed(seed)
-    m = resnet18(num_classes=num_classes).eval()
-    g = torch.Generator().manual_seed(seed)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            n = mod.num_features
-            mod.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-            mod.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-            mod.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            mod.bias.data.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-    return m
+    return with_random_bn_statistics(resnet18(num_classes=num_classes).eval(), seed)
 
 
 def _cos(a, b) -> float:
@@ -150,7 +140,6 @@ class Bench:
         return t, torch.from_numpy(yv.numpy().astype(np.float32))
 
     def tvm(self, qmodel, x):
-        import torch
         import tvm
 
         from fxcompress.backends.tvm import compile_tvm

@@ -216,6 +216,22 @@ def mobilenet_v2_weights_path() -> Path:
                          MOBILENET_V2_PACKAGE)
 
 
+def with_random_bn_statistics(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` with every BatchNorm2d given seeded non-trivial statistics and affine parameters, in place
+    (a freshly initialised model has mean 0 / var 1 / weight 1 / bias 0, which hides what BN folding and
+    BN-derived ranges do); for tests and benchmarks without trained weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                n = mod.num_features
+                mod.running_mean.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+                mod.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                mod.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                mod.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
+    return model
+
+
 def pretrained_mobilenet_v2() -> MobileNetV2:
     """MobileNetV2 with torchvision's ImageNet-1k weights (``mobilenet_v2-b0353104.pth``), in eval mode."""
     state = torch.load(mobilenet_v2_weights_path(), map_location="cpu", weights_only=True)
