@@ -165,7 +165,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="markdown output (default tools/results/decode_profile.md; --cpu: "
                                                 "tools/results/decode_launches.md)")
     args = ap.parse_args(argv)
-    import fxcompress as fxc
     from bench_decode_gpu import make_models
     from fxcompress.backends.tvm import TVMBuildConfig, build_tvm
     from fxcompress.passes.fusion import fuse_linears
