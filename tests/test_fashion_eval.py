@@ -100,8 +100,8 @@ def test_rows_and_table(tiny, tmp_path):
     assert r.runtime == "ORT CPU" and r.latency_ms > 0
     assert r.acc == efc.accuracy_ort(load_ort(path, intra_op_num_threads=1), x, y)
     assert abs(r.acc - by[("RTN per channel", "torch", 0.0, 4)].acc) <= 100 * 2 / len(x)
-    assert not any("failed" in r.note for r in rows if r.method != "DFQ"), [r.note for r in rows]
-    assert any(r.method == "DFQ" and "udfc_cnn_eval.md" in r.note for r in rows)
+    assert not any("failed" in r.note for r in rows), [r.note for r in rows]
+    assert any(r.method.startswith("DFQ") and r.acc is not None for r in rows)
     text = efc.render([ev], ["header line"])
     assert "| tiny | float | 0% | fp32 | fp32 | torch | 75.00 | +0.00 |" in text
     assert "within 1 point of float" in text and ("holds" in text or "MISSED" in text)

@@ -13,7 +13,7 @@ first ``--limit N``) of each model under:
 * UDFC prune 10 / 30 / 50 % x weights 8 / 6 / 4 bits, and 8-bit weights + activations (bn ranges) on top;
 * baselines: L1 pruning + RTN without compensation (UDFC's code path with ``compensate=False``),
   torch-pruning (DepGraph, L1 importance) of the same producer convs at the same ratio + RTN, and DFQ
-  when ``fxcompress.passes.dfq`` exists (otherwise a row pointing to ``udfc_cnn_eval.md``).
+  (``fxc.dfq``: cross-layer equalization + bias correction) + RTN, and DFQ + 8-bit activations.
 
 Columns: accuracy, delta vs the float torch accuracy (points), Conv/Linear weight count, FLOPs (2 x the
 multiply-accumulates of every Conv2d / Linear, per image), ORT CPU latency at batch 1 (``--threads``
@@ -329,13 +329,13 @@ def _core_rows(ev: Evaluator, model: nn.Module, bits, calibration, want) -> None
     for b in bits:
         if want("RTN"):
             ev.add("RTN per channel", lambda b=b: rtn(model, x1, b), wbits=b)
-    if want("DFQ"):
-        if importlib.util.find_spec("fxcompress.passes.dfq") is None:
-            ev.rows.append(Row(ev.name, "DFQ", note="DFQ: see udfc_cnn_eval.md (fxcompress.passes.dfq is not on "
-                                                    "this branch)"))
-        else:
-            ev.rows.append(Row(ev.name, "DFQ", note="DFQ: fxcompress.passes.dfq exists but is not wired into this "
-                                                    "table yet; see udfc_cnn_eval.md"))
+    if want("DFQ"):  # data-free baseline: cross-layer equalization + bias correction (fxc.dfq), then RTN
+        for b in bits:
+            ev.add("DFQ + RTN per channel", lambda b=b: fxc.dfq(model, (x1[:1],), fxc.DFQConfig(weight_bits=b)),
+                   wbits=b)
+        if want("w8a8"):
+            ev.add("DFQ + w8a8 bn ranges", lambda: quantize_wa(fxc.dfq(model, (x1[:1],), fxc.DFQConfig(
+                weight_bits=None)), x1, "bn"), wbits=8, abits=8, ort_accuracy=True, require_qlinear=True)
 
 
 def _prune_rows(ev: Evaluator, model: nn.Module, bits, prunes, want) -> None:
