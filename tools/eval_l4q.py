@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxcompress as fxc
-from fxcompress.data.text import corpus_documents
+from fxcompress.data.text import corpus_documents, token_windows
 from fxcompress.finetune import perplexity, train_lm
 from fxcompress.passes.l4q import l4q_pass
 
@@ -81,19 +81,6 @@ def split_by_plays(tokenizer, tiny: bool):
         held_docs = [(t, x[:8_000]) for t, x in held_docs]
     enc = lambda ds: torch.tensor([i for _, x in ds for i in tokenizer.encode(x + "\n\n\n")], dtype=torch.long)
     return enc(train_docs), enc(held_docs), [t for t, _ in held_docs]
-
-
-def windows(ids, seq_len, batch, *, shuffle=False, seed=0, max_tokens=None):
-    """LongTensor[b, seq_len] batches of non-overlapping windows (optionally permuted by ``seed``)."""
-    if max_tokens is not None:
-        ids = ids[:max_tokens]
-    n = len(ids) // seq_len
-    if n == 0:
-        raise ValueError(f"{len(ids)} tokens are fewer than one window of {seq_len}")
-    w = ids[: n * seq_len].reshape(n, seq_len)
-    if shuffle:
-        w = w[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
-    return [w[i:i + batch] for i in range(0, n, batch)]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -279,8 +266,8 @@ def main():
     t_start = time.time()
     tok = load_tokenizer()
     train_ids, held_ids, held_titles = split_by_plays(tok, args.tiny)
-    eval_batches = windows(held_ids, args.seq + 1, args.batch, max_tokens=args.eval_tokens + args.seq + 1)
-    train_batches = windows(train_ids, args.seq + 1, args.batch, shuffle=True, seed=args.seed)
+    eval_batches = token_windows(held_ids, args.seq + 1, args.batch, max_tokens=args.eval_tokens + args.seq + 1)
+    train_batches = token_windows(train_ids, args.seq + 1, args.batch, shuffle=True, seed=args.seed)
     if args.render_only:
         name = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32)"
         text = render(json.loads(Path(args.json).read_text()), args, name, held_titles, None)

@@ -82,14 +82,21 @@ def token_batches(ids, seq_len: int, batch: int, split: str = "train", *, max_to
     order is permuted by ``seed``.  The last batch may hold fewer than ``batch`` windows; a partial
     window at the end is dropped.
     """
+    return token_windows(split_ids(ids, split, heldout_fraction), seq_len, batch, max_tokens=max_tokens,
+                         shuffle=shuffle, seed=seed, what=f"the {split} split")
+
+
+def token_windows(ids, seq_len: int, batch: int, *, max_tokens: int | None = None, shuffle: bool = False,
+                  seed: int = 0, what: str = "the token stream"):
+    """:func:`token_batches` on the whole 1-D stream ``ids`` (a split made elsewhere, e.g. by whole documents)."""
     if seq_len < 2 or batch < 1:
         raise ValueError(f"need seq_len >= 2 and batch >= 1, got seq_len={seq_len} batch={batch}")
-    part = split_ids(ids, split, heldout_fraction)
+    part = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
     if max_tokens is not None:
         part = part[:max_tokens]
     n = len(part) // seq_len
     if n == 0:
-        raise ValueError(f"the {split} split holds {len(part)} tokens, fewer than one window of {seq_len}")
+        raise ValueError(f"{what} holds {len(part)} tokens, fewer than one window of {seq_len}")
     windows = part[: n * seq_len].reshape(n, seq_len)
     if shuffle:
         windows = windows[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
