@@ -172,7 +172,6 @@ def quantize_wa(model: nn.Module, x1: torch.Tensor, ranges: str, calibration=Non
     documented default -- and the note counts them.  ``ranges="calibrate"``: min/max over ``calibration`` batches.
     """
     # data-free: the network input's range follows from the preprocessing (pixels in [0, 1], normalized)
-    tfc = _load_train_module()
     input_range = ((0.0 - tfc.MEAN) / tfc.STD, (1.0 - tfc.MEAN) / tfc.STD) if ranges == "bn" else None
     cfg = fxc.ActivationConfig(bits=8, ranges=ranges, calibration=tuple(calibration) if calibration else None,
                                input_range=input_range)
