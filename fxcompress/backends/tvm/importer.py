@@ -145,6 +145,27 @@ def _convert_addmm(node, importer):
     return bb.emit(relax.op.add(bias, res))
 
 
+def _convert_matmul(node, importer):
+    """``aten.matmul`` / ``mm`` / ``bmm`` with torch's dtype rule: fp16 / bf16 inputs give an fp16 / bf16 product.
+
+    TVM 0.27's converter emits every float matmul with an fp32 result, so in an fp16 model the attention output
+    (``softmax(.) @ v``) became fp32: the next quantized linear saw an fp32 input (no hand-written fp16 kernel,
+    a slower generic decode) and the residual stream after it was fp32 too.  Here the product accumulates in fp32
+    and is cast back to the inputs' dtype (FuseOps folds the cast into the matmul's kernel)."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    a, b = importer.env[node.args[0]], importer.env[node.args[1]]
+    da, db = str(a.ty.dtype), str(b.ty.dtype)
+    if da != db:
+        raise TVMBackendError(f"matmul node {node.name!r} multiplies {da} by {db}; torch.matmul needs one dtype: "
+                              "cast one operand in the model")
+    res = bb.emit(relax.op.matmul(a, b, out_dtype="float32"))
+    if da in ("float16", "bfloat16"):
+        res = bb.emit(relax.op.astype(res, da))
+    return res
+
+
 def _convert_cumsum(node, importer):
     """``aten.cumsum`` with torch's dtype rule: a bool or integer input accumulates in int64.
 
@@ -255,6 +276,9 @@ def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | Non
             mod = from_exported_program(ep, custom_convert_map={_OP_NAME: convert, _CONV_OP: convert_conv,
                                                                   _ACT_OP: convert_act,
                                                                   "addmm.default": _convert_addmm,
+                                                                  "matmul.default": _convert_matmul,
+                                                                  "mm.default": _convert_matmul,
+                                                                  "bmm.default": _convert_matmul,
                                                                   "cumsum.default": _convert_cumsum})
         except AssertionError as e:
             msg = str(e)
