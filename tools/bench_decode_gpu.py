@@ -14,7 +14,7 @@ Variants of the integer model (``--fuse``, default on): ``fxcompress.passes.fusi
 gate/up into one linear each (7 -> 4 linears per layer); ``--int8-head`` also quantizes the lm_head to int8 per
 channel (``quantize_rtn(RTNConfig(bits=8, granularity="per_channel", targets=("lm_head",)))``).  The rows before
 the last are built with ``TVMBuildConfig(fuse_epilogues=False)``; the last row ("+ fused epilogues") is the fused
-model built with ``fuse_epilogues=True`` (off by default in the backend: residual add and silu(gate) * up inside the int4
+model built with ``fuse_epilogues=True`` (the backend's default since 2026-11-27: residual add and silu(gate) * up inside the int4
 kernels, each RMSNorm one kernel, split parts fused into their consumers).  "launches / layer" = CUDA kernel
 launches of a middle decoder layer, counted in the built module (tools/profile_decode_gpu.py, which lists them).
 

@@ -6,7 +6,7 @@
 Model: the one of tools/bench_decode_gpu.py (``CausalLM`` hidden 2048, intermediate 5632, 4 layers, 16 heads,
 vocab 32000, random init), its linears RTN int4 g128 asymmetric (``--l4q``: the bench's L4Q-converted weights)
 with q/k/v and gate/up fused (``fuse_linears``); lm_head fp16.  Built with ``build_tvm(..., target="cuda",
-dtype=torch.float16)`` twice: ``TVMBuildConfig(fuse_epilogues=False)`` (the default) and ``True``.
+dtype=torch.float16)`` twice: ``TVMBuildConfig(fuse_epilogues=False)`` and ``True`` (the default).
 
 Launch list (no GPU needed): the scheduled Relax ``main`` after ``RewriteDataflowReshape`` (the VM turns
 reshape-like ``call_tir``s into views, so they launch nothing), one row per ``call_tir`` in program order, times
@@ -91,7 +91,8 @@ def launch_list(build) -> list[tuple[str, int]]:
     for block in mod["main"].body.blocks:
         for b in block.bindings:
             v = b.value
-            if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.call_tir":
+            if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name in ("relax.call_tir",
+                                                                                            "relax.call_tir_inplace"):
                 name = v.args[0].name_hint
                 out.append((name, per_func.get(name, 1)))
     return out

@@ -7,10 +7,10 @@ The model, quantization and ``compile_lm(..., backend="tvm", dtype=fp16)`` call 
 the same decode loop (batch 1, after a ``--prompt-len`` prefill):
 
 1. **end to end**: ``lm.generate`` ms/token, as the bench reports it;
-2. **host loop, phase by phase** (a device sync after each phase, so each is charged what it costs): the
-   token's ids / position copied into the step's input tensors, the Relax VM call (returns once the work is
-   queued), the wait for the GPU, the logits to the host, the next token picked;
-3. **the step alone**: the VM call timed between CUDA events, back to back (hot) and after an L2 flush (cold);
+2. **the loop, phase by phase** (a device sync after each phase, so each is charged what it costs): the next
+   token picked where the logits are, the step queued (``TVMSteps.decode``: ids / position into the step's
+   input buffers, then the CUDA-graph replay or the VM call), the wait for the GPU;
+3. **the step alone**: ``decode()`` timed between CUDA events, back to back (hot) and after an L2 flush (cold);
 4. **kernels** (GPU): torch.profiler (CUPTI sees TVM's kernels, CUDA-graph replays included) over ``--tokens``
    decode steps: launches and µs per token by kernel name, and the host-side CUDA API calls.
 
@@ -40,51 +40,42 @@ def _sync(cuda: bool):
 
 
 def phase_times(lm, ids, tokens: int, cuda: bool) -> dict:
-    """Mean µs per decode token of each host-loop phase (TVM stepper)."""
-    st = lm.steps
-    st.reset()
+    """Median µs per decode token of each phase of the generation loop, a device sync after each."""
     from fxcompress.lm.sampling import _prefill
 
+    st = lm.steps
+    st.reset()
     logits = _prefill(st, ids, lm.spec.prefill_chunk)
     p = ids.shape[1]
-    acc = {k: [] for k in ("inputs to device", "VM call (queue the step)", "wait for the GPU", "logits to host",
-                           "pick the token")}
-    main = st.vms["decode"]["main"]
-    from fxcompress.lm.tvm_steps import _flatten
-
+    acc = {k: [] for k in ("pick the token (argmax where the logits are)", "queue the step (decode(): inputs + "
+                           "graph replay or VM call)", "wait for the GPU")}
     for i in range(tokens):
         t0 = time.perf_counter()
         nxt = pick_next(logits, 0.0, None, None)
+        _sync(cuda)
         t1 = time.perf_counter()
-        bufs = st._fill("decode", nxt[:, None], torch.tensor([p + i]))
-        _sync(cuda)
+        logits = st.decode(nxt, p + i)
         t2 = time.perf_counter()
-        res = _flatten(main(*bufs, *st.caches))
-        t3 = time.perf_counter()
         _sync(cuda)
-        t4 = time.perf_counter()
-        st.caches = res[1:]
-        logits = torch.from_dlpack(res[0]).float().cpu()[:, -1]
-        t5 = time.perf_counter()
-        for k, v in zip(acc, (t2 - t1, t3 - t2, t4 - t3, t5 - t4, t1 - t0)):
+        t3 = time.perf_counter()
+        for k, v in zip(acc, (t1 - t0, t2 - t1, t3 - t2)):
             acc[k].append(v * 1e6)
     return {k: statistics.median(v) for k, v in acc.items()}
 
 
 def step_times(lm, ids, calls: int, cuda: bool) -> tuple[float, float | None]:
-    """(hot µs, cold µs) of the decode VM call alone (cold: an L2 flush before each call; GPU only)."""
+    """(hot µs, cold µs) of the decode step alone, ``decode()`` at one position (cold: an L2 flush before each
+    call; GPU only)."""
     st = lm.steps
     st.reset()
-    bufs = st._fill("decode", ids[:, :1], torch.tensor([0]))
-    main = st.vms["decode"]["main"]
-    caches = list(st.caches)
+    nxt = ids[:, 0]
     for _ in range(3):
-        main(*bufs, *caches)
+        st.decode(nxt, 0)
     _sync(cuda)
     if not cuda:
         t = time.perf_counter()
         for _ in range(calls):
-            main(*bufs, *caches)
+            st.decode(nxt, 0)
         return (time.perf_counter() - t) / calls * 1e6, None
     from gpu_timing import L2Flush
 
@@ -92,7 +83,7 @@ def step_times(lm, ids, calls: int, cuda: bool) -> tuple[float, float | None]:
     s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     s.record()
     for _ in range(calls):
-        main(*bufs, *caches)
+        st.decode(nxt, 0)
     e.record()
     torch.cuda.synchronize()
     hot = s.elapsed_time(e) * 1e3 / calls
@@ -100,7 +91,7 @@ def step_times(lm, ids, calls: int, cuda: bool) -> tuple[float, float | None]:
     for _ in range(calls):
         flush()
         s.record()
-        main(*bufs, *caches)
+        st.decode(nxt, 0)
         e.record()
         torch.cuda.synchronize()
         cold.append(s.elapsed_time(e) * 1e3)
@@ -167,13 +158,13 @@ def main(argv=None) -> int:
              f"`python tools/profile_generate.py {argv_s}`; model {a.model}, int4 g{a.group} RTN asymmetric "
              f"(lm_head float), compile_lm(backend='tvm', dtype={'fp16' if cuda else 'fp32'}, cuda_graph="
              f"{not a.no_cuda_graph}), static cache {a.max_seq_len}, prompt {a.prompt_len}, {new} new tokens; "
-             f"build {tb:.0f} s.", "",
+             f"build {tb:.0f} s; decode CUDA graph: {lm.steps.graph_status}.", "",
              f"1. End to end (`lm.generate`): TTFT {ttft:.1f} ms, decode **{ms * 1e3:.1f} µs/token**.", "",
-             "2. Host loop, phase by phase (median µs per token, a device sync after each phase):", "",
+             "2. The loop, phase by phase (median µs per token, a device sync after each phase):", "",
              "| phase | µs / token |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in phases.items()]
     lines += [f"| sum | {sum(phases.values()):.1f} |", "",
-              f"3. The decode step alone (VM call, 50 calls): hot {hot:.1f} µs"
+              f"3. The decode step alone (decode(), 50 calls): hot {hot:.1f} µs"
               + (f", cold (L2 flushed before each) {cold:.1f} µs." if cold is not None else "."), ""]
     if cuda:
         rows, apis, ksum = kernel_table(lm, ids, new - 1)

@@ -31,7 +31,9 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     k_cache = k_cache.scatter(2, idx, k.to(k_cache.dtype))
     v_cache = v_cache.scatter(2, idx, v.to(v_cache.dtype))
     qg = q.reshape(b, kvh, rep * t, d)  # heads kvh*rep + r of one KV head next to each other
-    scores = torch.matmul(qg, k_cache.transpose(2, 3).to(q.dtype)) * scale  # [B, KVH, rep*T, S]
+    # (K q^T)^T, not q K^T: the cache is read in its stored layout (a compiler would otherwise copy the whole
+    # transposed cache every step) and only the small [S, rep*T] product is transposed
+    scores = torch.matmul(k_cache.to(q.dtype), qg.transpose(2, 3)).transpose(2, 3) * scale  # [B, KVH, rep*T, S]
     slots = torch.arange(s, device=q.device)
     visible = (slots.reshape(1, s) <= cache_position.reshape(t, 1)).repeat(rep, 1)  # [rep*T, S]
     # additive mask: 0 where visible, -30000 elsewhere (exp underflows to exactly 0; finite in fp16 too, and no

@@ -81,9 +81,31 @@ class CompiledLM:
         return d
 
 
+def _fuse_linears(graphs: dict, spec: LMSpec) -> dict:
+    """Each step graph with its shared-input linears fused, checked on the step's example inputs (a graph with
+    nothing to fuse is kept as it is)."""
+    from ..passes.base import NothingToCompressError
+    from ..passes.fusion import fuse_linears
+    from .steps import example_inputs
+
+    out = {}
+    for kind, g in graphs.items():
+        seq = spec.prefill_chunk if kind == "prefill" else 1
+        args = example_inputs(spec, seq)
+        half = any(dt != "float32" for _, _, dt in spec.cache)
+        try:
+            fused = fuse_linears(g, args, atol=2e-2 if half else 1e-4, rtol=2e-2 if half else 1e-4)
+        except NothingToCompressError:
+            fused = g
+        fused.meta.update(g.meta)
+        out[kind] = fused
+    return out
+
+
 def compile_lm(model, backend: str = "torch", device: str = "cpu", max_seq_len: int = 2048,
                dtype: torch.dtype | None = None, *, batch_size: int = 1, prefill_chunk: int = 64,
-               weight_format: str = "matmulnbits", accuracy_level: int | None = None, cuda_graph: bool = True) -> CompiledLM:
+               weight_format: str = "matmulnbits", accuracy_level: int | None = None, cuda_graph: bool = True,
+               fuse: bool | None = None) -> CompiledLM:
     """Compile a causal LM (``forward(input_ids) -> logits``: the built-in ``CausalLM``, a Hugging Face
     ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MistralForCausalLM``, or either after ``quantize_rtn`` /
     ``convert_l4q``) into cached prefill / decode steps on ``backend`` ("torch", "ort", "tvm").
@@ -94,6 +116,9 @@ def compile_lm(model, backend: str = "torch", device: str = "cpu", max_seq_len: 
     default, 4 = int8 activations in MatMulNBits on CPU; 0 = fp32 compute, token-exact with torch, slower).  TVM on CUDA: ``cuda_graph``
     builds the steps with ``relax.backend.use_cuda_graph`` (0.88 vs 1.31 ms/token on the 2048-wide model in
     tools/results/generate_gpu.md, two runs; both reproduce the uncached model's greedy tokens on an H100).
+    ``fuse``: linears that read one tensor (q/k/v, gate/up) become one linear in both steps
+    (:func:`fxcompress.fuse_linears`, checked against the unfused step); None = on for TVM (one kernel launch
+    and one weight stream instead of three), off for torch and ORT.
     The model is not modified.
     """
     if backend not in BACKENDS:
@@ -123,6 +148,12 @@ def compile_lm(model, backend: str = "torch", device: str = "cpu", max_seq_len: 
                                  dtype=None if backend == "ort" else dtype)
     check_steps(pre, dec, spec)
     graphs = {"prefill": pre, "decode": dec}
+    if fuse is None:
+        fuse = backend == "tvm"
+    if not isinstance(fuse, bool):
+        raise LMError(f"fuse must be None, True or False, got {fuse!r}")
+    if fuse:
+        graphs = _fuse_linears(graphs, spec)
     if backend == "torch":
         from .torch_steps import TorchSteps
 

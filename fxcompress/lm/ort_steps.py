@@ -129,3 +129,7 @@ class OrtSteps:
         sess.run_with_iobinding(b)
         self._cur = 1 - self._cur
         return torch.from_numpy(b.get_outputs()[0].numpy()).float()  # only the logits leave the device
+
+    def decode(self, nxt: torch.Tensor, pos: int) -> torch.Tensor:
+        """One decode step for tokens ``nxt`` ``[B]``: last-position logits ``[B, V]`` (on the host)."""
+        return self.step("decode", nxt.reshape(self.spec.batch, 1).cpu(), torch.tensor([int(pos)]))[:, -1]

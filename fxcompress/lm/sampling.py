@@ -78,34 +78,68 @@ def _prefill(stepper, ids: torch.Tensor, chunk: int) -> torch.Tensor:
     return logits
 
 
+class _HostCopy:
+    """Token ids copied to the host without waiting for work queued after them: a CUDA tensor is copied into
+    pinned memory behind an event, so the host can read it while the next decode step runs on the GPU."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self.event = None
+        if tensors[0].device.type == "cpu":
+            self.values = tensors
+            return
+        self.values = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                            for t in tensors)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def get(self) -> tuple:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.values
+
+
 def generate_tokens(stepper, spec, input_ids, max_new_tokens=64, temperature=0.0, top_k=None, eos_token_id=None,
                     seed=None, on_token=None, stats: dict | None = None) -> torch.Tensor:
     """Greedy (temperature 0) or sampled generation; ``[B, prompt + new]`` (shorter when every row hit EOS).
 
-    ``on_token(ids [B])`` is called per new token (streaming); ``stats`` receives ``ttft_s`` and ``decode_s``."""
+    The next token is picked where the stepper leaves the logits (on the GPU for the torch and TVM steppers) and
+    fed to the next step from there; the host reads a token (``on_token`` streaming, the EOS check) only after
+    the next step is queued, so the GPU is not left idle while the host looks.  ``on_token(ids [B])`` is called
+    per new token; ``stats`` receives ``ttft_s`` and ``decode_s``.  Sampling with ``seed`` is repeatable on the
+    same device (the generator lives where the logits are)."""
     ids = check_request(input_ids, spec, max_new_tokens, temperature, top_k)
-    gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     b, p = ids.shape
     stepper.reset()
     t0 = time.perf_counter()
     logits = _prefill(stepper, ids, spec.prefill_chunk)
-    out = [ids]
-    done = torch.zeros(b, dtype=torch.bool)
+    gen = None
+    toks = []
+    done = None
     t1 = None
+    eos = None if eos_token_id is None else int(eos_token_id)
     for i in range(max_new_tokens):
+        if seed is not None and gen is None:
+            gen = torch.Generator(device=logits.device).manual_seed(int(seed))
         nxt = pick_next(logits, temperature, top_k, gen)
-        if eos_token_id is not None:
-            nxt = torch.where(done, torch.full_like(nxt, int(eos_token_id)), nxt)
-            done |= nxt == int(eos_token_id)
-        out.append(nxt[:, None])
+        if eos is not None:
+            done = torch.zeros(b, dtype=torch.bool, device=nxt.device) if done is None else done
+            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+            done = done | (nxt == eos)
+        toks.append(nxt)
+        look = _HostCopy(*([nxt] if done is None else [nxt, done])) if (on_token is not None or eos is not None or t1 is None) else None
+        if i < max_new_tokens - 1:
+            logits = stepper.decode(nxt, p + i)  # queued; the host goes on while it runs
+        if look is None:
+            continue
+        host_nxt, *host_done = look.get()
         if t1 is None:
             t1 = time.perf_counter()
         if on_token is not None:
-            on_token(nxt)
-        if i == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+            on_token(host_nxt)
+        if host_done and bool(host_done[0].all()):
             break
-        logits = stepper.step("decode", nxt[:, None], torch.tensor([p + i]))[:, -1]
+    out = torch.cat([ids] + [t.reshape(b, 1).cpu() for t in toks], 1)  # waits for the last token
     if stats is not None:
         t2 = time.perf_counter()
-        stats.update(ttft_s=t1 - t0, decode_s=t2 - t1, new_tokens=len(out) - 1)
-    return torch.cat(out, 1)
+        stats.update(ttft_s=t1 - t0, decode_s=t2 - t1, new_tokens=len(toks))
+    return out

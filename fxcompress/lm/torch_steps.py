@@ -27,6 +27,14 @@ class TorchSteps:
         self.caches = list(out[1:])
         return out[0].float().cpu()
 
+    @torch.no_grad()
+    def decode(self, nxt: torch.Tensor, pos: int) -> torch.Tensor:
+        """One decode step for tokens ``nxt`` ``[B]``: last-position logits ``[B, V]``, left on the device."""
+        ids = nxt.reshape(self.spec.batch, 1).to(self.device, torch.long)
+        out = self.graphs["decode"](ids, torch.full((1,), int(pos), dtype=torch.long, device=self.device), *self.caches)
+        self.caches = list(out[1:])
+        return out[0][:, -1]
+
     def save(self, d: Path) -> list[str]:
         """Each step as an fxcompress artifact (JSON graph + safetensors: loading runs no code from the files;
         ``torch.export.load`` could unpickle)."""

@@ -57,6 +57,7 @@ from ...runtime.tvm_runner import TVMRunner
 from .base import TVMBackendError, cuda_available, make_target, require_tvm
 from .config import TUNERS, TVMBuildConfig
 from .importer import lower_to_relax
+from .inplace_cache import inplace_scatter
 from ...runtime.native_logs import drop_native_stderr
 from .meta_schedule import tune_meta_schedule
 from .rules import dlight_pass
@@ -74,16 +75,18 @@ def _backend_pipeline(target):
     return cuda.pipeline if target.kind.name == "cuda" else cpu_generic.pipeline
 
 
-def _fused(mod, target, config: TVMBuildConfig):
+def _fused(mod, target, config: TVMBuildConfig, donate=()):
     tvm = require_tvm()
+    if donate:
+        mod = inplace_scatter(mod, donate, cuda=target.kind.name == "cuda")
     with target:
         return tvm.transform.Sequential(fuse_passes(epilogues=config.fuse_epilogues))(mod)
 
 
-def _schedule(mod, target, tune: str, trials: int, work_dir, config: TVMBuildConfig):
+def _schedule(mod, target, tune: str, trials: int, work_dir, config: TVMBuildConfig, donate=()):
     require_tvm()
     stats = {}
-    mod = _fused(mod, target, config)
+    mod = _fused(mod, target, config, donate)
     if tune == "meta_schedule":
         mod, stats = tune_meta_schedule(mod, target, trials, work_dir, builder_timeout_s=config.ms_builder_timeout_s,
                                         cost_model=config.ms_cost_model)
@@ -169,10 +172,13 @@ class TVMBuild:
 
 def build_tvm(model, example_inputs, target="cuda", tune: str = "dlight", *, trials: int = 64,
               work_dir=None, dtype: torch.dtype | None = None, accum_dtype: str = "float32",
-              config: TVMBuildConfig | None = None, progress: bool = False) -> TVMBuild:
+              config: TVMBuildConfig | None = None, progress: bool = False, donate=()) -> TVMBuild:
     """Import, fuse, schedule and compile (no device needed: ``target="cuda"`` builds on a machine
     without a GPU when nvcc / NVRTC is there).  ``config``: the kernel / schedule knobs
-    (:class:`TVMBuildConfig`, default ``TVMBuildConfig()``); ``progress``: a progress bar on stderr."""
+    (:class:`TVMBuildConfig`, default ``TVMBuildConfig()``); ``progress``: a progress bar on stderr.
+    ``donate``: names of inputs the compiled function may overwrite: a scatter into one of them (a KV-cache
+    write) updates its buffer in place and the function returns that buffer (:mod:`.inplace_cache`); the
+    caller must not reuse the input's old contents."""
     tvm = require_tvm()
     config = TVMBuildConfig() if config is None else config
     if not isinstance(config, TVMBuildConfig):
@@ -203,7 +209,7 @@ def build_tvm(model, example_inputs, target="cuda", tune: str = "dlight", *, tri
                 mod, info = lower_to_relax(model, example_inputs, dtype=dtype, accum_dtype=accum_dtype, cuda=True,
                                            config=config)
         bar.next()
-        sched, stats = _schedule(mod, tgt, tune, trials, work_dir, config)
+        sched, stats = _schedule(mod, tgt, tune, trials, work_dir, config, tuple(donate))
         stats = dict(stats, **competed)
         bar.next()
         final = _finalize(sched, tgt)

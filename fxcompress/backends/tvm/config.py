@@ -43,8 +43,8 @@ class TVMBuildConfig:
     the choice is stored beside the records); False keeps the hand-written kernels untimed.
     ``fuse_epilogues``: fewer kernels per decode step (:func:`.transforms.fuse_passes`): the residual add and
     ``silu(gate) * up`` computed inside the hand-written quantized-linear kernels, a split's parts fused into their
-    consumers, each RMSNorm one kernel. Off by default: the fused CUDA kernels compile (nvcc, CPU tests) but their
-    GPU parity tests (``tests/test_tvm_decode_epilogue.py -m gpu``) have not run on a GPU yet.
+    consumers, each RMSNorm one kernel. On by default (their GPU parity tests, ``tests/test_tvm_decode_epilogue.py
+    -m gpu``, passed on an H100 on 2026-11-27); False builds the unfused kernels.
     ``te_linears``: quantized-linear signatures ``(rows, K, N, bits, group_size)`` emitted as the te fused
     decode+matmul even where a hand-written kernel applies (``tune="meta_schedule"`` fills it with the layers whose
     tuned kernel measured faster; rarely set by hand).
@@ -61,7 +61,7 @@ class TVMBuildConfig:
     ms_cost_model: str = "auto"
     ms_compete: bool = True
     te_linears: frozenset = frozenset()
-    fuse_epilogues: bool = False
+    fuse_epilogues: bool = True
 
     def __post_init__(self):
         if not isinstance(self.fuse_epilogues, bool):

@@ -157,9 +157,11 @@ def _convert_matmul(node, importer):
     bb = importer.block_builder
     a, b = importer.env[node.args[0]], importer.env[node.args[1]]
     da, db = str(a.ty.dtype), str(b.ty.dtype)
-    if da != db:
-        raise TVMBackendError(f"matmul node {node.name!r} multiplies {da} by {db}; torch.matmul needs one dtype: "
-                              "cast one operand in the model")
+    if da != db:  # a constant the dtype cast did not reach: both to the wider float, as TVM's converter does
+        wide = "float32" if "float32" in (da, db) else da
+        a = a if da == wide else bb.emit(relax.op.astype(a, wide))
+        b = b if db == wide else bb.emit(relax.op.astype(b, wide))
+        da = wide
     res = bb.emit(relax.op.matmul(a, b, out_dtype="float32"))
     if da in ("float16", "bfloat16"):
         res = bb.emit(relax.op.astype(res, da))

@@ -501,8 +501,8 @@ def rms_norm_fusion_pass():
 
 
 def fuse_passes(epilogues: bool = False):
-    """The Relax pass list from import to fused TIR.  ``epilogues``: the launch-saving rewrites above (off by
-    default, as ``TVMBuildConfig.fuse_epilogues``: their fused CUDA kernels have not been checked on a GPU yet)."""
+    """The Relax pass list from import to fused TIR.  ``epilogues``: the launch-saving rewrites above
+    (``TVMBuildConfig.fuse_epilogues``, on by default there)."""
     from tvm import relax
 
     # no FoldConstant: it would decode the constant packed weights at build time (back to float)
