@@ -179,6 +179,19 @@ def test_cuda_build_many_hand_kernels_of_one_kind_have_unique_symbols():
     assert {layer["kernel"] for layer in b.info["layers"]} == {"fxc_mma"}
     symbols = [f.attrs["global_symbol"] for f in b.scheduled.functions.values() if "global_symbol" in (f.attrs or {})]
     assert len(symbols) == len(set(symbols))
+    # one kernel per distinct linear (shape, epilogue), shared by every layer: twice the layers, the same kernels
+    # (before: each layer after the first compiled its own copy)
+    m4 = tiny_causal_lm(hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=4, vocab_size=256,
+                        num_layers=4)
+    q4 = fxc.quantize_rtn(fxc.capture(m4, (ids,)), fxc.RTNConfig(bits=4, group_size=128, granularity="per_group",
+                                                                 exclude=("lm_head",)))
+    b4 = build_tvm(q4, (ids,), target="cuda", dtype=torch.float16)
+
+    def mma(build):
+        return sorted(k for k in build.kernel_names() if k.startswith("fxc_packed_mma"))
+
+    assert len(b4.info["layers"]) == 2 * len(b.info["layers"])
+    assert mma(b4) == mma(b), (mma(b4), mma(b))
 
 
 # ---------------------------------------------------------------------------------------------------------- GPU

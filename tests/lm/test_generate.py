@@ -246,3 +246,23 @@ def test_cuda_greedy_tokens_equal_torch_cpu(backend, cuda_graph):
     kw = {"cuda_graph": cuda_graph} if backend == "tvm" else {}
     lm = compile_lm(m, backend, device="cuda", max_seq_len=MAX_LEN, prefill_chunk=CHUNK, **kw)
     assert torch.equal(lm.generate(ids, max_new_tokens=N_NEW).cpu(), want)
+
+
+@pytest.mark.gpu
+def test_cuda_tvm_decode_graph_replays_the_vm_step_and_streams_with_eos():
+    """The whole decode step captured in one CUDA graph gives the VM-per-token path's tokens (fp16, int4); the
+    device-side loop streams every token and stops at EOS."""
+    m = model("builtin-l4q")
+    ids = _prompt(11)
+    kw = dict(device="cuda", max_seq_len=MAX_LEN, prefill_chunk=CHUNK, dtype=torch.float16)
+    graph = compile_lm(m, "tvm", **kw)
+    out = graph.generate(ids, max_new_tokens=N_NEW)
+    assert graph.steps.graph_status == "captured", graph.steps.graph_status
+    plain = compile_lm(m, "tvm", cuda_graph=False, **kw)
+    assert torch.equal(plain.generate(ids, max_new_tokens=N_NEW), out)
+    new = out[0, ids.shape[1]:].tolist()
+    eos = new[5]
+    stop = new.index(eos)
+    seen = []
+    got = graph.generate(ids, max_new_tokens=N_NEW, eos_token_id=eos, on_token=lambda t: seen.append(int(t[0])))
+    assert got[0, ids.shape[1]:].tolist() == new[:stop + 1] == seen

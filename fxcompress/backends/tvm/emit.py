@@ -169,6 +169,25 @@ def fxc_kind(m: int, k: int, n: int, bits: int, gs: int, dtype: str,
     return None
 
 
+def _add_kernel(bb, f, key: str):
+    """Add hand-written kernel ``f`` (made from the description ``key``) to the module being built, once per
+    distinct kernel: a kernel with the same key (another layer of the same shape) is reused.  A second distinct
+    kernel of the same kind gets a renamed var and that name as its symbol (symbols must be unique).  Keying
+    matters: comparing functions would see the renamed copy's symbol differ from a fresh kernel's, and every
+    later layer used to compile its own copy (30-layer models: hundreds of identical kernels through nvcc)."""
+    import tvm
+
+    for gv, g in bb.get().functions.items():
+        if isinstance(g, tvm.tirx.PrimFunc) and g.attrs is not None and str(g.attrs.get("fxc.kernel_key", "")) == key:
+            return gv
+    name = f.attrs["global_symbol"]
+    f = f.with_attr("fxc.kernel_key", key)
+    gv = bb.add_func(f, name)
+    if gv.name_hint != name:
+        bb.update_func(gv, f.with_attr("global_symbol", gv.name_hint))
+    return gv
+
+
 def _emit_fxc_gemv(bb, x, xshape, words, scale, zero_point, bias, *, bits, qmin, n_out, k_in, gs, kind,
                    config: TVMBuildConfig):
     """``call_tir`` of a hand-scheduled kernel (already scheduled; FuseOps leaves it alone): ``kind`` "fxc_mma"
@@ -185,9 +204,7 @@ def _emit_fxc_gemv(bb, x, xshape, words, scale, zero_point, bias, *, bits, qmin,
     else:
         params["tile"] = asdict(tile_for(m_rows, k_in, n_out, config.tiles))
     f = fxc_primfunc(params, Epilogue(), "fxc_packed_mma" if kind == "fxc_mma" else "fxc_packed_gemv")
-    gv = bb.add_func(f, f.attrs["global_symbol"])
-    if gv.name_hint != f.attrs["global_symbol"]:  # a second kernel of the same kind: the block builder renamed its
-        bb.update_func(gv, f.with_attr("global_symbol", gv.name_hint))  # var; keep the symbol unique too
+    gv = _add_kernel(bb, f, json.dumps(params, sort_keys=True))
     args = [x, relax.const(np.ascontiguousarray(words, dtype=np.uint32)), relax.const(scale.astype(np.float16))]
     if zero_point is not None:
         args.append(relax.const(np.asarray(zero_point).astype(np.float16)))
