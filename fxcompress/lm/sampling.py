@@ -112,21 +112,26 @@ def generate_tokens(stepper, spec, input_ids, max_new_tokens=64, temperature=0.0
     stepper.reset()
     t0 = time.perf_counter()
     logits = _prefill(stepper, ids, spec.prefill_chunk)
-    gen = None
+    gens: dict = {}  # one seeded generator per device the logits come from (prefill: host; decode: the stepper's)
     toks = []
     done = None
     t1 = None
     eos = None if eos_token_id is None else int(eos_token_id)
     for i in range(max_new_tokens):
-        if seed is not None and gen is None:
-            gen = torch.Generator(device=logits.device).manual_seed(int(seed))
+        gen = None
+        if seed is not None:
+            gen = gens.get(str(logits.device))
+            if gen is None:
+                gen = gens[str(logits.device)] = torch.Generator(device=logits.device).manual_seed(int(seed))
         nxt = pick_next(logits, temperature, top_k, gen)
         if eos is not None:
-            done = torch.zeros(b, dtype=torch.bool, device=nxt.device) if done is None else done
+            done = torch.zeros(b, dtype=torch.bool, device=nxt.device) if done is None else done.to(nxt.device)
             nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
             done = done | (nxt == eos)
         toks.append(nxt)
-        look = _HostCopy(*([nxt] if done is None else [nxt, done])) if (on_token is not None or eos is not None or t1 is None) else None
+        look = None
+        if on_token is not None or eos is not None or t1 is None:
+            look = _HostCopy(*([nxt] if done is None else [nxt, done]))
         if i < max_new_tokens - 1:
             logits = stepper.decode(nxt, p + i)  # queued; the host goes on while it runs
         if look is None:

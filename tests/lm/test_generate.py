@@ -32,11 +32,27 @@ def _qwen2_int4():
     return with_quant_layers(h, rtn_int4(h))
 
 
+def _qwen2_l4q():
+    """The HF Qwen2 (grouped-query attention, tied embeddings) after prepare_l4q -> convert_l4q, with fractional
+    zero points and a nonzero LoRA merged in."""
+    from .conftest import _Logits
+
+    h = qwen2()
+    ids = torch.randint(0, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1))
+    qm = fxc.prepare_l4q(_Logits(h), (ids,), fxc.L4QConfig(bits=4, group_size=32, exclude=("*lm_head*",)))
+    with torch.no_grad():
+        for name, p in qm.named_parameters():
+            if "zero" in name or "lora_b" in name.lower():
+                p.add_(0.01 * torch.randn_like(p))
+    return with_quant_layers(h, fxc.convert_l4q(qm))
+
+
 MODELS = {
     "builtin-float": builtin,
     "builtin-l4q": _l4q_builtin,
     "qwen2-float": qwen2,
     "qwen2-rtn4": _qwen2_int4,
+    "qwen2-l4q": _qwen2_l4q,
 }
 _CACHE = {}
 
@@ -266,3 +282,5 @@ def test_cuda_tvm_decode_graph_replays_the_vm_step_and_streams_with_eos():
     seen = []
     got = graph.generate(ids, max_new_tokens=N_NEW, eos_token_id=eos, on_token=lambda t: seen.append(int(t[0])))
     assert got[0, ids.shape[1]:].tolist() == new[:stop + 1] == seen
+    sampled = graph.generate(ids, max_new_tokens=12, temperature=0.8, top_k=20, seed=3)  # host then device generator
+    assert torch.equal(sampled, graph.generate(ids, max_new_tokens=12, temperature=0.8, top_k=20, seed=3))
