@@ -248,8 +248,9 @@ def main(argv=None) -> int:
             agree = float((out[:, a.prompt_len:] == ref[:, a.prompt_len:]).float().mean())
             mb = (weight_bytes(src, dbytes, model.config.tie_word_embeddings) + kv_bytes(model, max_len, dbytes)) / 1e6
             bound = f"{100 * mb * 1e6 / (ms * 1e-3) / peak:.0f}%" if peak else "n/a"
+            note = f"decode CUDA graph: {lm.steps.graph_status}" if getattr(lm.steps, "backend", "") == "tvm" else ""
             lines.append(f"| {mname} | {label} | {ttft:.1f} | {ms:.3f} | {1e3 / ms:.1f} | {mb:.1f} | {bound} | "
-                         f"{agree:.3f} | |")
+                         f"{agree:.3f} | {note} |")
             print(lines[-1], flush=True)
         try:
             if not cuda:
