@@ -113,9 +113,10 @@ def compile_lm(model, backend: str = "torch", device: str = "cpu", max_seq_len: 
     Shapes are static: ``batch_size`` rows, a KV cache of ``max_seq_len`` positions, prompts prefilled in chunks
     of ``prefill_chunk`` tokens.  ``dtype`` (e.g. ``torch.float16``) casts the float parameters and activations.
     ORT: ``weight_format`` / ``accuracy_level`` go to :func:`fxcompress.export_onnx` (None: its per-format
-    default, 4 = int8 activations in MatMulNBits on CPU; 0 = fp32 compute, token-exact with torch, slower).  TVM on CUDA: ``cuda_graph``
-    builds the steps with ``relax.backend.use_cuda_graph`` (0.88 vs 1.31 ms/token on the 2048-wide model in
-    tools/results/generate_gpu.md, two runs; both reproduce the uncached model's greedy tokens on an H100).
+    default, 4 = int8 activations in MatMulNBits on CPU; 0 = fp32 compute, token-exact with torch, slower).
+    TVM: the caches are donated to the steps (written in place, never copied); on CUDA, ``cuda_graph`` captures
+    the whole decode step in one CUDA graph on its first use (and builds the prefill step with
+    ``relax.backend.use_cuda_graph``); ``cuda_graph=False`` calls the Relax VM per token.
     ``fuse``: linears that read one tensor (q/k/v, gate/up) become one linear in both steps
     (:func:`fxcompress.fuse_linears`, checked against the unfused step); None = on for TVM (one kernel launch
     and one weight stream instead of three), off for torch and ORT.
