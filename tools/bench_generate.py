@@ -242,6 +242,7 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001
                 traceback.print_exc()
                 lines.append(f"| {mname} | {label} | | | | | | | failed: {type(e).__name__}: {str(e)[:160]} |")
+                print(lines[-1], flush=True)
                 continue
             if ref is None:
                 ref = out
@@ -273,6 +274,7 @@ def main(argv=None) -> int:
             bound = f"{100 * mb * 1e6 / (ms * 1e-3) / peak:.0f}%" if peak else "n/a"
             lines.append(f"| {mname} | HF generate, static cache (LlamaForCausalLM fp16) | {ttft:.1f} | {ms:.3f} | "
                          f"{1e3 / ms:.1f} | {mb:.1f} | {bound} | {agree:.3f} | |")
+            print(lines[-1], flush=True)
         except Exception as e:  # noqa: BLE001
             lines.append(f"| {mname} | HF generate, static cache | | | | | | | skipped: {type(e).__name__}: "
                          f"{str(e)[:160]} |")
