@@ -10,6 +10,7 @@ integer layers where they look for them.  The graph has plain (flat) inputs ``in
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 import torch.fx as fx
@@ -99,6 +100,11 @@ def with_quant_layers(model: nn.Module, quantized: nn.Module) -> nn.Module:
         if not isinstance(mod, QuantLinear):
             continue
         parts = path.split(".")
+        if ".".join(parts) not in names and re.fullmatch(r".+_q\d+", parts[-1]):
+            # a layer whose weight was shared (a tied lm_head) is quantized under a fresh path, "lm_head_q0"
+            plain = parts[:-1] + [re.sub(r"_q\d+$", "", parts[-1])]
+            if any(".".join(plain[i:]) in names for i in range(len(plain))):
+                parts = plain
         target = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in names), None)
         if target is None:
             raise LMError(f"quantized layer {path!r} has no matching module in {type(model).__name__}")
