@@ -334,10 +334,12 @@ def test_cuda_resnet18_int8_conv_parity(models, variant, dtype):
     out = r(x.cuda().to(dtype)).double().cpu()
     if tvm.runtime.enabled("llvm"):
         cpu = compile_tvm(model, (x,), target="llvm", dtype=dtype)(x.to(dtype)).double()
-        tol = 1e-4 if dtype == torch.float32 else 4e-3 * cpu.abs().max().item()
+        tol = 1e-4 if (dtype, variant) == (torch.float32, "weight_only") else 4e-3 * cpu.abs().max().item()
         assert (out - cpu).abs().max().item() <= tol, (out - cpu).abs().max().item()
-    if dtype == torch.float32:
+    if dtype == torch.float32 and variant == "weight_only":
         np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
+    elif dtype == torch.float32:  # fp32 int8xint8: as before, within a fraction of the quantization error
+        assert (out - ref).abs().max().item() <= 0.25 * max((ref - fl).abs().max().item(), 1e-2)
     elif variant == "weight_only":  # no activation quantization: fp16 rounding only (~5e-4 relative per layer)
         assert (out - ref).abs().max().item() <= 5e-3 * ref.abs().max().item()
     else:

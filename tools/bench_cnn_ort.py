@@ -44,17 +44,29 @@ FINDINGS = """## Findings (profiled with ORT's profiler on this machine, 2026-11
   the size of the sum itself and BN's gain (up to 20x) amplifies it (weights alone: cosine 0.994); now the
   codes keep each kernel's sum (`preserve_kernel_sums`), plus analytic bias correction from BN moments. ORT
   matches the torch fake-quant graph to 1e-3 in cosine: no U8S8 saturation here (the CPU has AVX512-VNNI).
-- **Speed.** With `optimized_op_types()` every conv is a QLinearConv (52 in MobileNetV2, the last one too now
-  that the global-pool input is quantized) and every residual add a QLinearAdd. The largest non-conv cost of
-  the all-int8 model was the classifier: ORT does not fuse DequantizeLinear(int8 weight) -> Gemm with a float
-  bias, so it dequantized the 1.28M-weight matrix on every run (profiler: more time than all QLinearAdds).
-  `skip=('classifier.*',)` keeps the head float (prepacked Gemm). What remains is QLinearConv itself: at batch 1
-  with 2 threads, ORT's int8 depthwise and thin pointwise convs are not 2x faster than its NCHWc fp32 convs;
-  keeping the 3-channel stem float did not help. An integer head needs the exporter to emit the bias as an
-  int32 DequantizeLinear so ORT fuses QGemm (backends/onnx, not changed here).
-- The machine's 2 cores are shared with other jobs (load average between ~1 and ~9 during this session's
-  runs; under load absolute times were 10-30x these): the variants take turns run by run, so the ratios are
-  the numbers to read, and they still move by ~0.3x between runs.
+- **Fully integer.** `optimized_op_types()`: every conv a QLinearConv (52 in MobileNetV2, 20 in ResNet-18),
+  every residual add a QLinearAdd, and the Linear head `com.microsoft.MatMulNBits` (8-bit weights, accuracy
+  level 4 = int8 activations; the default `weight_format`): no float Conv / Gemm / MatMul / Add / Clip is
+  left ("float: none"). What is not integer: the input QuantizeLinear and NCHW->NHWC Transpose, and
+  DequantizeLinear -> GlobalAveragePool -> Flatten -> QuantizeLinear -> DequantizeLinear before the head,
+  together < 0.1 ms. An earlier version of this table showed `Gemm 1, DequantizeLinear 3`: that is
+  `weight_format="qdq"`, where ORT keeps the head's weight DequantizeLinear and runs it every call. ORT 1.32's
+  CPU QDQ fusion makes no QGemm of a Gemm: DQ(uint8 activation) x DQ(int8 weight, per tensor or per column),
+  with a float bias or an int32 bias through DequantizeLinear (scale s_x * s_w), as MatMul + Add or as Gemm,
+  with or without a QuantizeLinear on the output -- all 16 combinations stay a float Gemm -- so the int8 head
+  is MatMulNBits, not an int32-bias QDQ Gemm.
+- **Where the int8 time goes** (MobileNetV2, batch 1, sum of per-node kernel times): pointwise QLinearConvs
+  ~3x faster than ORT's fp32 NCHWc convs, depthwise ones only ~1.2x, and the 3-channel stem QLinearConv
+  slower than fp32 (0.26 vs 0.18 ms; hence the 'float stem' variant); QLinearAdds 0.06 ms for 10. Kernel
+  sum int8 ~1.9 ms vs fp32 ~3.9 ms (2.0x) when measured alone; the wall-clock ratio at batch 1 is lower:
+  the int8 graph has more, smaller nodes (71 vs ~56), and each node's 2-thread parallel section waits for
+  its slowest thread, which on a loaded 2-core machine costs the int8 graph more.
+- **Timing.** The variants take turns block by block. A run-by-run rotation, used before, is biased: ORT's
+  intra-op threads keep spinning after a run, and the previous session's spinning threads slowed the next
+  session (it once timed one MobileNetV2 variant 6x faster than the other two).
+- The machine's 2 cores are shared with other jobs (load average ~2-4 during these runs, i.e. the benchmark
+  got about half the CPU; absolute times are several times those of a quiet machine): read the ratios with
+  their spreads, which overlap for MobileNetV2 at batch 1.
 """
 
 
