@@ -93,6 +93,30 @@ def test_integer_activation_onnx_runs_qlinearconv_in_ort(tmp_path, ranges):
     assert ops["QLinearConv"] == 2 and ops.get("Conv", 0) == 0, ops
 
 
+FLOAT_COMPUTE = ("Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul", "NchwcConv", "Add", "Clip", "Relu")
+
+
+def test_all_int8_export_runs_integer_in_ort_including_the_head(tmp_path):
+    """Every conv a QLinearConv, the residual add a QLinearAdd and the Linear head MatMulNBits (int8 weights, int8
+    activations at accuracy level 4): no float Conv / Gemm / MatMul / Add left in ORT's optimized graph, only the
+    input quantize, the pooled tail (DequantizeLinear -> GlobalAveragePool -> Flatten -> QuantizeLinear) and
+    layout transposes."""
+    m = _model()
+    x = torch.randn(4, 3, 12, 12)
+    qgm = quantize_activations(m, (x[:1],))
+    path = fxc.export_onnx(qgm, (x[:1],), tmp_path / "q.onnx")
+    runner = load_ort(path, intra_op_num_threads=1)
+    ops = runner.optimized_op_types()
+    assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1 and ops["MatMulNBits"] == 1, ops
+    assert not {k: v for k, v in ops.items() if k in FLOAT_COMPUTE}, ops
+    assert set(ops) <= {"QLinearConv", "QLinearAdd", "MatMulNBits", "QuantizeLinear", "DequantizeLinear",
+                        "GlobalAveragePool", "Flatten", "Transpose"}, ops
+    with torch.no_grad():
+        y_q = qgm(x)
+    y_ort = torch.as_tensor(runner.run(x)[0])
+    assert F.cosine_similarity(y_ort, y_q).min() > 0.995
+
+
 def test_composes_with_rtn():
     m = _model()
     x = torch.randn(2, 3, 12, 12)

@@ -158,6 +158,66 @@ def test_fp16_weight_only_conv_parity():
     assert (out - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()  # fp16 activations: ~1e-3 relative
 
 
+def test_fp16_rtn_resnet18_weight_only_keeps_dtype_through_batchnorm(models):
+    """fp16 activations through QuantConv2d -> BatchNorm -> ReLU / max-pool / residual add (RTN keeps BN unfolded).
+    TVM's BatchNorm legalization promoted fp16 to float32, so the next integer conv's call_tir got a float32 input
+    (``CallTIRRewrite: Argument 0 type mismatch``); BatchNorm now computes in float32 and rounds once to fp16, as
+    torch does.  Bound: fp16 rounding of each activation (~5e-4 relative) through 20 layers."""
+    m, x, rtn, _ = models
+    r = compile_tvm(rtn, (x,), target="llvm", dtype=torch.float16)
+    assert {c["path"] for c in r.info["convs"]} == {"weight_only_int8"}
+    with torch.no_grad():
+        ref = rtn(x).double()
+    out = r(x.half())
+    assert out.dtype == torch.float16
+    assert (out.double() - ref).abs().max().item() <= 5e-3 * ref.abs().max().item()
+
+
+def test_fp16_float_conv_with_bias_and_batchnorm():
+    """A float (not quantized) conv in an fp16 CNN: TVM 0.27's converter returned float32 (then failed adding an
+    fp16 bias); the conv keeps the activation dtype, products and bias summed in float32 and rounded once."""
+    torch.manual_seed(0)
+    model = with_random_bn_statistics(nn.Sequential(nn.Conv2d(8, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                                                    nn.Conv2d(16, 4, 1, groups=4), nn.BatchNorm2d(4)).eval(), 0)
+    x = torch.randn(2, 8, 9, 7)
+    r = compile_tvm(model, (x,), target="llvm", dtype=torch.float16)
+    with torch.no_grad():
+        ref = model(x).double()
+    out = r(x.half())
+    assert out.dtype == torch.float16
+    assert (out.double() - ref).abs().max().item() <= 5e-3 * ref.abs().max().item()
+
+
+def test_fp16_single_conv_int8xint8_is_exact_up_to_the_output_rounding():
+    """int8 x int8 with fp16 activations, one conv: the input codes come from the fp16 input exactly as torch computes
+    them from the same values, the int32 sum is exact and the requantize (scale, bias) runs in float32, so the only
+    difference from the torch fake-quant model in float32 is the final rounding to fp16 (half an fp16 ulp: 2**-11
+    relative).  A scale or bias applied in fp16, or the sum cast to fp16 before the requantize, breaks this bound."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, 2, 1)
+    with torch.no_grad():
+        conv.bias.mul_(40.0)  # a large bias: rounding it to fp16 before adding would show
+    spec = QuantSpec(8, True, "per_channel", None)
+
+    class FQ(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = QuantConv2d.from_conv(conv, spec)
+
+        def forward(self, x):
+            return self.conv(torch.fake_quantize_per_tensor_affine(x, 0.02, 117, 0, 255))
+
+    fq = fxc.capture(FQ().eval(), (torch.randn(2, 16, 13, 11),))
+    x16 = (torch.randn(2, 16, 13, 11) * 1.5).half()
+    r = compile_tvm(fq, (x16.float(),), target="llvm", dtype=torch.float16)
+    assert r.info["convs"][0]["path"] == "int8xint8"
+    with torch.no_grad():
+        ref = fq(x16.float()).double()  # float32 torch on the same (fp16-representable) input values
+    out = r(x16).double()
+    err = (out - ref).abs()
+    assert (err <= ref.abs() * 2.0 ** -11 + 1e-7).all(), err.max().item()
+
+
 def test_weight_codes_int8_offsets_unsigned_codes():
     codes = np.arange(256).reshape(4, 1, 8, 8)
     w8, off = weight_codes_int8(codes, 0, 255)
@@ -221,6 +281,16 @@ def test_cuda_build_int8_conv_kernels_read_int8(models):
         assert "wmma" not in src and "mma.sync" not in src
 
 
+@pytest.mark.skipif(not HAS_NVCC, reason="needs nvcc to build CUDA code (no GPU needed)")
+def test_cuda_build_fp16_rtn_resnet18_weight_only(models):
+    """The RTN (weight-only int8, BatchNorm unfolded) ResNet-18 builds for CUDA in fp16: it failed in CallTIRRewrite
+    (BatchNorm legalized to float32 in front of an fp16 integer conv)."""
+    _, x, rtn, _ = models
+    b = build_tvm(rtn, (x,), target="cuda", dtype=torch.float16)
+    assert [c["path"] for c in b.info["convs"]] == ["weight_only_int8"] * 20
+    assert any("conv2d_dequant" in k for k in b.kernel_names())
+
+
 @pytest.mark.skipif(not HAS_NVCC, reason="needs nvcc to build CUDA code")
 def test_cuda_build_weight_only_fp16_conv():
     torch.manual_seed(0)
@@ -242,17 +312,40 @@ def test_cuda_build_weight_only_fp16_conv():
 @pytest.mark.parametrize("variant", ["weight_only", "int8xint8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_resnet18_int8_conv_parity(models, variant, dtype):
+    """CUDA against (a) the llvm build of the same model and dtype and (b) the torch model in float32.
+
+    (a) is the kernel check: both builds run the same TE computes (the int8 sums are exact on both; the float
+    epilogues differ at most by float32 rounding / FMA contraction), so they agree to fp16 output rounding.
+    (b) for fp16 + int8xint8 is NOT a fraction of the quantization error: activation codes are computed from fp16
+    values, and rounding a single tensor to fp16 -- even only the network input, in torch, everything else float32
+    -- flips codes that then propagate, moving the logits of this ResNet-18 by as much as the w8a8 quantization
+    itself (measured on llvm, 7 inputs: input-only fp16 rounding 0.030-0.058 vs quantization error 0.035-0.057;
+    TVM fp16 0.028-0.063; the llvm and H100 builds gave the same 0.0635 on the fixture input).  So the bound is 2x
+    the larger of the quantization error and that input-rounding effect, plus argmax agreement; numerical defects
+    (a scale, bias or sum in fp16) are caught exactly by test_fp16_single_conv_int8xint8_is_exact_up_to_the_output
+    _rounding and by (a)."""
     m, x, rtn, act = models
     model = rtn if variant == "weight_only" else act
     r = compile_tvm(model, (x,), target="cuda", dtype=dtype)
     with torch.no_grad():
         ref = model(x).double()
         fl = m(x).double()
+        ref_in16 = model(x.to(dtype).float()).double()  # the reference on the input as the build receives it
     out = r(x.cuda().to(dtype)).double().cpu()
+    if tvm.runtime.enabled("llvm"):
+        cpu = compile_tvm(model, (x,), target="llvm", dtype=dtype)(x.to(dtype)).double()
+        tol = 1e-4 if (dtype, variant) == (torch.float32, "weight_only") else 4e-3 * cpu.abs().max().item()
+        assert (out - cpu).abs().max().item() <= tol, (out - cpu).abs().max().item()
     if dtype == torch.float32 and variant == "weight_only":
         np.testing.assert_allclose(out.numpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
-    else:  # fp16 activations (and int8 codes computed from them): within a fraction of the quantization error
+    elif dtype == torch.float32:  # fp32 int8xint8: as before, within a fraction of the quantization error
         assert (out - ref).abs().max().item() <= 0.25 * max((ref - fl).abs().max().item(), 1e-2)
+    elif variant == "weight_only":  # no activation quantization: fp16 rounding only (~5e-4 relative per layer)
+        assert (out - ref).abs().max().item() <= 5e-3 * ref.abs().max().item()
+    else:
+        quant_err = (ref - fl).abs().max().item()
+        in16_err = (ref_in16 - ref).abs().max().item()
+        assert (out - ref).abs().max().item() <= 2.0 * max(quant_err, in16_err)
         assert (out.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.5
 
 

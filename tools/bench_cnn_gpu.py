@@ -26,7 +26,8 @@ run keeps its reason.
 
 How long: ~4-5 minutes on an H100 host (TVM: a one-time ~45 s import of TVM's tensor intrinsics, then ~20 s per
 CUDA build, 4 builds; torch.compile ~30-60 s per batch size; timing < 30 s).  ``--dry-run``: llvm / CPU EP / torch
-on CPU in fp32 at 32x32, batch 1 and 2, 2 repeats (~1-2 min on 2 cores): exercises the code, not a GPU result.
+on CPU in fp32 (the TVM rows in fp16 activations on llvm, as on the GPU) at 32x32, batch 1 and 2, 2 repeats (~1-2 min
+on 2 cores): exercises the code, not a GPU result.
 """
 from __future__ import annotations
 
@@ -70,6 +71,7 @@ class Bench:
         self.dry, self.reps, self.calls = dry, reps, calls
         self.dev = "cpu" if dry else "cuda"
         self.fdt = torch.float32 if dry else torch.float16
+        self.tvm_dt = torch.float16  # TVM rows build fp16 activations in the dry run too (llvm), as on the GPU
         self.flush = None if dry else L2Flush()
 
     def time(self, fn) -> Timing:
@@ -145,9 +147,9 @@ class Bench:
         from fxcompress.backends.tvm import compile_tvm
 
         t0 = time.time()
-        r = compile_tvm(qmodel, (x,), target="cuda" if not self.dry else "llvm", dtype=self.fdt)
+        r = compile_tvm(qmodel, (x,), target="cuda" if not self.dry else "llvm", dtype=self.tvm_dt)
         build_s = time.time() - t0
-        xin = _to(x, self.dev, self.fdt).contiguous()
+        xin = _to(x, self.dev, self.tvm_dt).contiguous()
         arg = tvm.runtime.from_dlpack(xin)
         main = r.vm["main"]
 

@@ -30,6 +30,10 @@ from fxcompress.passes.activations import ActivationConfig, quantize_activations
 from fxcompress.runtime.ort import load_ort
 
 OUT = Path(__file__).parent / "results" / "cnn_ort_cpu.md"
+# MobileNetV2's 3-channel first conv, kept float in one variant (ORT's int8 kernel for it was slower than fp32 in the
+# profiler).  ResNet-18's stem "conv1" cannot be named alone: a skip glob also matches every block's conv1.
+STEM = {"MobileNetV2 (ImageNet)": ("features.0.*",)}
+FLOAT_COMPUTE = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Add", "Clip", "Relu")
 
 FINDINGS = """## Findings (profiled with ORT's profiler on this machine, 2026-11-27; read with the table above)
 
@@ -40,38 +44,55 @@ FINDINGS = """## Findings (profiled with ORT's profiler on this machine, 2026-11
   the size of the sum itself and BN's gain (up to 20x) amplifies it (weights alone: cosine 0.994); now the
   codes keep each kernel's sum (`preserve_kernel_sums`), plus analytic bias correction from BN moments. ORT
   matches the torch fake-quant graph to 1e-3 in cosine: no U8S8 saturation here (the CPU has AVX512-VNNI).
-- **Speed.** With `optimized_op_types()` every conv is a QLinearConv (52 in MobileNetV2, the last one too now
-  that the global-pool input is quantized) and every residual add a QLinearAdd. The largest non-conv cost of
-  the all-int8 model was the classifier: ORT does not fuse DequantizeLinear(int8 weight) -> Gemm with a float
-  bias, so it dequantized the 1.28M-weight matrix on every run (profiler: more time than all QLinearAdds).
-  `skip=('classifier.*',)` keeps the head float (prepacked Gemm). What remains is QLinearConv itself: at batch 1
-  with 2 threads, ORT's int8 depthwise and thin pointwise convs are not 2x faster than its NCHWc fp32 convs;
-  keeping the 3-channel stem float did not help. An integer head needs the exporter to emit the bias as an
-  int32 DequantizeLinear so ORT fuses QGemm (backends/onnx, not changed here).
-- The machine's 2 cores are shared with other jobs (load average between ~1 and ~9 during this session's
-  runs; under load absolute times were 10-30x these): the variants take turns run by run, so the ratios are
-  the numbers to read, and they still move by ~0.3x between runs.
+- **Fully integer.** `optimized_op_types()`: every conv a QLinearConv (52 in MobileNetV2, 20 in ResNet-18),
+  every residual add a QLinearAdd, and the Linear head `com.microsoft.MatMulNBits` (8-bit weights, accuracy
+  level 4 = int8 activations; the default `weight_format`): no float Conv / Gemm / MatMul / Add / Clip is
+  left ("float: none"). What is not integer: the input QuantizeLinear and NCHW->NHWC Transpose, and
+  DequantizeLinear -> GlobalAveragePool -> Flatten -> QuantizeLinear -> DequantizeLinear before the head,
+  together < 0.1 ms. An earlier version of this table showed `Gemm 1, DequantizeLinear 3`: that is
+  `weight_format="qdq"`, where ORT keeps the head's weight DequantizeLinear and runs it every call. ORT 1.32's
+  CPU QDQ fusion makes no QGemm of a Gemm: DQ(uint8 activation) x DQ(int8 weight, per tensor or per column),
+  with a float bias or an int32 bias through DequantizeLinear (scale s_x * s_w), as MatMul + Add or as Gemm,
+  with or without a QuantizeLinear on the output -- all 16 combinations stay a float Gemm -- so the int8 head
+  is MatMulNBits, not an int32-bias QDQ Gemm.
+- **Where the int8 time goes** (MobileNetV2, batch 1, sum of per-node kernel times): pointwise QLinearConvs
+  ~3x faster than ORT's fp32 NCHWc convs, depthwise ones only ~1.2x, and the 3-channel stem QLinearConv
+  slower than fp32 (0.26 vs 0.18 ms; hence the 'float stem' variant); QLinearAdds 0.06 ms for 10. Kernel
+  sum int8 ~1.9 ms vs fp32 ~3.9 ms (2.0x) when measured alone; the wall-clock ratio at batch 1 is lower:
+  the int8 graph has more, smaller nodes (71 vs ~56), and each node's 2-thread parallel section waits for
+  its slowest thread, which on a loaded 2-core machine costs the int8 graph more.
+- **Timing.** The variants take turns block by block. A run-by-run rotation, used before, is biased: ORT's
+  intra-op threads keep spinning after a run, and the previous session's spinning threads slowed the next
+  session (it once timed one MobileNetV2 variant 6x faster than the other two).
+- The machine's 2 cores are shared with other jobs (load average ~2-4 during these runs, i.e. the benchmark
+  got about half the CPU; absolute times are several times those of a quiet machine): read the ratios with
+  their spreads, which overlap for MobileNetV2 at batch 1.
 """
 
 
 def time_interleaved(runners: dict, x: torch.Tensor, iters: int, repeats: int) -> dict:
-    """Per runner: (median over all runs, min and max of the per-repeat medians) in ms.  The runners take
-    turns run by run, so load from other jobs on the shared cores hits every variant alike."""
+    """Per runner: (median over all runs, min and max of the per-repeat medians) in ms.  The runners take turns
+    block by block (each repeat runs every variant's ``iters`` runs in turn), so load from other jobs on the
+    shared cores hits every variant alike.  Not run by run: ORT's intra-op threads keep spinning for a while
+    after a run, and on 2 cores the previous session's spinning threads then slow the next session's run (a
+    run-by-run rotation measured one MobileNetV2 variant 6x faster than the others).  Two untimed runs start
+    each block."""
     for r in runners.values():
         for _ in range(3):
             r.run(x)
     meds = {k: [] for k in runners}
     allt = {k: [] for k in runners}
     for _ in range(repeats):
-        ts = {k: [] for k in runners}
-        for _ in range(iters):
-            for k, r in runners.items():
+        for k, r in runners.items():
+            for _ in range(2):
+                r.run(x)
+            ts = []
+            for _ in range(iters):
                 t = time.perf_counter()
                 r.run(x)
-                ts[k].append((time.perf_counter() - t) * 1e3)
-        for k in runners:
-            meds[k].append(statistics.median(ts[k]))
-            allt[k] += ts[k]
+                ts.append((time.perf_counter() - t) * 1e3)
+            meds[k].append(statistics.median(ts))
+            allt[k] += ts
     return {k: (statistics.median(allt[k]), min(meds[k]), max(meds[k])) for k in runners}
 
 
@@ -96,10 +117,11 @@ def main(argv=None) -> int:
                 model.eval()
             act = ActivationConfig(input_range=IMAGENET_INPUT_RANGE)
             q = quantize_activations(model, (x[:1],), act)
-            qh = quantize_activations(model, (x[:1],), dataclasses.replace(act, skip=("fc", "classifier.*")))
             paths = {"fp32": fxc.export_onnx(model, (x[:1],), Path(d) / "fp32.onnx"),
-                     "int8 w+a": fxc.export_onnx(q, (x[:1],), Path(d) / "int8.onnx"),
-                     "int8 w+a, float head": fxc.export_onnx(qh, (x[:1],), Path(d) / "int8h.onnx")}
+                     "int8 w+a": fxc.export_onnx(q, (x[:1],), Path(d) / "int8.onnx")}
+            if name in STEM:
+                qs = quantize_activations(model, (x[:1],), dataclasses.replace(act, skip=STEM[name]))
+                paths["int8 w+a, float stem"] = fxc.export_onnx(qs, (x[:1],), Path(d) / "int8s.onnx")
             for batch in args.batches:
                 xb = x[:batch] if batch <= len(x) else x.repeat(batch // len(x) + 1, 1, 1, 1)[:batch]
                 runners = {kind: load_ort(p, intra_op_num_threads=args.threads) for kind, p in paths.items()}
@@ -110,11 +132,13 @@ def main(argv=None) -> int:
                     if kind != "fp32":
                         ops = runners[kind].optimized_op_types()
                         fused = {k: v for k, v in ops.items() if k.startswith("QLinear") or k in (
-                            "ConvInteger", "DequantizeLinear", "QuantizeLinear", "Gemm")}
+                            "ConvInteger", "DequantizeLinear", "QuantizeLinear", "MatMulNBits", "QGemm")}
+                        left = {k: v for k, v in ops.items() if k in FLOAT_COMPUTE}
                         y8 = torch.as_tensor(np.asarray(runners[kind].run(xb)[0]))
                         cos = float(torch.nn.functional.cosine_similarity(y8.flatten(1), y32.flatten(1)).mean())
                         agree = float((y8.argmax(1) == y32.argmax(1)).float().mean()) * 100
-                        note = ", ".join(f"{k} {v}" for k, v in sorted(fused.items())) + \
+                        note = ", ".join(f"{k} {v}" for k, v in sorted(fused.items())) + "; float: " + \
+                            (", ".join(f"{k} {v}" for k, v in sorted(left.items())) or "none") + \
                             f"; vs fp32: cos {cos:.4f}, top-1 agree {agree:.0f}%"
                     rows.append((name, batch, kind, med, lo, hi, res["fp32"][0] / med, note))
                     print(rows[-1], flush=True)
@@ -122,10 +146,13 @@ def main(argv=None) -> int:
              f"Generated by `tools/bench_cnn_ort.py` on {platform.machine()} ({platform.processor() or 'cpu'}), "
              f"onnxruntime {onnxruntime.__version__}, {args.threads} intra-op threads, 224x224 input; "
              f"{args.repeats} repeats x {args.iters} runs: median over all runs, spread = min..max of the "
-             "per-repeat medians; the variants take turns run by run. int8: `quantize_activations(ranges='bn', "
+             "per-repeat medians; the variants take turns block by block (2 untimed runs first). int8: `quantize_activations(ranges='bn', "
              "input_range=IMAGENET_INPUT_RANGE)` (no data), BN folded, 8-bit per-channel weights (kernel sums kept, "
-             "bias-corrected); 'float head': `skip=('fc', 'classifier.*')` keeps the final Linear float. The machine is shared with other jobs: absolute times are noisy, "
-             "the ratio within a row pair is what to read.", "",
+             "bias-corrected), the Linear head exported as MatMulNBits (int8 weights, int8 activations); "
+             "'float stem' (MobileNetV2): `skip=('features.0.*',)` keeps the 3-channel first conv float. 'float:' lists the "
+             "float compute ops (Conv, Gemm, MatMul, Add, Clip, Relu) left in ORT's optimized graph. The machine (2 "
+             "cores) is shared with other jobs: absolute times are noisy, the ratio within a row group is what to "
+             "read, with its spread.", "",
              "| model | batch | variant | median ms | spread ms | speedup vs fp32 | fused int8 ops / parity |",
              "|---|---|---|---|---|---|---|"]
     for name, batch, kind, med, lo, hi, sp, note in rows:

@@ -13,6 +13,8 @@
   - ``"weight_only_int8"`` otherwise: the float activations times the weight decoded in the kernel
     (``(code - zp) * scale``, accumulating in float32).
 
+* :func:`convert_float_convolution`: a float (not quantized) 2-D ``aten.convolution`` in the activation dtype.
+
 Every figure matches the torch reference op for op: the activation codes are ``nearbyint(x * (1 / s)) + zp``
 clamped (torch's rounding, half to even), the weight decode is ``(code - zp) * scale``.
 """
@@ -26,7 +28,7 @@ from ...nn import QuantConv2d
 from .base import TVMBackendError, require_tvm
 from .kernels.conv_int8 import ConvGeometry, dequant_conv2d_te, int8_conv2d_te, weight_codes_int8
 
-__all__ = ["ActQuant", "ConvInfo", "emit_act_quant", "emit_quant_conv", "CONV_PATHS"]
+__all__ = ["ActQuant", "ConvInfo", "emit_act_quant", "emit_quant_conv", "convert_float_convolution", "CONV_PATHS"]
 
 CONV_PATHS = ("int8xint8", "weight_only_int8")
 
@@ -176,3 +178,35 @@ def emit_quant_conv(bb, x, q: QuantConv2d, name: str, act: ActQuant | None = Non
     info = ConvInfo(name, path, why, spec.bits, tuple(q.weight_shape), g.groups, "int8", int(w8.nbytes),
                     (g.n, g.c, g.h, g.w), hint)
     return y, info
+
+
+def convert_float_convolution(node, importer):
+    """``custom_convert_map`` entry for ``aten.convolution.default``: a float 2-D convolution whose result keeps the
+    input's dtype, as torch's does.
+
+    TVM 0.27's converter emits every conv2d with ``out_dtype="float32"`` and then adds the bias in the bias's own
+    dtype, so in an fp16 CNN a float conv returned float32 (and one with a bias failed: "Binary operators must
+    have the same datatype").  Here fp16 / bf16 products accumulate in float32, the bias is added in float32 and
+    the sum is rounded once to the input dtype (FuseOps folds the casts into the conv's kernel).  float32 convs,
+    1-D / 3-D and transposed convolutions go to TVM's own converter unchanged."""
+    from tvm import relax
+
+    args = importer.retrieve_args(node)
+    x, weight = args[0], args[1]
+    dtype = str(x.ty.dtype)
+    transposed = args[6] if len(args) > 6 else False
+    if dtype not in ("float16", "bfloat16") or transposed or len(x.ty.shape) != 4:
+        return importer._convolution(node)  # noqa: SLF001 - TVM's converter for everything it handles right
+    if str(weight.ty.dtype) != dtype:
+        raise TVMBackendError(f"conv node {node.name!r}: {dtype} input with a {weight.ty.dtype} weight; cast the "
+                              "model to one dtype")
+    bias = args[2] if len(args) > 2 else None
+    stride, padding, dilation = (args[i] if len(args) > i else d for i, d in ((3, 1), (4, 0), (5, 1)))
+    groups = args[8] if len(args) > 8 else 1
+    bb = importer.block_builder
+    y = bb.emit(relax.op.nn.conv2d(x, weight, strides=stride, padding=padding, dilation=dilation, groups=groups,
+                                   data_layout="NCHW", kernel_layout="OIHW", out_dtype="float32"))
+    if bias is not None:
+        b = bb.emit(relax.op.reshape(bb.emit(relax.op.astype(bias, "float32")), (1, -1, 1, 1)))
+        y = bb.emit(relax.op.add(y, b))
+    return bb.emit(relax.op.astype(y, dtype))

@@ -24,7 +24,8 @@ from ...passes.program import materialize_quant_modules
 from .base import TVMBackendError, require_tvm
 from .config import TVMBuildConfig
 from .emit import DEFAULT_CONFIG, LayerInfo, emit_quant_linear
-from .emit_conv import emit_act_quant, emit_quant_conv
+from .emit_conv import convert_float_convolution, emit_act_quant, emit_quant_conv
+from .emit_norm import convert_batch_norm_no_training
 
 __all__ = ["lower_to_relax"]
 
@@ -281,7 +282,10 @@ def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | Non
                                                                   "matmul.default": _convert_matmul,
                                                                   "mm.default": _convert_matmul,
                                                                   "bmm.default": _convert_matmul,
-                                                                  "cumsum.default": _convert_cumsum})
+                                                                  "cumsum.default": _convert_cumsum,
+                                                                  "convolution.default": convert_float_convolution,
+                                                                  "_native_batch_norm_legit_no_training.default":
+                                                                      convert_batch_norm_no_training})
         except AssertionError as e:
             msg = str(e)
             found = re.search(r"Unsupported function types? (\[.*\])", msg)
