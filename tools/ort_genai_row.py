@@ -75,14 +75,18 @@ def write_id_tokenizer(out_dir: str | Path, vocab_size: int) -> None:
 
 
 def build_onnx(hf_dir: Path, out_dir: Path, device: str, block_size: int, quantize_lm_head: bool = False,
-               precision: str = "int4", timeout_s: int = 1800) -> Path:
+               precision: str = "int4", accuracy_level: int | None = None, timeout_s: int = 1800) -> Path:
     """Run onnxruntime-genai's model builder on ``hf_dir`` for the CPU or CUDA execution provider: int4 (uint4 +
     zero points, ``block_size``), or ``precision`` "fp32" / "fp16" (no quantization: the parity reference).
+    ``accuracy_level``: MatMulNBits' compute type (1 fp32, 2 fp16, 3 bf16, 4 int8 activations); None keeps the
+    builder's default (4 on the CPU EP, 0 = the kernel's own choice on CUDA).
     Returns ``out_dir`` (model.onnx, its weights, genai_config.json)."""
     ep = {"cuda": "cuda", "cpu": "cpu"}[device]
     extra = [f"block_size={block_size}", "is_symmetric=false", "hf_token=false"]
     if not quantize_lm_head:
         extra.append("nodes_to_exclude=/lm_head/MatMul")
+    if accuracy_level is not None:
+        extra.append(f"accuracy_level={accuracy_level}")
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out_dir),
            "-p", precision, "-e", ep, "-c", str(out_dir.parent / "builder_cache"), "--extra_options", *extra]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
@@ -160,13 +164,16 @@ def _require_device(og, device: str) -> None:
 
 
 def build_ort_genai(hf_model, device: str, work_dir: str | Path, block_size: int = 128,
-                    quantize_lm_head: bool = False, precision: str = "int4") -> Path:
+                    quantize_lm_head: bool = False, precision: str = "int4", accuracy_level: int | None = None
+                    ) -> Path:
     """Save ``hf_model`` (a transformers ``LlamaForCausalLM``, fp16 or fp32; not modified) with an id-only
     tokenizer under ``work_dir``/hf and build it with the model builder for ``device``; returns the ONNX dir."""
     if precision not in ("int4", "fp16", "fp32"):
         raise ValueError(f"precision must be 'int4', 'fp16' or 'fp32', got {precision!r}")
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    if accuracy_level not in (None, 0, 1, 2, 3, 4):
+        raise ValueError(f"accuracy_level must be None or 0..4, got {accuracy_level!r}")
     _require_device(_require_genai(), device)
     work = Path(work_dir)
     hf_dir = work / "hf"
@@ -174,7 +181,7 @@ def build_ort_genai(hf_model, device: str, work_dir: str | Path, block_size: int
     hf_dir.mkdir(parents=True, exist_ok=True)
     hf_model.save_pretrained(str(hf_dir))
     write_id_tokenizer(hf_dir, hf_model.config.vocab_size)
-    return build_onnx(hf_dir, onnx_dir, device, block_size, quantize_lm_head, precision)
+    return build_onnx(hf_dir, onnx_dir, device, block_size, quantize_lm_head, precision, accuracy_level)
 
 
 def run_ort_genai(model_dir: str | Path, prompt: torch.Tensor, new_tokens: int, device: str,
@@ -207,9 +214,9 @@ def run_ort_genai(model_dir: str | Path, prompt: torch.Tensor, new_tokens: int, 
 
 def ort_genai_generate(hf_model, prompt: torch.Tensor, new_tokens: int, device: str, work_dir: str | Path,
                        block_size: int = 128, quantize_lm_head: bool = False, precision: str = "int4",
-                       cuda_graph: bool = False) -> OrtGenaiResult:
+                       cuda_graph: bool = False, accuracy_level: int | None = None) -> OrtGenaiResult:
     """``build_ort_genai`` then ``run_ort_genai``: ``hf_model`` (transformers ``LlamaForCausalLM``) through the
     model builder's int4 ONNX (``block_size``) on ``device``, ``new_tokens`` greedy tokens after ``prompt``."""
     _check_request(prompt, new_tokens, hf_model.config.vocab_size, device)
-    d = build_ort_genai(hf_model, device, work_dir, block_size, quantize_lm_head, precision)
+    d = build_ort_genai(hf_model, device, work_dir, block_size, quantize_lm_head, precision, accuracy_level)
     return run_ort_genai(d, prompt, new_tokens, device, cuda_graph)
