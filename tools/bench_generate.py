@@ -302,9 +302,10 @@ def main(argv=None) -> int:
                     ms = r.decode_ms_per_token
                     bound = f"{100 * mb * 1e6 / (ms * 1e-3) / peak:.0f}%" if peak else "n/a"
                     lines.append(f"| {mname} | {label} | {r.ttft_ms:.1f} | {ms:.3f} | {1e3 / ms:.1f} | {mb:.1f} | "
-                                 f"{bound} | {agree:.3f} | |")
+                                 f"{bound} | {agree:.3f} | uint4 + zero points, lm_head float |")
                     print(lines[-1], flush=True)
         except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
             lines.append(f"| {mname} | {og_label} | | | | | | | skipped: {type(e).__name__}: {str(e)[:200]} |")
     lines += ["", "MB/token counts the whole static KV cache (the decode step attends over all max_seq_len slots, "
               "masked), int4 rows the packed codes + scales + zero points, float parameters at the activation width."]
