@@ -278,12 +278,38 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001
             lines.append(f"| {mname} | HF generate, static cache | | | | | | | skipped: {type(e).__name__}: "
                          f"{str(e)[:160]} |")
+        # onnxruntime-genai: its model builder's int4 ONNX (uint4 + zero points, one block size, lm_head float as
+        # in our int4 rows) of the same weights as a LlamaForCausalLM, its own greedy loop (tools/ort_genai_row.py)
+        og_g = 128 if 128 in a.groups else a.groups[-1]
+        og_label = f"onnxruntime-genai int4 g{og_g} (model builder, {'CUDA' if cuda else 'CPU'} EP)"
         try:
-            import onnxruntime_genai  # noqa: F401
-            lines.append(f"| {mname} | onnxruntime-genai | | | | | | | not run: its model builder needs a Hugging Face "
-                         "checkpoint directory, not wired up here |")
-        except ImportError:
-            lines.append(f"| {mname} | onnxruntime-genai | | | | | | | skipped: onnxruntime-genai not installed |")
+            import tempfile
+
+            from ort_genai_row import build_ort_genai, run_ort_genai
+
+            with tempfile.TemporaryDirectory(prefix="ogenai-") as wd:
+                hf = to_hf_llama(model)
+                og_dir = build_ort_genai(hf.half() if cuda else hf, a.device, wd, block_size=og_g)
+                del hf
+                for label, graph in [(og_label, False)] + ([(og_label + ", CUDA graph", True)] if cuda else []):
+                    try:
+                        r = run_ort_genai(og_dir, ids, a.new, a.device, cuda_graph=graph)
+                    except Exception as e:  # noqa: BLE001
+                        traceback.print_exc()
+                        lines.append(f"| {mname} | {label} | | | | | | | failed: {type(e).__name__}: "
+                                     f"{str(e)[:160]} |")
+                        continue
+                    new_ids = r.ids[:, a.prompt_len:]
+                    agree = float((new_ids == ref[:, a.prompt_len:]).float().mean()) if ref is not None else 0
+                    mb = (r.weight_bytes + kv_bytes(model, max_len, dbytes)) / 1e6
+                    ms = r.decode_ms_per_token
+                    bound = f"{100 * mb * 1e6 / (ms * 1e-3) / peak:.0f}%" if peak else "n/a"
+                    lines.append(f"| {mname} | {label} | {r.ttft_ms:.1f} | {ms:.3f} | {1e3 / ms:.1f} | {mb:.1f} | "
+                                 f"{bound} | {agree:.3f} | uint4 + zero points, lm_head float |")
+                    print(lines[-1], flush=True)
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            lines.append(f"| {mname} | {og_label} | | | | | | | skipped: {type(e).__name__}: {str(e)[:200]} |")
     lines += ["", "MB/token counts the whole static KV cache (the decode step attends over all max_seq_len slots, "
               "masked), int4 rows the packed codes + scales + zero points, float parameters at the activation width."]
     out_path = a.out or ("tools/results/generate_gpu.md" if cuda else "tools/results/generate_cpu_smoke.md")
