@@ -53,61 +53,53 @@ def quantized_weight(w, scale, offset, qmin, qmax, group_size):
     return lsq_forward(wg, scale.to(w.dtype).unsqueeze(-1), off, qmin, qmax).reshape(out_f, in_f)
 
 
-def _grouped_v(w0, lora_a, lora_b, scale, offset, group_size, merge_by_sum: bool):
-    """v = (W0 + B'·A - β) / α as a fresh (out, groups, group_len) tensor in the accumulation dtype.
+# The weight kernels below see every weight-shaped tensor as (out·groups, group_len) rows, contiguous,
+# and the step sizes / offsets as (out·groups, 1): one quantization group per row, reduced over the last
+# dim.  ``w`` is the frozen W0 (any float dtype) and ``ba`` the (scaled) LoRA product B'·A in the
+# accumulation dtype, or None when ``w`` is already the merged weight (eager path) or there is no
+# adapter.  Under inductor, with group_len a compile-time constant, each direction is one kernel whose
+# index math is a shift (flat index // group_len), no division by a run-time size.
 
-    ``lora_b`` arrives already multiplied by the LoRA scale (B' = s·B).  ``merge_by_sum`` writes B'·A
-    as a broadcast sum over the rank: under inductor that becomes one kernel that reads W0 once and
-    never materialises an fp32 (out, in) copy of W0 or of B'·A (used only in the compiled path; in
-    eager it would allocate (out, r, in))."""
-    dt = acc_dtype(w0)
-    if lora_a is None:
-        w = w0.to(dt, copy=True)
-    elif merge_by_sum:
-        w = w0.to(dt) + (lora_b.to(dt).unsqueeze(-1) * lora_a.to(dt).unsqueeze(0)).sum(1)
-    else:
-        w = torch.addmm(w0.to(dt), lora_b.to(dt), lora_a.to(dt))
-    out_f, in_f = w.shape
-    gl = in_f if group_size is None else group_size
-    v = w.reshape(out_f, in_f // gl, gl)
-    s3 = scale.to(w.dtype).unsqueeze(-1)
+
+def _v(w, ba, scale, offset):
+    """v = (W0 + B'·A - β) / α in the accumulation dtype, (rows, group_len)."""
+    w = w.to(acc_dtype(w)) if ba is None else w.to(ba.dtype) + ba
     if offset is not None:
-        v = v - offset.to(w.dtype).unsqueeze(-1)
-    return v / s3, s3
+        w = w - offset
+    return w / scale
 
 
-def _dequant_codes(v, s3, offset, qmin, qmax, dtype):
-    """round(clamp(v)) · α + β, cast to the activation dtype, shaped (out, in)."""
-    q = torch.round(v).clamp(qmin, qmax) * s3
+def _dequant(v, scale, offset, qmin, qmax, dtype):
+    """round(clamp(v)) · α + β, cast to the activation dtype."""
+    q = torch.round(v).clamp(qmin, qmax) * scale
     if offset is not None:
-        q = q + offset.to(q.dtype).unsqueeze(-1)
-    return q.reshape(v.shape[0], -1).to(dtype)
+        q = q + offset
+    return q.to(dtype)
 
 
-def _forward_weight(w0, lora_a, lora_b, scale, offset, qmin, qmax, group_size, dtype, merge_by_sum=False):
-    """Q(W0 + B'·A) in ``dtype``, shaped (out, in): the forward's only weight-sized work."""
-    v, s3 = _grouped_v(w0, lora_a, lora_b, scale, offset, group_size, merge_by_sum)
-    return _dequant_codes(v, s3, offset, qmin, qmax, dtype)
+def _forward_weight(w, ba, scale, offset, qmin, qmax, dtype):
+    """Q(W0 + B'·A) in ``dtype``, (rows, group_len): the forward's only weight-sized work
+    (reads W0 and B'·A, writes Wq)."""
+    return _dequant(_v(w, ba, scale, offset), scale, offset, qmin, qmax, dtype)
 
 
-def _backward_weight(w0, lora_a, lora_b, scale, offset, gwq, qmin, qmax, group_size, need_wq: bool, dtype,
-                     merge_by_sum=False):
-    """From dL/dWq (out, in): (Wq or None, dL/dW masked (out, in) in ``dtype``, Σ_group dL/dWq·r,
-    Σ_group dL/dWq·outside or None) with one recompute of W; LSQ's gradient scale is applied by the caller.
+def _backward_weight(w, ba, scale, offset, gwq, qmin, qmax, need_wq: bool, dtype):
+    """From dL/dWq (rows, group_len), in one pass over the weights: (Wq or None, dL/dW masked in
+    ``dtype``, Σ_group dL/dWq·r (rows, 1), Σ_group dL/dWq·outside (rows, 1) or None); LSQ's gradient
+    scale is applied by the caller.
 
-    The reductions accumulate in fp32; the masked weight gradient is handed back in the activation
-    dtype, since it only feeds the two rank-r GEMMs (bf16 halves that (out, in) write and its reads)."""
-    v, s3 = _grouped_v(w0, lora_a, lora_b, scale, offset, group_size, merge_by_sum)
-    out_f, ng, gl = v.shape
-    wq = _dequant_codes(v, s3, offset, qmin, qmax, dtype) if need_wq else None
-    gw = gwq.to(v.dtype).reshape(out_f, ng, gl)
+    The reductions accumulate in the accumulation dtype; the masked weight gradient is handed back in
+    the activation dtype, since it only feeds the two rank-r GEMMs."""
+    v = _v(w, ba, scale, offset)
+    wq = _dequant(v, scale, offset, qmin, qmax, dtype) if need_wq else None
+    gw = gwq.to(v.dtype)
     below, above = v < qmin, v > qmax
     r = torch.round(v) - v  # round(v) - v inside the clip range, Qn / Qp outside
     r = torch.where(below, float(qmin), torch.where(above, float(qmax), r))
-    g_scale = (gw * r).sum(-1)
+    g_scale = (gw * r).sum(-1, keepdim=True)
     outside = below | above
-    g_off = (gw * outside).sum(-1) if offset is not None else None
-    grad_w = torch.where(outside, 0.0, gw).reshape(out_f, ng * gl).to(dtype)
+    g_off = (gw * outside).sum(-1, keepdim=True) if offset is not None else None
+    grad_w = torch.where(outside, 0.0, gw).to(dtype)
     return wq, grad_w, g_scale, g_off
 
 
@@ -115,22 +107,32 @@ _COMPILED: dict = {}
 
 
 def compiled_kernel(fn, backend="inductor"):
-    """``fn`` under torch.compile with dynamic shapes: one compiled kernel serves every weight shape
-    (with static shapes each new (out, in) recompiled, and after dynamo's recompile_limit (8) — a
-    model with many shapes, e.g. SmolLM2's 576/1536 projections — the kernel silently fell back to
-    eager).  Python floats (LoRA scale, LSQ gradient scale) stay outside the kernel, since dynamo
-    specialises on float values; what remains in the guards is dtype, which optional tensors are
-    None, ``need_wq`` and the bit range."""
+    """``fn`` under torch.compile with dynamic shapes: one compiled kernel serves every weight shape.
+
+    Every weight-shaped argument is a (rows, group_len) tensor: the number of rows is dynamic (with
+    static shapes each new (out, in) recompiled, and after dynamo's recompile_limit (8) — e.g.
+    SmolLM2's 576/1536 projections — the kernel silently fell back to eager), the group length is
+    marked static, so it is a constant in the kernel (a shift, where a symbolic group length put
+    64-bit divisions and modulos by run-time sizes into every element's index).  Python ints and
+    floats are symbolic (dynamic=True); what remains in the guards is dtype, which optional tensors
+    are None, ``need_wq`` and the group length."""
     key = (fn, backend if isinstance(backend, str) else id(backend))
     if key not in _COMPILED:
         compiled = torch.compile(fn, dynamic=True, backend=backend)
 
-        def call(*args):
+        def plain(a):
             # dynamo keeps nn.Parameter shapes static whatever ``dynamic`` says
-            # (torch._dynamo.config.force_parameter_static_shapes): W0, A, the step sizes and offsets
-            # arrive here as Parameters, so each weight shape recompiled until the limit and then
-            # fell back to eager.  The autograd.Function does its own backward, so plain views do.
-            return compiled(*(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args))
+            # (torch._dynamo.config.force_parameter_static_shapes), so parameters (and views that are
+            # still Parameters) arrive detached; the autograd.Function does its own backward.
+            if not isinstance(a, torch.Tensor):
+                return a
+            a = a.detach()
+            if a.dim() == 2:
+                torch._dynamo.mark_static(a, 1)  # the group length (1 for the step-size columns)
+            return a
+
+        def call(*args):
+            return compiled(*(plain(a) for a in args))
 
         _COMPILED[key] = call
     return _COMPILED[key]
@@ -145,13 +147,34 @@ def _kernel(fn, device: torch.device, compiled: bool):
     return compiled_kernel(fn), True
 
 
+def _kernel_inputs(w0, lora_a, lora_b, lora_scale, scale, offset, group_size, fused_merge: bool):
+    """(w, ba, scale, offset, B') for the weight kernels, every weight-shaped tensor as (rows, group_len).
+
+    ``fused_merge``: B'·A comes from one small-rank GEMM (cuBLAS, out x in in the accumulation dtype)
+    and is added to W0 inside the compiled kernel, which reads W0 in its own dtype; otherwise (eager)
+    ``w`` is the merged weight W0 + B'·A from one addmm.  (A broadcast sum over the rank inside the
+    kernel, the earlier variant, became a reduction kernel that reloaded r values of B and A for every
+    weight element: 4x the kernel's own time.)"""
+    out_f, in_f = w0.shape
+    gl = in_f if group_size is None else group_size
+    dt = acc_dtype(w0)
+    s2, o2 = scale.to(dt).reshape(-1, 1), None if offset is None else offset.to(dt).reshape(-1, 1)
+    if lora_a is None:
+        return w0.reshape(-1, gl), None, s2, o2, None
+    lb = lora_b.to(dt) * lora_scale  # (out, r): tiny
+    if fused_merge:
+        return w0.reshape(-1, gl), torch.mm(lb, lora_a.to(dt)).view(-1, gl), s2, o2, lb
+    return torch.addmm(w0.to(dt), lb, lora_a.to(dt)).view(-1, gl), None, s2, o2, lb
+
+
 class L4QLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w0, lora_a, lora_b, scale, offset, bias, lora_scale, qmin, qmax, group_size, grad_scale,
                 compiled):
-        fn, by_sum = _kernel(_forward_weight, x.device, compiled)
-        lb = None if lora_b is None else lora_b * lora_scale  # (out, r): tiny
-        wq = fn(w0, lora_a, lb, scale, offset, qmin, qmax, group_size, x.dtype, by_sum)
+        fn, fused = _kernel(_forward_weight, x.device, compiled)
+        w, ba, s2, o2, _ = _kernel_inputs(w0, lora_a, lora_b, lora_scale, scale, offset, group_size, fused)
+        wq = fn(w, ba, s2, o2, qmin, qmax, x.dtype).view(w0.shape)
+        del w, ba
         ctx.meta = (lora_scale, qmin, qmax, group_size, grad_scale, lora_a is not None, offset is not None,
                     bias is not None, compiled)
         empty = x.new_empty(0)
@@ -172,21 +195,21 @@ class L4QLinearFunction(torch.autograd.Function):
         # dL/dWq = gᵀx in the activation dtype (tensor cores for bf16); the quantizer math runs in fp32
         gwq = g2.t() @ x.reshape(-1, in_f)
         need_x = ctx.needs_input_grad[0]
-        fn, by_sum = _kernel(_backward_weight, g.device, compiled)
-        lb = None if lora_b is None else lora_b * lora_scale
-        wq, grad_w, g_scale, g_off = fn(w0, lora_a, lb, scale, offset, gwq, qmin, qmax, group_size, need_x,
-                                        g.dtype, by_sum)
-        del gwq
-        grad_x = g @ wq if need_x else None
+        fn, fused = _kernel(_backward_weight, g.device, compiled)
+        w, ba, s2, o2, lb = _kernel_inputs(w0, lora_a, lora_b, lora_scale, scale, offset, group_size, fused)
+        wq, grad_w, g_scale, g_off = fn(w, ba, s2, o2, gwq.view(w.shape), qmin, qmax, need_x, g.dtype)
+        del gwq, w, ba
+        grad_x = g @ wq.view(w0.shape) if need_x else None
         del wq
+        grad_w = grad_w.view(w0.shape)
         grad_a = grad_b = None
         if has_lora:  # rank-r GEMMs in the activation dtype (fp32 accumulation inside the GEMM)
             grad_a = (lb.to(grad_w.dtype).t() @ grad_w).to(lora_a.dtype)
             grad_b = (grad_w @ lora_a.to(grad_w.dtype).t()).to(lora_b.dtype).mul_(lora_scale)
         grad_bias = g2.sum(0) if has_bias and ctx.needs_input_grad[6] else None
-        g_off = None if g_off is None else (g_off * grad_scale).to(offset.dtype)
-        return (grad_x, None, grad_a, grad_b, (g_scale * grad_scale).to(scale.dtype), g_off, grad_bias,
-                None, None, None, None, None, None)
+        g_scale = (g_scale * grad_scale).view(scale.shape).to(scale.dtype)
+        g_off = None if g_off is None else (g_off * grad_scale).view(offset.shape).to(offset.dtype)
+        return (grad_x, None, grad_a, grad_b, g_scale, g_off, grad_bias, None, None, None, None, None, None)
 
 
 def l4q_linear(x, w0, lora_a, lora_b, scale, offset, bias, lora_scale: float, qmin: int, qmax: int,
