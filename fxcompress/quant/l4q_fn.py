@@ -14,15 +14,21 @@ Gradients (L4Q, from LSQ+ and the chain rule through the merged weight W = W0 + 
 
 with v = (W - β)/α, and α / β's gradients multiplied by LSQ's gradient scale.
 
-On CUDA the weight-sized element-wise work (merge, quantize, masks, reductions) runs as
-inductor-compiled kernels (dynamic shapes: one compile for all weight shapes); elsewhere, and
-inside a user's torch.compile trace, as eager ops.
+Work per layer and step, beside the token-sized GEMMs (E = out x in weight elements):
+
+    forward:  B·A (one rank-r GEMM, writes 4E bytes in fp32); one kernel: W0 + s·B·A -> Wq
+              (reads W0 and B·A, writes Wq: 8E bytes for bf16 W0)
+    backward: dL/dWq = gᵀx (the third token-sized GEMM); B·A again; one kernel: Wq, the masked
+              dL/dW, and both group reductions (reads W0, B·A, dL/dWq; writes Wq and dL/dW: 12E);
+              two rank-r GEMMs read dL/dW.
+
+On CUDA each of those kernels is inductor-compiled (one compile for all weight shapes); elsewhere,
+and inside a user's torch.compile trace, the same functions run as eager ops.
 
 Where the time goes (vs plain LoRA): LoRA's backward needs no (out x in) weight gradient, L4Q's
 does (dL/dα, dL/dβ and the clip-masked LoRA gradients all need dL/dWq = gᵀx), so every L4Q
 layer runs three token-sized GEMMs per step (forward, dL/dx, dL/dWq) where LoRA runs two.  That
-GEMM is the algorithm, not overhead; the rest (merge + quantize twice, masks, reductions) is a
-few passes over the weights.
+GEMM is the algorithm, not overhead; the rest is the few passes over the weights above.
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ def merged_weight(w0, lora_a, lora_b, lora_scale):
     dt = acc_dtype(w0)
     if lora_a is None:
         return w0.to(dt, copy=True)
-    return torch.addmm(w0.to(dt), (lora_b * lora_scale).to(dt), lora_a.to(dt))  # as the fused op rounds it
+    return torch.addmm(w0.to(dt), lora_b.to(dt), lora_a.to(dt), alpha=lora_scale)  # as the eager op rounds it
 
 
 def quantized_weight(w, scale, offset, qmin, qmax, group_size):
@@ -55,15 +61,15 @@ def quantized_weight(w, scale, offset, qmin, qmax, group_size):
 
 # The weight kernels below see every weight-shaped tensor as (out·groups, group_len) rows, contiguous,
 # and the step sizes / offsets as (out·groups, 1): one quantization group per row, reduced over the last
-# dim.  ``w`` is the frozen W0 (any float dtype) and ``ba`` the (scaled) LoRA product B'·A in the
-# accumulation dtype, or None when ``w`` is already the merged weight (eager path) or there is no
-# adapter.  Under inductor, with group_len a compile-time constant, each direction is one kernel whose
-# index math is a shift (flat index // group_len), no division by a run-time size.
+# dim.  ``w`` is the frozen W0 (any float dtype) and ``ba`` the LoRA product B·A in the accumulation
+# dtype, or None when ``w`` is already the merged weight (eager path) or there is no adapter.  Under
+# inductor, with group_len a compile-time constant, each direction is one kernel whose index math is a
+# shift (flat index // group_len), no division by a run-time size.
 
 
-def _v(w, ba, scale, offset):
-    """v = (W0 + B'·A - β) / α in the accumulation dtype, (rows, group_len)."""
-    w = w.to(acc_dtype(w)) if ba is None else w.to(ba.dtype) + ba
+def _v(w, ba, lora_scale, scale, offset):
+    """v = (W0 + s·B·A - β) / α in the accumulation dtype, (rows, group_len)."""
+    w = w.to(acc_dtype(w)) if ba is None else w.to(ba.dtype) + ba * lora_scale
     if offset is not None:
         w = w - offset
     return w / scale
@@ -77,28 +83,27 @@ def _dequant(v, scale, offset, qmin, qmax, dtype):
     return q.to(dtype)
 
 
-def _forward_weight(w, ba, scale, offset, qmin, qmax, dtype):
-    """Q(W0 + B'·A) in ``dtype``, (rows, group_len): the forward's only weight-sized work
-    (reads W0 and B'·A, writes Wq)."""
-    return _dequant(_v(w, ba, scale, offset), scale, offset, qmin, qmax, dtype)
+def _forward_weight(w, ba, lora_scale, scale, offset, qmin, qmax, dtype):
+    """Q(W0 + s·B·A) in ``dtype``, (rows, group_len): the forward's only weight-sized work
+    (reads W0 and B·A, writes Wq)."""
+    return _dequant(_v(w, ba, lora_scale, scale, offset), scale, offset, qmin, qmax, dtype)
 
 
-def _backward_weight(w, ba, scale, offset, gwq, qmin, qmax, need_wq: bool, dtype):
-    """From dL/dWq (rows, group_len), in one pass over the weights: (Wq or None, dL/dW masked in
-    ``dtype``, Σ_group dL/dWq·r (rows, 1), Σ_group dL/dWq·outside (rows, 1) or None); LSQ's gradient
-    scale is applied by the caller.
+def _backward_weight(w, ba, lora_scale, scale, offset, gwq, grad_scale, qmin, qmax, need_wq: bool, dtype):
+    """Everything weight-sized of the backward in one pass over the weights, from dL/dWq (rows, group_len):
+    (Wq or None, dL/dW masked, dL/dα (rows, 1), dL/dβ (rows, 1) or None).
 
-    The reductions accumulate in the accumulation dtype; the masked weight gradient is handed back in
-    the activation dtype, since it only feeds the two rank-r GEMMs."""
-    v = _v(w, ba, scale, offset)
+    Wq and dL/dW are in the activation ``dtype`` (they only feed GEMMs with activations or the two rank-r
+    GEMMs); the group reductions accumulate in the accumulation dtype and carry LSQ's gradient scale."""
+    v = _v(w, ba, lora_scale, scale, offset)
     wq = _dequant(v, scale, offset, qmin, qmax, dtype) if need_wq else None
     gw = gwq.to(v.dtype)
     below, above = v < qmin, v > qmax
     r = torch.round(v) - v  # round(v) - v inside the clip range, Qn / Qp outside
     r = torch.where(below, float(qmin), torch.where(above, float(qmax), r))
-    g_scale = (gw * r).sum(-1, keepdim=True)
+    g_scale = (gw * r).sum(-1, keepdim=True) * grad_scale
     outside = below | above
-    g_off = (gw * outside).sum(-1, keepdim=True) if offset is not None else None
+    g_off = (gw * outside).sum(-1, keepdim=True) * grad_scale if offset is not None else None
     grad_w = torch.where(outside, 0.0, gw).to(dtype)
     return wq, grad_w, g_scale, g_off
 
@@ -109,26 +114,28 @@ _COMPILED: dict = {}
 def compiled_kernel(fn, backend="inductor"):
     """``fn`` under torch.compile with dynamic shapes: one compiled kernel serves every weight shape.
 
-    Every weight-shaped argument is a (rows, group_len) tensor: the number of rows is dynamic (with
-    static shapes each new (out, in) recompiled, and after dynamo's recompile_limit (8) — e.g.
-    SmolLM2's 576/1536 projections — the kernel silently fell back to eager), the group length is
-    marked static, so it is a constant in the kernel (a shift, where a symbolic group length put
-    64-bit divisions and modulos by run-time sizes into every element's index).  Python ints and
-    floats are symbolic (dynamic=True); what remains in the guards is dtype, which optional tensors
-    are None, ``need_wq`` and the group length."""
+    Every tensor argument is (rows, group_len) or (rows, 1).  The last dim is marked static, so the
+    kernel has the group length as a constant (a symbolic one put 64-bit divisions and modulos by
+    run-time sizes into every element's index).  The rest is dynamic: the one row count (with static
+    shapes each new (out, in) recompiled, and after dynamo's recompile_limit (8) — e.g. SmolLM2's
+    576/1536 projections — the kernel silently fell back to eager) and the Python ints / floats (bit
+    range, LoRA scale, LSQ gradient scale).  What remains in the guards is dtype, which optional
+    tensors are None, ``need_wq`` and the group length.  (No rank-r tensor goes in: with one
+    (out, r) and one (in, r) argument, dynamo's duck sizing gave a square first weight one symbol for
+    out and in, and the first non-square weight recompiled.)"""
     key = (fn, backend if isinstance(backend, str) else id(backend))
     if key not in _COMPILED:
         compiled = torch.compile(fn, dynamic=True, backend=backend)
 
         def plain(a):
             # dynamo keeps nn.Parameter shapes static whatever ``dynamic`` says
-            # (torch._dynamo.config.force_parameter_static_shapes), so parameters (and views that are
-            # still Parameters) arrive detached; the autograd.Function does its own backward.
+            # (torch._dynamo.config.force_parameter_static_shapes), so tensors arrive detached (the
+            # autograd.Function does its own backward); the mark goes on the object dynamo sees.
             if not isinstance(a, torch.Tensor):
                 return a
             a = a.detach()
             if a.dim() == 2:
-                torch._dynamo.mark_static(a, 1)  # the group length (1 for the step-size columns)
+                torch._dynamo.mark_static(a, 1)
             return a
 
         def call(*args):
@@ -148,23 +155,23 @@ def _kernel(fn, device: torch.device, compiled: bool):
 
 
 def _kernel_inputs(w0, lora_a, lora_b, lora_scale, scale, offset, group_size, fused_merge: bool):
-    """(w, ba, scale, offset, B') for the weight kernels, every weight-shaped tensor as (rows, group_len).
+    """(w, ba, scale, offset) for the weight kernels, every weight-shaped tensor as (rows, group_len).
 
-    ``fused_merge``: B'·A comes from one small-rank GEMM (cuBLAS, out x in in the accumulation dtype)
-    and is added to W0 inside the compiled kernel, which reads W0 in its own dtype; otherwise (eager)
-    ``w`` is the merged weight W0 + B'·A from one addmm.  (A broadcast sum over the rank inside the
-    kernel, the earlier variant, became a reduction kernel that reloaded r values of B and A for every
-    weight element: 4x the kernel's own time.)"""
+    ``fused_merge``: B·A comes from one rank-r GEMM (cuBLAS; (out, in) in the accumulation dtype) and
+    W0 + s·B·A is formed inside the compiled kernel, which reads W0 in its own dtype; otherwise (eager)
+    ``w`` is the merged weight from one addmm.  (A broadcast sum over the rank inside the kernel, the
+    earlier variant, became a reduction kernel that reloaded r values of B and A for every weight
+    element: ~10x the time of the GEMM plus the kernel's extra read.)"""
     out_f, in_f = w0.shape
     gl = in_f if group_size is None else group_size
     dt = acc_dtype(w0)
-    s2, o2 = scale.to(dt).reshape(-1, 1), None if offset is None else offset.to(dt).reshape(-1, 1)
+    s2 = scale.to(dt).reshape(-1, 1)
+    o2 = None if offset is None else offset.to(dt).reshape(-1, 1)
     if lora_a is None:
-        return w0.reshape(-1, gl), None, s2, o2, None
-    lb = lora_b.to(dt) * lora_scale  # (out, r): tiny
+        return w0.reshape(-1, gl), None, s2, o2
     if fused_merge:
-        return w0.reshape(-1, gl), torch.mm(lb, lora_a.to(dt)).view(-1, gl), s2, o2, lb
-    return torch.addmm(w0.to(dt), lb, lora_a.to(dt)).view(-1, gl), None, s2, o2, lb
+        return w0.reshape(-1, gl), torch.mm(lora_b.to(dt), lora_a.to(dt)).view(-1, gl), s2, o2
+    return torch.addmm(w0.to(dt), lora_b.to(dt), lora_a.to(dt), alpha=lora_scale).view(-1, gl), None, s2, o2
 
 
 class L4QLinearFunction(torch.autograd.Function):
@@ -172,8 +179,8 @@ class L4QLinearFunction(torch.autograd.Function):
     def forward(ctx, x, w0, lora_a, lora_b, scale, offset, bias, lora_scale, qmin, qmax, group_size, grad_scale,
                 compiled):
         fn, fused = _kernel(_forward_weight, x.device, compiled)
-        w, ba, s2, o2, _ = _kernel_inputs(w0, lora_a, lora_b, lora_scale, scale, offset, group_size, fused)
-        wq = fn(w, ba, s2, o2, qmin, qmax, x.dtype).view(w0.shape)
+        w, ba, s2, o2 = _kernel_inputs(w0, lora_a, lora_b, lora_scale, scale, offset, group_size, fused)
+        wq = fn(w, ba, lora_scale, s2, o2, qmin, qmax, x.dtype).view(w0.shape)
         del w, ba
         ctx.meta = (lora_scale, qmin, qmax, group_size, grad_scale, lora_a is not None, offset is not None,
                     bias is not None, compiled)
@@ -196,19 +203,20 @@ class L4QLinearFunction(torch.autograd.Function):
         gwq = g2.t() @ x.reshape(-1, in_f)
         need_x = ctx.needs_input_grad[0]
         fn, fused = _kernel(_backward_weight, g.device, compiled)
-        w, ba, s2, o2, lb = _kernel_inputs(w0, lora_a, lora_b, lora_scale, scale, offset, group_size, fused)
-        wq, grad_w, g_scale, g_off = fn(w, ba, s2, o2, gwq.view(w.shape), qmin, qmax, need_x, g.dtype)
+        w, ba, s2, o2 = _kernel_inputs(w0, lora_a, lora_b, lora_scale, scale, offset, group_size, fused)
+        wq, grad_w, g_scale, g_off = fn(w, ba, lora_scale, s2, o2, gwq.view(w.shape), grad_scale, qmin, qmax,
+                                        need_x, g.dtype)
         del gwq, w, ba
         grad_x = g @ wq.view(w0.shape) if need_x else None
         del wq
         grad_w = grad_w.view(w0.shape)
         grad_a = grad_b = None
         if has_lora:  # rank-r GEMMs in the activation dtype (fp32 accumulation inside the GEMM)
-            grad_a = (lb.to(grad_w.dtype).t() @ grad_w).to(lora_a.dtype)
+            grad_a = ((lora_b * lora_scale).to(grad_w.dtype).t() @ grad_w).to(lora_a.dtype)
             grad_b = (grad_w @ lora_a.to(grad_w.dtype).t()).to(lora_b.dtype).mul_(lora_scale)
         grad_bias = g2.sum(0) if has_bias and ctx.needs_input_grad[6] else None
-        g_scale = (g_scale * grad_scale).view(scale.shape).to(scale.dtype)
-        g_off = None if g_off is None else (g_off * grad_scale).view(offset.shape).to(offset.dtype)
+        g_scale = g_scale.view(scale.shape).to(scale.dtype)
+        g_off = None if g_off is None else g_off.view(offset.shape).to(offset.dtype)
         return (grad_x, None, grad_a, grad_b, g_scale, g_off, grad_bias, None, None, None, None, None, None)
 
 
