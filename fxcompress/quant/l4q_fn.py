@@ -160,8 +160,8 @@ def _kernel_inputs(w0, lora_a, lora_b, lora_scale, scale, offset, group_size, fu
     ``fused_merge``: B·A comes from one rank-r GEMM (cuBLAS; (out, in) in the accumulation dtype) and
     W0 + s·B·A is formed inside the compiled kernel, which reads W0 in its own dtype; otherwise (eager)
     ``w`` is the merged weight from one addmm.  (A broadcast sum over the rank inside the kernel, the
-    earlier variant, became a reduction kernel that reloaded r values of B and A for every weight
-    element: ~10x the time of the GEMM plus the kernel's extra read.)"""
+    earlier variant, became a reduction kernel that loaded r values of B and A for every weight element:
+    246 µs a call on an H100 for a write of ~30 MB, ~10 µs of HBM time.)"""
     out_f, in_f = w0.shape
     gl = in_f if group_size is None else group_size
     dt = acc_dtype(w0)
