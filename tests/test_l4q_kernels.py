@@ -36,7 +36,7 @@ def _reference(w0, a, b, s, off, gwq, lora_scale, qmin, qmax, group):
     return wq.detach(), gw, gs, go
 
 
-def _run(kind, w0, a, b, s, off, gwq, lora_scale, qmin, qmax, group, dtype, backend=None):
+def _run(kind, w0, a, b, s, off, gwq, lora_scale, qmin, qmax, group, dtype, backend="inductor"):
     """(Wq, masked dL/dW, dL/dα, dL/dβ) (out, in) / (out, groups) through the fused op's weight kernels:
     ``kind`` "eager" (addmm merge) or "compiled" (GEMM for B'·A, the rest in one compiled kernel)."""
     fused = kind == "compiled"
