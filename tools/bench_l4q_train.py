@@ -42,6 +42,49 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
 
+GEMM_MARKERS = ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_")
+
+
+def kernel_rows(prof):
+    """(name, total device µs, calls) of every GPU kernel in a torch.profiler run."""
+    rows = []
+    for e in prof.key_averages():
+        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(e, "self_device_time_total", None)
+        us = e.self_cuda_time_total if us is None else us
+        if us > 0:
+            rows.append((e.key, us, e.count))
+    return rows
+
+
+def kernel_summary(rows, steps, weight_elems=0):
+    """Text: GPU time and launches per step by kind (L4Q weight kernels = inductor's triton_*, GEMMs, other)
+    and the top kernels; with ``weight_elems`` (L4Q weight elements), the bandwidth the weight kernels reach
+    if they move 8 (forward) + 12 (backward) bytes per element per step, their planned traffic."""
+    kinds = {"weight kernels (inductor triton_*)": [], "GEMMs (cuBLAS)": [], "other": []}
+    for r in rows:
+        name = r[0].lower()
+        kind = ("weight kernels (inductor triton_*)" if name.startswith("triton_")
+                else "GEMMs (cuBLAS)" if any(m in name for m in GEMM_MARKERS) else "other")
+        kinds[kind].append(r)
+    total = sum(r[1] for r in rows) / steps / 1e3
+    lines = [f"GPU kernel time per step: {total:.2f} ms",
+             "| kind | ms / step | launches / step |", "|---|---:|---:|"]
+    for kind, rs in kinds.items():
+        lines.append(f"| {kind} | {sum(r[1] for r in rs) / steps / 1e3:.2f} | {sum(r[2] for r in rs) / steps:.0f} |")
+    wk = sum(r[1] for r in kinds["weight kernels (inductor triton_*)"]) / steps
+    if weight_elems and wk > 0:
+        gb = weight_elems * 20 / 1e9
+        lines.append(f"weight kernels: {wk / 1e3:.2f} ms/step for {weight_elems / 1e6:.1f} M weight elements "
+                     f"(~{gb:.2f} GB planned: 8 B/elem forward + 12 B/elem backward) -> {gb / (wk / 1e6):.0f} GB/s "
+                     f"(H100 HBM3 peak ~3350 GB/s)")
+    lines += ["top kernels:", "| kernel | ms / step | calls / step | µs / call |", "|---|---:|---:|---:|"]
+    for name, us, n in sorted(rows, key=lambda r: -r[1])[:12]:
+        lines.append(f"| {name[:90]} | {us / steps / 1e3:.2f} | {n / steps:.0f} | {us / n:.1f} |")
+    return "\n".join(lines)
+
+
 def build(method, cfg, args, device):
     torch.manual_seed(0)
     with torch.device(device):
@@ -85,6 +128,15 @@ def measure(method, cfg, args, device):
             torch.cuda.synchronize()
         print(f"--- profile of 3 steps: {method} ---")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+        from fxcompress.nn import L4QLinear
+        elems = sum(m.weight.numel() for m in model.modules() if isinstance(m, L4QLinear))
+        print(f"--- kernel summary per step: {method} ---")
+        print(kernel_summary(kernel_rows(prof), 3, elems), flush=True)
+        if method == "l4q":
+            from torch._dynamo.utils import counters
+            # expected: 3 graphs in all (forward kernel; backward kernel with and without dL/dx), not one per
+            # weight shape; more means recompiles (and past dynamo's recompile_limit, eager fallback)
+            print(f"dynamo graphs compiled so far (this process): {dict(counters['stats'])}", flush=True)
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.iters):

@@ -14,15 +14,21 @@ Gradients (L4Q, from LSQ+ and the chain rule through the merged weight W = W0 + 
 
 with v = (W - β)/α, and α / β's gradients multiplied by LSQ's gradient scale.
 
-On CUDA the weight-sized element-wise work (merge, quantize, masks, reductions) runs as
-inductor-compiled kernels (dynamic shapes: one compile for all weight shapes); elsewhere, and
-inside a user's torch.compile trace, as eager ops.
+Work per layer and step, beside the token-sized GEMMs (E = out x in weight elements):
+
+    forward:  B·A (one rank-r GEMM, writes 4E bytes in fp32); one kernel: W0 + s·B·A -> Wq
+              (reads W0 and B·A, writes Wq: 8E bytes for bf16 W0)
+    backward: dL/dWq = gᵀx (the third token-sized GEMM); B·A again; one kernel: Wq, the masked
+              dL/dW, and both group reductions (reads W0, B·A, dL/dWq; writes Wq and dL/dW: 12E);
+              two rank-r GEMMs read dL/dW.
+
+On CUDA each of those kernels is inductor-compiled (one compile for all weight shapes); elsewhere,
+and inside a user's torch.compile trace, the same functions run as eager ops.
 
 Where the time goes (vs plain LoRA): LoRA's backward needs no (out x in) weight gradient, L4Q's
 does (dL/dα, dL/dβ and the clip-masked LoRA gradients all need dL/dWq = gᵀx), so every L4Q
 layer runs three token-sized GEMMs per step (forward, dL/dx, dL/dWq) where LoRA runs two.  That
-GEMM is the algorithm, not overhead; the rest (merge + quantize twice, masks, reductions) is a
-few passes over the weights.
+GEMM is the algorithm, not overhead; the rest is the few passes over the weights above.
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ def merged_weight(w0, lora_a, lora_b, lora_scale):
     dt = acc_dtype(w0)
     if lora_a is None:
         return w0.to(dt, copy=True)
-    return torch.addmm(w0.to(dt), (lora_b * lora_scale).to(dt), lora_a.to(dt))  # as the fused op rounds it
+    return torch.addmm(w0.to(dt), lora_b.to(dt), lora_a.to(dt), alpha=lora_scale)  # as the eager op rounds it
 
 
 def quantized_weight(w, scale, offset, qmin, qmax, group_size):
@@ -53,61 +59,52 @@ def quantized_weight(w, scale, offset, qmin, qmax, group_size):
     return lsq_forward(wg, scale.to(w.dtype).unsqueeze(-1), off, qmin, qmax).reshape(out_f, in_f)
 
 
-def _grouped_v(w0, lora_a, lora_b, scale, offset, group_size, merge_by_sum: bool):
-    """v = (W0 + B'·A - β) / α as a fresh (out, groups, group_len) tensor in the accumulation dtype.
+# The weight kernels below see every weight-shaped tensor as (out·groups, group_len) rows, contiguous,
+# and the step sizes / offsets as (out·groups, 1): one quantization group per row, reduced over the last
+# dim.  ``w`` is the frozen W0 (any float dtype) and ``ba`` the LoRA product B·A in the accumulation
+# dtype, or None when ``w`` is already the merged weight (eager path) or there is no adapter.  Under
+# inductor, with group_len a compile-time constant, each direction is one kernel whose index math is a
+# shift (flat index // group_len), no division by a run-time size.
 
-    ``lora_b`` arrives already multiplied by the LoRA scale (B' = s·B).  ``merge_by_sum`` writes B'·A
-    as a broadcast sum over the rank: under inductor that becomes one kernel that reads W0 once and
-    never materialises an fp32 (out, in) copy of W0 or of B'·A (used only in the compiled path; in
-    eager it would allocate (out, r, in))."""
-    dt = acc_dtype(w0)
-    if lora_a is None:
-        w = w0.to(dt, copy=True)
-    elif merge_by_sum:
-        w = w0.to(dt) + (lora_b.to(dt).unsqueeze(-1) * lora_a.to(dt).unsqueeze(0)).sum(1)
-    else:
-        w = torch.addmm(w0.to(dt), lora_b.to(dt), lora_a.to(dt))
-    out_f, in_f = w.shape
-    gl = in_f if group_size is None else group_size
-    v = w.reshape(out_f, in_f // gl, gl)
-    s3 = scale.to(w.dtype).unsqueeze(-1)
+
+def _v(w, ba, lora_scale, scale, offset):
+    """v = (W0 + s·B·A - β) / α in the accumulation dtype, (rows, group_len)."""
+    w = w.to(acc_dtype(w)) if ba is None else w.to(ba.dtype) + ba * lora_scale
     if offset is not None:
-        v = v - offset.to(w.dtype).unsqueeze(-1)
-    return v / s3, s3
+        w = w - offset
+    return w / scale
 
 
-def _dequant_codes(v, s3, offset, qmin, qmax, dtype):
-    """round(clamp(v)) · α + β, cast to the activation dtype, shaped (out, in)."""
-    q = torch.round(v).clamp(qmin, qmax) * s3
+def _dequant(v, scale, offset, qmin, qmax, dtype):
+    """round(clamp(v)) · α + β, cast to the activation dtype."""
+    q = torch.round(v).clamp(qmin, qmax) * scale
     if offset is not None:
-        q = q + offset.to(q.dtype).unsqueeze(-1)
-    return q.reshape(v.shape[0], -1).to(dtype)
+        q = q + offset
+    return q.to(dtype)
 
 
-def _forward_weight(w0, lora_a, lora_b, scale, offset, qmin, qmax, group_size, dtype, merge_by_sum=False):
-    """Q(W0 + B'·A) in ``dtype``, shaped (out, in): the forward's only weight-sized work."""
-    v, s3 = _grouped_v(w0, lora_a, lora_b, scale, offset, group_size, merge_by_sum)
-    return _dequant_codes(v, s3, offset, qmin, qmax, dtype)
+def _forward_weight(w, ba, lora_scale, scale, offset, qmin, qmax, dtype):
+    """Q(W0 + s·B·A) in ``dtype``, (rows, group_len): the forward's only weight-sized work
+    (reads W0 and B·A, writes Wq)."""
+    return _dequant(_v(w, ba, lora_scale, scale, offset), scale, offset, qmin, qmax, dtype)
 
 
-def _backward_weight(w0, lora_a, lora_b, scale, offset, gwq, qmin, qmax, group_size, need_wq: bool, dtype,
-                     merge_by_sum=False):
-    """From dL/dWq (out, in): (Wq or None, dL/dW masked (out, in) in ``dtype``, Σ_group dL/dWq·r,
-    Σ_group dL/dWq·outside or None) with one recompute of W; LSQ's gradient scale is applied by the caller.
+def _backward_weight(w, ba, lora_scale, scale, offset, gwq, grad_scale, qmin, qmax, need_wq: bool, dtype):
+    """Everything weight-sized of the backward in one pass over the weights, from dL/dWq (rows, group_len):
+    (Wq or None, dL/dW masked, dL/dα (rows, 1), dL/dβ (rows, 1) or None).
 
-    The reductions accumulate in fp32; the masked weight gradient is handed back in the activation
-    dtype, since it only feeds the two rank-r GEMMs (bf16 halves that (out, in) write and its reads)."""
-    v, s3 = _grouped_v(w0, lora_a, lora_b, scale, offset, group_size, merge_by_sum)
-    out_f, ng, gl = v.shape
-    wq = _dequant_codes(v, s3, offset, qmin, qmax, dtype) if need_wq else None
-    gw = gwq.to(v.dtype).reshape(out_f, ng, gl)
+    Wq and dL/dW are in the activation ``dtype`` (they only feed GEMMs with activations or the two rank-r
+    GEMMs); the group reductions accumulate in the accumulation dtype and carry LSQ's gradient scale."""
+    v = _v(w, ba, lora_scale, scale, offset)
+    wq = _dequant(v, scale, offset, qmin, qmax, dtype) if need_wq else None
+    gw = gwq.to(v.dtype)
     below, above = v < qmin, v > qmax
     r = torch.round(v) - v  # round(v) - v inside the clip range, Qn / Qp outside
     r = torch.where(below, float(qmin), torch.where(above, float(qmax), r))
-    g_scale = (gw * r).sum(-1)
+    g_scale = (gw * r).sum(-1, keepdim=True) * grad_scale
     outside = below | above
-    g_off = (gw * outside).sum(-1) if offset is not None else None
-    grad_w = torch.where(outside, 0.0, gw).reshape(out_f, ng * gl).to(dtype)
+    g_off = (gw * outside).sum(-1, keepdim=True) * grad_scale if offset is not None else None
+    grad_w = torch.where(outside, 0.0, gw).to(dtype)
     return wq, grad_w, g_scale, g_off
 
 
@@ -115,22 +112,34 @@ _COMPILED: dict = {}
 
 
 def compiled_kernel(fn, backend="inductor"):
-    """``fn`` under torch.compile with dynamic shapes: one compiled kernel serves every weight shape
-    (with static shapes each new (out, in) recompiled, and after dynamo's recompile_limit (8) — a
-    model with many shapes, e.g. SmolLM2's 576/1536 projections — the kernel silently fell back to
-    eager).  Python floats (LoRA scale, LSQ gradient scale) stay outside the kernel, since dynamo
-    specialises on float values; what remains in the guards is dtype, which optional tensors are
-    None, ``need_wq`` and the bit range."""
+    """``fn`` under torch.compile with dynamic shapes: one compiled kernel serves every weight shape.
+
+    Every tensor argument is (rows, group_len) or (rows, 1).  The last dim is marked static, so the
+    kernel has the group length as a constant (a symbolic one put 64-bit divisions and modulos by
+    run-time sizes into every element's index).  The rest is dynamic: the one row count (with static
+    shapes each new (out, in) recompiled, and after dynamo's recompile_limit (8) — e.g. SmolLM2's
+    576/1536 projections — the kernel silently fell back to eager) and the Python ints / floats (bit
+    range, LoRA scale, LSQ gradient scale).  What remains in the guards is dtype, which optional
+    tensors are None, ``need_wq`` and the group length.  (No rank-r tensor goes in: with one
+    (out, r) and one (in, r) argument, dynamo's duck sizing gave a square first weight one symbol for
+    out and in, and the first non-square weight recompiled.)"""
     key = (fn, backend if isinstance(backend, str) else id(backend))
     if key not in _COMPILED:
         compiled = torch.compile(fn, dynamic=True, backend=backend)
 
-        def call(*args):
+        def plain(a):
             # dynamo keeps nn.Parameter shapes static whatever ``dynamic`` says
-            # (torch._dynamo.config.force_parameter_static_shapes): W0, A, the step sizes and offsets
-            # arrive here as Parameters, so each weight shape recompiled until the limit and then
-            # fell back to eager.  The autograd.Function does its own backward, so plain views do.
-            return compiled(*(a.detach() if isinstance(a, torch.nn.Parameter) else a for a in args))
+            # (torch._dynamo.config.force_parameter_static_shapes), so tensors arrive detached (the
+            # autograd.Function does its own backward); the mark goes on the object dynamo sees.
+            if not isinstance(a, torch.Tensor):
+                return a
+            a = a.detach()
+            if a.dim() == 2:
+                torch._dynamo.mark_static(a, 1)
+            return a
+
+        def call(*args):
+            return compiled(*(plain(a) for a in args))
 
         _COMPILED[key] = call
     return _COMPILED[key]
@@ -145,13 +154,34 @@ def _kernel(fn, device: torch.device, compiled: bool):
     return compiled_kernel(fn), True
 
 
+def _kernel_inputs(w0, lora_a, lora_b, lora_scale, scale, offset, group_size, fused_merge: bool):
+    """(w, ba, scale, offset) for the weight kernels, every weight-shaped tensor as (rows, group_len).
+
+    ``fused_merge``: B·A comes from one rank-r GEMM (cuBLAS; (out, in) in the accumulation dtype) and
+    W0 + s·B·A is formed inside the compiled kernel, which reads W0 in its own dtype; otherwise (eager)
+    ``w`` is the merged weight from one addmm.  (A broadcast sum over the rank inside the kernel, the
+    earlier variant, became a reduction kernel that loaded r values of B and A for every weight element:
+    246 µs a call on an H100 for a write of ~30 MB, ~10 µs of HBM time.)"""
+    out_f, in_f = w0.shape
+    gl = in_f if group_size is None else group_size
+    dt = acc_dtype(w0)
+    s2 = scale.to(dt).reshape(-1, 1)
+    o2 = None if offset is None else offset.to(dt).reshape(-1, 1)
+    if lora_a is None:
+        return w0.reshape(-1, gl), None, s2, o2
+    if fused_merge:
+        return w0.reshape(-1, gl), torch.mm(lora_b.to(dt), lora_a.to(dt)).view(-1, gl), s2, o2
+    return torch.addmm(w0.to(dt), lora_b.to(dt), lora_a.to(dt), alpha=lora_scale).view(-1, gl), None, s2, o2
+
+
 class L4QLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w0, lora_a, lora_b, scale, offset, bias, lora_scale, qmin, qmax, group_size, grad_scale,
                 compiled):
-        fn, by_sum = _kernel(_forward_weight, x.device, compiled)
-        lb = None if lora_b is None else lora_b * lora_scale  # (out, r): tiny
-        wq = fn(w0, lora_a, lb, scale, offset, qmin, qmax, group_size, x.dtype, by_sum)
+        fn, fused = _kernel(_forward_weight, x.device, compiled)
+        w, ba, s2, o2 = _kernel_inputs(w0, lora_a, lora_b, lora_scale, scale, offset, group_size, fused)
+        wq = fn(w, ba, lora_scale, s2, o2, qmin, qmax, x.dtype).view(w0.shape)
+        del w, ba
         ctx.meta = (lora_scale, qmin, qmax, group_size, grad_scale, lora_a is not None, offset is not None,
                     bias is not None, compiled)
         empty = x.new_empty(0)
@@ -172,21 +202,22 @@ class L4QLinearFunction(torch.autograd.Function):
         # dL/dWq = gᵀx in the activation dtype (tensor cores for bf16); the quantizer math runs in fp32
         gwq = g2.t() @ x.reshape(-1, in_f)
         need_x = ctx.needs_input_grad[0]
-        fn, by_sum = _kernel(_backward_weight, g.device, compiled)
-        lb = None if lora_b is None else lora_b * lora_scale
-        wq, grad_w, g_scale, g_off = fn(w0, lora_a, lb, scale, offset, gwq, qmin, qmax, group_size, need_x,
-                                        g.dtype, by_sum)
-        del gwq
-        grad_x = g @ wq if need_x else None
+        fn, fused = _kernel(_backward_weight, g.device, compiled)
+        w, ba, s2, o2 = _kernel_inputs(w0, lora_a, lora_b, lora_scale, scale, offset, group_size, fused)
+        wq, grad_w, g_scale, g_off = fn(w, ba, lora_scale, s2, o2, gwq.view(w.shape), grad_scale, qmin, qmax,
+                                        need_x, g.dtype)
+        del gwq, w, ba
+        grad_x = g @ wq.view(w0.shape) if need_x else None
         del wq
+        grad_w = grad_w.view(w0.shape)
         grad_a = grad_b = None
         if has_lora:  # rank-r GEMMs in the activation dtype (fp32 accumulation inside the GEMM)
-            grad_a = (lb.to(grad_w.dtype).t() @ grad_w).to(lora_a.dtype)
+            grad_a = ((lora_b * lora_scale).to(grad_w.dtype).t() @ grad_w).to(lora_a.dtype)
             grad_b = (grad_w @ lora_a.to(grad_w.dtype).t()).to(lora_b.dtype).mul_(lora_scale)
         grad_bias = g2.sum(0) if has_bias and ctx.needs_input_grad[6] else None
-        g_off = None if g_off is None else (g_off * grad_scale).to(offset.dtype)
-        return (grad_x, None, grad_a, grad_b, (g_scale * grad_scale).to(scale.dtype), g_off, grad_bias,
-                None, None, None, None, None, None)
+        g_scale = g_scale.view(scale.shape).to(scale.dtype)
+        g_off = None if g_off is None else g_off.view(offset.shape).to(offset.dtype)
+        return (grad_x, None, grad_a, grad_b, g_scale, g_off, grad_bias, None, None, None, None, None, None)
 
 
 def l4q_linear(x, w0, lora_a, lora_b, scale, offset, bias, lora_scale: float, qmin: int, qmax: int,
