@@ -131,33 +131,5 @@ class OrtSteps:
         return torch.from_numpy(b.get_outputs()[0].numpy()).float()  # only the logits leave the device
 
     def decode(self, nxt: torch.Tensor, pos: int) -> torch.Tensor:
-        """One decode step for tokens ``nxt`` ``[B]``: last-position logits ``[B, V]``.  CUDA EP: ids, position
-        and logits are torch CUDA tensors bound by pointer, so the logits stay on the GPU (the next token is
-        picked there) and nothing but the step's launch crosses to the host; CPU: on the host."""
-        if self._dev_type != "cuda":
-            return self.step("decode", nxt.reshape(self.spec.batch, 1).cpu(), torch.tensor([int(pos)]))[:, -1]
-        sess = self.sessions["decode"]
-        if getattr(self, "_dev_io", None) is None:
-            dev = torch.device("cuda", self._dev_id)
-            out = sess.get_outputs()[0]
-            dt = torch.float16 if "float16" in out.type else torch.float32
-            self._dev_io = (torch.zeros(self.spec.batch, 1, dtype=torch.long, device=dev),
-                            torch.zeros(1, dtype=torch.long, device=dev),
-                            torch.empty(self.spec.batch, 1, self.spec.vocab_size, dtype=dt, device=dev))
-        ids, position, logits = self._dev_io
-        ids.copy_(nxt.reshape(self.spec.batch, 1).to(torch.long))
-        position.fill_(int(pos))
-        torch.cuda.current_stream(ids.device).synchronize()  # ORT reads them on its own stream
-        b = sess.io_binding()
-        for name, t in (("input_ids", ids), ("cache_position", position)):
-            b.bind_input(name, "cuda", self._dev_id, np.int64, tuple(t.shape), t.data_ptr())
-        src, dst = self._sets[self._cur], self._sets[1 - self._cur]
-        for name, v in zip(self.spec.input_names[2:], src):
-            b.bind_ortvalue_input(name, v)
-        b.bind_output("logits", "cuda", self._dev_id, np.float16 if logits.dtype == torch.float16 else np.float32,
-                      tuple(logits.shape), logits.data_ptr())
-        for name, v in zip(self.spec.output_names[1:], dst):
-            b.bind_ortvalue_output(name, v)
-        sess.run_with_iobinding(b)  # returns once the step has run (ORT synchronizes its stream)
-        self._cur = 1 - self._cur
-        return logits[:, -1]
+        """One decode step for tokens ``nxt`` ``[B]``: last-position logits ``[B, V]`` (on the host)."""
+        return self.step("decode", nxt.reshape(self.spec.batch, 1).cpu(), torch.tensor([int(pos)]))[:, -1]
