@@ -11,15 +11,6 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 128
 
 
-class _Logits(torch.nn.Module):
-    def __init__(self, m):
-        super().__init__()
-        self.m = m
-
-    def forward(self, input_ids):
-        return self.m(input_ids=input_ids, use_cache=False).logits
-
-
 def _qwen2(tie=True):
     cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=tie,
@@ -37,7 +28,9 @@ def test_checkpoint_dir_l4q_convert_and_dequantized_round_trip(tmp_path, head):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, src(ids).logits)
     exclude = ("*lm_head*",) if head == "float" else ()
-    qm = fxc.prepare_l4q(_Logits(hf), (ids,), fxc.L4QConfig(bits=4, group_size=32, exclude=exclude))
+    with pytest.warns(UserWarning, match="use_cache=False"):
+        gm = fxc.capture(hf, (ids,))
+    qm = fxc.prepare_l4q(gm, config=fxc.L4QConfig(bits=4, group_size=32, exclude=exclude))
     with torch.no_grad():
         for name, p in qm.named_parameters():
             if "lora_b" in name.lower():
