@@ -102,3 +102,29 @@ def test_public_name_and_composition_with_integer_activations():
     q = fxc.quantize_activations(e, (x[:1],), fxc.ActivationConfig(input_range=(-5.0, 5.0)))
     with torch.no_grad():
         assert F.cosine_similarity(q(x[:64]), m(x[:64])).mean() > 0.98
+
+
+class _SamePadConv(torch.nn.Conv2d):
+    """A Conv2d subclass with its own forward (EfficientNet-Lite's Conv2dStaticSamePadding): tracing goes through
+    it, leaving a conv2d call on the weight attribute instead of an nn.Conv2d module."""
+
+    def forward(self, x):
+        return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), self.weight, self.bias,
+                                          self.stride, 0, self.dilation, self.groups)
+
+
+def test_layers_inside_a_custom_forward_are_reported_not_silently_skipped():
+    from fxcompress.passes.activations import ActivationConfig, quantize_activations_pass
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                            _SamePadConv(8, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                            torch.nn.Conv2d(8, 4, 1), torch.nn.BatchNorm2d(4)).eval()
+    for bn in (m[1], m[4], m[7]):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 16, 16)
+    gm = fxc.capture(m, (x,))
+    for res in (fxc.dfq_pass(gm, fxc.DFQConfig(weight_bits=8)), quantize_activations_pass(gm, ActivationConfig())):
+        rows = [r for r in res.report if r.action == "skipped" and "own forward" in r.note]
+        assert len(rows) == 1 and rows[0].op == "conv2d", [(r.layer, r.action, r.note) for r in res.report]

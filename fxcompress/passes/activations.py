@@ -36,6 +36,7 @@ from ..nn import QuantConv2d, QuantLinear
 from ..quant import QuantSpec, QuantWeight, affine
 from .base import LayerReport, PassResult, Report, record
 from .channel_groups import activation_upper, is_activation
+from .graph import function_layer_skips
 
 RANGES = ("bn", "calibrate")
 _ADD_FNS = {operator.add, torch.add}
@@ -451,6 +452,7 @@ def quantize_activations_pass(gm: fx.GraphModule, config: ActivationConfig = Act
             u.replace_input_with(node, fq)
         report.append(LayerReport(_describe(node), "activation", "quantized", 8, None, None,
                                   f"uint8 [{lo:.3g}, {hi:.3g}] {how}; feeds {len(users)}"[:120]))
+    report.extend(function_layer_skips(gm, "quantize_activations"))
     if not any(r.action == "quantized" and r.op == "activation" for r in report):
         raise ValueError("quantize_activations changed nothing: no activation got a range (no BatchNorm statistics "
                          "and no calibration data); pass ActivationConfig(calibration=[batch, ...])")

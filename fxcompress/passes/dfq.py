@@ -38,6 +38,7 @@ from torch import nn
 from .activations import _BN_TYPES, _Stats, _fold_bn, _quantize_weights
 from .base import LayerReport, NothingToCompressError, PassResult, Report, record
 from .channel_groups import activation_upper
+from .graph import function_layer_skips
 
 RELU6_MODES = ("replace", "skip")
 
@@ -192,6 +193,7 @@ def dfq_pass(gm: fx.GraphModule, config: DFQConfig = DFQConfig()) -> PassResult:
                           preserve_kernel_sums=False)
         report.extend(wreport)
         changed = changed or bool(wreport)
+    report.extend(function_layer_skips(gm, "dfq"))
     if not changed:
         raise NothingToCompressError("dfq changed nothing: no conv pair to equalize (conv -> [BN] -> ReLU -> conv "
                                      "with single users) and weight_bits=None; " + "; ".join(

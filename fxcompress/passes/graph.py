@@ -145,6 +145,22 @@ def layer_sites(gm: fx.GraphModule) -> list[Site]:
     return _sites(gm, ("linear", "conv2d"))
 
 
+def function_layer_skips(gm: fx.GraphModule, pass_name: str) -> list:
+    """Report rows for the layers a module-based pass does not see: linear / conv2d *calls* on a weight attribute
+    (a module with its own ``forward``, e.g. a ``Conv2d`` subclass that pads and calls ``F.conv2d``, is traced
+    through, so no ``nn.Conv2d`` / ``nn.Linear`` module is left to rewrite)."""
+    from .base import LayerReport
+
+    out = []
+    for s in layer_sites(gm):
+        if s.module is None:
+            out.append(LayerReport(s.name, s.kind, "skipped", None, None, None,
+                                   f"{pass_name} rewrites nn.{'Conv2d' if s.kind == 'conv2d' else 'Linear'} modules; "
+                                   f"this layer is a {s.node.target.__name__ if hasattr(s.node.target, '__name__') else s.node.target} "
+                                   "call inside a module's own forward: left float"[:120]))
+    return out
+
+
 def match_names(names: list[str], targets, exclude) -> list[str]:
     """Names matching any glob in ``targets`` (None = all) and none in ``exclude``."""
     out = []
