@@ -1,7 +1,8 @@
 """TVM stepper: Relax builds of the prefill and decode graphs (``fxcompress.backends.tvm.build_tvm``: packed
 integer linears, the hand-written int4 GEMV / tensor-core kernels on CUDA); the caches are TVM tensors on the
-device, fed from one step's outputs to the next.  On CUDA, ``cuda_graph=True`` (the default) builds under
-``relax.backend.use_cuda_graph`` (the static-shape steps captured and replayed as CUDA graphs)."""
+device, donated to both steps (written in place, the same buffers for a whole request).  On CUDA,
+``cuda_graph=True`` (the default) captures the whole decode step in one CUDA graph at its first use and builds
+the prefill step under ``relax.backend.use_cuda_graph``."""
 from __future__ import annotations
 
 from pathlib import Path
