@@ -10,13 +10,13 @@ integer layers where they look for them.  The graph has plain (flat) inputs ``in
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from ..nn import QuantLinear
+from ..passes.graph import unsuffixed_path
 from .errors import LMError
 
 __all__ = ["capture_lm", "is_hf_causal_lm", "with_quant_layers"]
@@ -100,9 +100,8 @@ def with_quant_layers(model: nn.Module, quantized: nn.Module) -> nn.Module:
         if not isinstance(mod, QuantLinear):
             continue
         parts = path.split(".")
-        if ".".join(parts) not in names and re.fullmatch(r".+_q\d+", parts[-1]):
-            # a layer whose weight was shared (a tied lm_head) is quantized under a fresh path, "lm_head_q0"
-            plain = parts[:-1] + [re.sub(r"_q\d+$", "", parts[-1])]
+        if ".".join(parts) not in names:  # a tied lm_head is quantized under a fresh path, "lm_head_q0"
+            plain = unsuffixed_path(path).split(".")
             if any(".".join(plain[i:]) in names for i in range(len(plain))):
                 parts = plain
         target = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in names), None)

@@ -19,8 +19,9 @@ _NP = {"float32": np.float32, "float16": np.float16}
 
 def export_steps_onnx(graphs: dict, spec: LMSpec, d: Path, weight_format: str = "matmulnbits",
                       accuracy_level: int | None = None, float16: bool = False) -> list[str]:
-    """Write ``prefill.onnx`` / ``decode.onnx`` (``accuracy_level`` None: export_onnx's default, 4; fp32 graphs; ``float16`` converts activations, float weights and
-    the caches to fp16 afterwards with :func:`fxcompress.backends.onnx.to_float16`: for the CUDA EP)."""
+    """Write ``prefill.onnx`` / ``decode.onnx`` (``accuracy_level`` None: export_onnx's default, 4; fp32 graphs;
+    ``float16`` converts activations, float weights and the caches to fp16 afterwards with
+    :func:`fxcompress.backends.onnx.to_float16`: for the CUDA EP)."""
     import onnx
 
     from ..backends.onnx import export_onnx

@@ -143,7 +143,8 @@ def generate_tokens(stepper, spec, input_ids, max_new_tokens=64, temperature=0.0
             on_token(host_nxt)
         if host_done and bool(host_done[0].all()):
             break
-    out = torch.cat([ids] + [t.reshape(b, 1).cpu() for t in toks], 1)  # waits for the last token
+    # one copy to the host (the first token came from the host-side prefill logits), waits for the last token
+    out = torch.cat([ids, torch.stack([t.to(toks[-1].device) for t in toks], 1).cpu()], 1)
     if stats is not None:
         t2 = time.perf_counter()
         stats.update(ttft_s=t1 - t0, decode_s=t2 - t1, new_tokens=len(toks))

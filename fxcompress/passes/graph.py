@@ -14,6 +14,7 @@ needs to know which form it met.
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -154,10 +155,10 @@ def function_layer_skips(gm: fx.GraphModule, pass_name: str) -> list:
     out = []
     for s in layer_sites(gm):
         if s.module is None:
-            out.append(LayerReport(s.name, s.kind, "skipped", None, None, None,
-                                   f"{pass_name} rewrites nn.{'Conv2d' if s.kind == 'conv2d' else 'Linear'} modules; "
-                                   f"this layer is a {s.node.target.__name__ if hasattr(s.node.target, '__name__') else s.node.target} "
-                                   "call inside a module's own forward: left float"[:120]))
+            module = "nn.Conv2d" if s.kind == "conv2d" else "nn.Linear"
+            call = getattr(s.node.target, "__name__", s.node.target)
+            note = f"{pass_name} rewrites {module} modules; this layer is a {call} call inside a module's own forward: "
+            out.append(LayerReport(s.name, s.kind, "skipped", None, None, None, (note + "left float")[:120]))
     return out
 
 
@@ -195,6 +196,12 @@ def _free_name(owner: nn.Module, name: str) -> str:
         i += 1
         cand = f"{base}_{i}"
     return cand
+
+
+def unsuffixed_path(path: str) -> str:
+    """The layer path a rewritten layer came from: :func:`_free_path` names a replacement ``<path>_q<i>`` when
+    ``<path>`` is still taken (a tied ``lm_head`` whose module also holds the embedding's weight)."""
+    return re.sub(r"_q\d+$", "", path)
 
 
 def _free_path(gm: fx.GraphModule, name: str) -> str:

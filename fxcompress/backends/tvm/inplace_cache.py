@@ -26,7 +26,6 @@ def scatter_update_primfunc(data_shape, index_shape, dtype: str, index_dtype: st
     CUDA: one thread per update element (already scheduled); LLVM: a plain loop."""
     from tvm.script import tirx as T
 
-    rank = len(data_shape)
     n = 1
     for s in index_shape:
         n *= int(s)
@@ -65,7 +64,6 @@ def scatter_update_primfunc(data_shape, index_shape, dtype: str, index_dtype: st
                 data[tuple(c[:axis] + [j + T.Cast(index_dtype, j < 0) * dshape[axis]] + c[axis + 1:])] = \
                     updates[tuple(c)]
 
-    assert rank == len(ishape)
     return func
 
 
