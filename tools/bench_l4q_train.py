@@ -106,6 +106,8 @@ def build(method, cfg, args, device):
 
 def measure(method, cfg, args, device):
     model = build(method, cfg, args, device)
+    if args.compile:  # the whole forward (and through AOTAutograd the backward) compiled, for every method alike
+        model = torch.compile(model)
     del_params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(del_params, lr=1e-4)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
@@ -133,10 +135,10 @@ def measure(method, cfg, args, device):
         print(f"--- kernel summary per step: {method} ---")
         print(kernel_summary(kernel_rows(prof), 3, elems), flush=True)
         if method == "l4q":
-            from torch._dynamo.utils import counters
-            # expected: 3 graphs in all (forward kernel; backward kernel with and without dL/dx), not one per
-            # weight shape; more means recompiles (and past dynamo's recompile_limit, eager fallback)
-            print(f"dynamo graphs compiled so far (this process): {dict(counters['stats'])}", flush=True)
+            from fxcompress.quant import l4q_fn
+            layer = next(m for m in model.modules() if isinstance(m, L4QLinear))
+            fwd = l4q_fn._kernels(layer.weight, layer.group_size, True)[0]
+            print(f"L4Q weight kernels: {fwd.__module__}.{fwd.__name__}", flush=True)
     torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(args.iters):
@@ -182,6 +184,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="runs per method (fresh model each), interleaved")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive-composition row")
     ap.add_argument("--profile", action="store_true", help="print the top CUDA kernels of 3 steps per method")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the model (every method): no per-layer Python on the host")
     ap.add_argument("--out", default="tools/results/l4q_train_bench.md")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -216,7 +220,8 @@ def main():
         "",
         f"Command: `PYTHONPATH=$PWD python tools/bench_l4q_train.py --layers {args.layers} --hidden {args.hidden} "
         f"--ffn {args.ffn} --batch {args.batch} --seq {args.seq} --rank {args.rank} --warmup {args.warmup} "
-        f"--iters {args.iters} --repeats {args.repeats}`",
+        f"--iters {args.iters} --repeats {args.repeats}{' --no-naive' if args.no_naive else ''}"
+        f"{' --compile' if args.compile else ''}`",
         "",
         "| method | step ms [min-max] | vs LoRA, median [min-max] of runs | peak MiB | vs LoRA | trainable params |",
         "|---|---:|---:|---:|---:|---:|",
@@ -225,7 +230,7 @@ def main():
               "naive": "L4Q naive composition (autograd through fake quant)"}
     for m, (t, pk, n, tmin, tmax) in rows.items():
         rs = ratios[m]
-        lines.append(f"| {labels[m]} | {t:.2f} [{tmin:.2f}-{tmax:.2f}] | {statistics.median(rs):.2f}x "
+        lines.append(f"| {labels[m]}{', torch.compile' if args.compile else ''} | {t:.2f} [{tmin:.2f}-{tmax:.2f}] | {statistics.median(rs):.2f}x "
                      f"[{min(rs):.2f}-{max(rs):.2f}] | {pk:.0f} | {pk / lm:.2f}x | {n:,} |")
     lines.append("")
     text = "\n".join(lines)

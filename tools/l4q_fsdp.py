@@ -36,15 +36,16 @@ def model_config(args):
                          max_position_embeddings=max(2048, args.seq + 1), tie_word_embeddings=False)
 
 
-def shard(model, method, units):
+def shard(model, method, units, reshard_after_forward=True):
     from torch.distributed.fsdp import fully_shard
     from bench_l4q_train import LoRALinear
     from fxcompress.distributed import default_mp_policy, fsdp_units, shard_l4q
     if method == "l4q":
-        return shard_l4q(model, units=units)
+        return shard_l4q(model, units=units, reshard_after_forward=reshard_after_forward)
     for group in fsdp_units(model, LoRALinear, units):  # the same units and policy as shard_l4q
-        fully_shard(group if len(group) > 1 else group[0], mp_policy=default_mp_policy())
-    fully_shard(model, mp_policy=default_mp_policy())
+        fully_shard(group if len(group) > 1 else group[0], mp_policy=default_mp_policy(),
+                    reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mp_policy=default_mp_policy(), reshard_after_forward=reshard_after_forward)
     return model
 
 
@@ -59,7 +60,7 @@ def measure(method, cfg, args, dev, sharded, rank, world):
     t0 = time.time()
     model = build(method, cfg, args, dev)
     if sharded:
-        shard(model, method, args.units)
+        shard(model, method, args.units, args.reshard_after_forward)
     prep_s = time.time() - t0
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator(device=dev).manual_seed(1000 + rank)
@@ -79,6 +80,8 @@ def measure(method, cfg, args, dev, sharded, rank, world):
         step()
     sync()
     warm_s = time.time() - t0
+    if args.profile and cuda:  # every rank runs the profiled steps (their collectives pair up); rank 0 prints
+        print_profile(step, f"{method}, {world} GPU(s), rank 0", sync, show=rank == 0)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -99,6 +102,37 @@ def measure(method, cfg, args, dev, sharded, rank, world):
                peak_mib=torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan"), prep_s=prep_s,
                warmup_s=warm_s)
     return model, opt, ids, res
+
+
+def print_profile(step, label, sync, steps=2, show=True):
+    """Where a step's time goes on this rank: wall, GPU kernel time by kind (NCCL / GEMM / other), top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        wall = (time.perf_counter() - t0) / steps * 1000
+    if not show:
+        return
+    kinds = {"nccl": 0.0, "gemm": 0.0, "other": 0.0}
+    rows = []
+    for e in prof.key_averages():
+        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(e, "self_device_time_total", 0) / steps
+        name = e.key.lower()
+        kind = "nccl" if "nccl" in name else "gemm" if any(k in name for k in ("gemm", "nvjet", "xmma")) else "other"
+        kinds[kind] += us
+        rows.append((us, e.count // steps, e.key[:80]))
+    print(f"--- profile {label}: wall {wall:.1f} ms/step (under the profiler); GPU kernel ms/step: "
+          + ", ".join(f"{k} {v / 1e3:.1f}" for k, v in kinds.items()), flush=True)
+    for us, n, name in sorted(rows, reverse=True)[:12]:
+        print(f"    {us / 1e3:8.2f} ms  {n:5d}x  {name}", flush=True)
+    cpu = sorted((e for e in prof.key_averages() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CPU),
+                 key=lambda e: -e.self_cpu_time_total)[:8]
+    print("    top host (self CPU ms/step): " + "; ".join(f"{e.key[:40]} {e.self_cpu_time_total / steps / 1e3:.1f}"
+                                                      for e in cpu), flush=True)
 
 
 def checkpoint_resume_convert(model, opt, ids, cfg, args, dev, rank):
@@ -184,7 +218,7 @@ def launch(args):
         raise SystemExit(f"tools/l4q_fsdp.py needs 2 GPUs, found {torch.cuda.device_count()}")
     common = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
               ("hidden", "ffn", "layers", "heads", "kv_heads", "vocab", "batch", "seq", "rank", "warmup", "iters",
-               "device", "units")]
+               "device", "units", "reshard_after_forward")] + (["--profile"] if args.profile else [])
     t_start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         single, fsdp = os.path.join(tmp, "single.json"), os.path.join(tmp, "fsdp.json")
@@ -218,7 +252,8 @@ def launch(args):
         f"(`fxcompress.distributed.shard_l4q(units={args.units!r})`; LoRA sharded the same way), no parameter cast, fp32 gradient reduction.",
         "",
         f"Command: `PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/l4q_fsdp.py --layers {args.layers} "
-        f"--batch {args.batch} --seq {args.seq} --iters {args.iters} --units {args.units}`",
+        f"--batch {args.batch} --seq {args.seq} --iters {args.iters} --units {args.units} "
+        f"--reshard-after-forward {args.reshard_after_forward}`",
         "",
         "| method | GPUs | step ms [min-max] | tokens/s | tokens/s vs 1 GPU | step vs LoRA | peak MiB per GPU | "
         "memory vs LoRA |",
@@ -265,6 +300,9 @@ def main():
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--units", choices=("block", "linear"), default="block",
                     help="FSDP2 units: one per decoder block (default) or one per adapted linear")
+    ap.add_argument("--reshard-after-forward", type=lambda v: v.lower() in ("1", "true", "yes"), default=True,
+                    help="false: keep each unit's gathered weights from forward to backward (one all-gather a step)")
+    ap.add_argument("--profile", action="store_true", help="print where rank 0's step time goes (2 steps)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: a gloo smoke run of the script")

@@ -22,8 +22,8 @@ Work per layer and step, beside the token-sized GEMMs (E = out x in weight eleme
               dL/dW, and both group reductions (reads W0, B·A, dL/dWq; writes Wq and dL/dW: 12E);
               two rank-r GEMMs read dL/dW.
 
-On CUDA each of those kernels is inductor-compiled (one compile for all weight shapes); elsewhere,
-and inside a user's torch.compile trace, the same functions run as eager ops.
+On CUDA each of those kernels is one hand-written Triton kernel (``l4q_triton``); elsewhere, and inside a
+user's torch.compile trace, the same functions run as eager ops.
 
 Where the time goes (vs plain LoRA): LoRA's backward needs no (out x in) weight gradient, L4Q's
 does (dL/dα, dL/dβ and the clip-masked LoRA gradients all need dL/dWq = gᵀx), so every L4Q
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from . import l4q_triton
 from .lsq import lsq_forward
 
 
@@ -62,9 +63,8 @@ def quantized_weight(w, scale, offset, qmin, qmax, group_size):
 # The weight kernels below see every weight-shaped tensor as (out·groups, group_len) rows, contiguous,
 # and the step sizes / offsets as (out·groups, 1): one quantization group per row, reduced over the last
 # dim.  ``w`` is the frozen W0 (any float dtype) and ``ba`` the LoRA product B·A in the accumulation
-# dtype, or None when ``w`` is already the merged weight (eager path) or there is no adapter.  Under
-# inductor, with group_len a compile-time constant, each direction is one kernel whose index math is a
-# shift (flat index // group_len), no division by a run-time size.
+# dtype, or None when ``w`` is already the merged weight (eager path) or there is no adapter.  These eager
+# functions are the reference the Triton kernels (``l4q_triton``) match.
 
 
 def _v(w, ba, lora_scale, scale, offset):
@@ -108,57 +108,21 @@ def _backward_weight(w, ba, lora_scale, scale, offset, gwq, grad_scale, qmin, qm
     return wq, grad_w, g_scale, g_off
 
 
-_COMPILED: dict = {}
-
-
-def compiled_kernel(fn, backend="inductor"):
-    """``fn`` under torch.compile with dynamic shapes: one compiled kernel serves every weight shape.
-
-    Every tensor argument is (rows, group_len) or (rows, 1).  The last dim is marked static, so the
-    kernel has the group length as a constant (a symbolic one put 64-bit divisions and modulos by
-    run-time sizes into every element's index).  The rest is dynamic: the one row count (with static
-    shapes each new (out, in) recompiled, and after dynamo's recompile_limit (8) — e.g. SmolLM2's
-    576/1536 projections — the kernel silently fell back to eager) and the Python ints / floats (bit
-    range, LoRA scale, LSQ gradient scale).  What remains in the guards is dtype, which optional
-    tensors are None, ``need_wq`` and the group length.  (No rank-r tensor goes in: with one
-    (out, r) and one (in, r) argument, dynamo's duck sizing gave a square first weight one symbol for
-    out and in, and the first non-square weight recompiled.)"""
-    key = (fn, backend if isinstance(backend, str) else id(backend))
-    if key not in _COMPILED:
-        compiled = torch.compile(fn, dynamic=True, backend=backend)
-
-        def plain(a):
-            # dynamo keeps nn.Parameter shapes static whatever ``dynamic`` says
-            # (torch._dynamo.config.force_parameter_static_shapes), so tensors arrive detached (the
-            # autograd.Function does its own backward); the mark goes on the object dynamo sees.
-            if not isinstance(a, torch.Tensor):
-                return a
-            a = a.detach()
-            if a.dim() == 2:
-                torch._dynamo.mark_static(a, 1)
-            return a
-
-        def call(*args):
-            return compiled(*(plain(a) for a in args))
-
-        _COMPILED[key] = call
-    return _COMPILED[key]
-
-
-def _kernel(fn, device: torch.device, compiled: bool):
-    """The weight-sized element-wise work: inductor-compiled on CUDA (one fused kernel instead of ~20
-    passes over each weight), eager elsewhere, when ``compiled`` is False, or inside a user's
-    torch.compile trace (which compiles it anyway)."""
-    if device.type != "cuda" or not compiled or torch.compiler.is_compiling():
-        return fn, False
-    return compiled_kernel(fn), True
+def _kernels(w0: torch.Tensor, group_size: int | None, compiled: bool):
+    """(forward_fn, backward_fn, fused): the weight-sized element-wise work as one Triton kernel per direction
+    on CUDA (instead of ~20 eager passes over each weight), eager ops elsewhere, when ``compiled`` is False,
+    for float64 weights, or inside a user's torch.compile trace (which compiles the eager ops itself)."""
+    gl = w0.shape[1] if group_size is None else group_size
+    if compiled and not torch.compiler.is_compiling() and l4q_triton.supports(w0.device, acc_dtype(w0), gl):
+        return l4q_triton.forward_weight, l4q_triton.backward_weight, True
+    return _forward_weight, _backward_weight, False
 
 
 def _kernel_inputs(w0, lora_a, lora_b, lora_scale, scale, offset, group_size, fused_merge: bool):
     """(w, ba, scale, offset) for the weight kernels, every weight-shaped tensor as (rows, group_len).
 
     ``fused_merge``: B·A comes from one rank-r GEMM (cuBLAS; (out, in) in the accumulation dtype) and
-    W0 + s·B·A is formed inside the compiled kernel, which reads W0 in its own dtype; otherwise (eager)
+    W0 + s·B·A is formed inside the weight kernel, which reads W0 in its own dtype; otherwise (eager)
     ``w`` is the merged weight from one addmm.  (A broadcast sum over the rank inside the kernel, the
     earlier variant, became a reduction kernel that loaded r values of B and A for every weight element:
     246 µs a call on an H100 for a write of ~30 MB, ~10 µs of HBM time.)"""
@@ -178,7 +142,7 @@ class L4QLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w0, lora_a, lora_b, scale, offset, bias, lora_scale, qmin, qmax, group_size, grad_scale,
                 compiled):
-        fn, fused = _kernel(_forward_weight, x.device, compiled)
+        fn, _, fused = _kernels(w0, group_size, compiled)
         w, ba, s2, o2 = _kernel_inputs(w0, lora_a, lora_b, lora_scale, scale, offset, group_size, fused)
         wq = fn(w, ba, lora_scale, s2, o2, qmin, qmax, x.dtype).view(w0.shape)
         del w, ba
@@ -202,7 +166,7 @@ class L4QLinearFunction(torch.autograd.Function):
         # dL/dWq = gᵀx in the activation dtype (tensor cores for bf16); the quantizer math runs in fp32
         gwq = g2.t() @ x.reshape(-1, in_f)
         need_x = ctx.needs_input_grad[0]
-        fn, fused = _kernel(_backward_weight, g.device, compiled)
+        _, fn, fused = _kernels(w0, group_size, compiled)
         w, ba, s2, o2 = _kernel_inputs(w0, lora_a, lora_b, lora_scale, scale, offset, group_size, fused)
         wq, grad_w, g_scale, g_off = fn(w, ba, lora_scale, s2, o2, gwq.view(w.shape), grad_scale, qmin, qmax,
                                         need_x, g.dtype)
@@ -223,7 +187,7 @@ class L4QLinearFunction(torch.autograd.Function):
 def l4q_linear(x, w0, lora_a, lora_b, scale, offset, bias, lora_scale: float, qmin: int, qmax: int,
                group_size: int | None, grad_scale: float = 1.0, compiled: bool = True):
     """Fused L4Q linear; W0 (and bias) are treated as frozen.  ``compiled=False`` keeps the weight-sized
-    work in eager ops on CUDA too (for debugging; CPU is always eager)."""
+    work in eager ops on CUDA too instead of the Triton kernels (for debugging; CPU is always eager)."""
     return L4QLinearFunction.apply(x, w0, lora_a, lora_b, scale, offset, bias, float(lora_scale), int(qmin),
                                    int(qmax), group_size, float(grad_scale), bool(compiled))
 
