@@ -11,9 +11,12 @@ tvm = pytest.importorskip("tvm")
 
 from fxcompress.backends.tvm import TVMBackendError, build_tvm  # noqa: E402
 from fxcompress.backends.tvm.base import make_target  # noqa: E402
-from fxcompress.backends.tvm.kernels.decode_attention import (AttentionShape, attention_supports,  # noqa: E402
-                                                              attention_warps, decode_attention_primfunc)
-from fxcompress.lm.attention import FUSED_ATTENTION_OP, cached_attention, with_fused_decode_attention  # noqa: E402
+from fxcompress.backends.tvm.kernels.decode_attention import (AttentionShape, Source,  # noqa: E402
+                                                              attention_supports, attention_warps,
+                                                              decode_attention_primfunc)
+from fxcompress.lm.attention import (FUSED_ATTENTION_OP, cached_attention, decode_attention,  # noqa: E402
+                                     with_fused_decode_attention)
+from fxcompress.lm.compiled import _fuse_linears  # noqa: E402
 from fxcompress.lm.steps import build_steps, empty_caches, example_inputs  # noqa: E402
 from fxcompress.models.smollm2 import tiny_causal_lm  # noqa: E402
 
@@ -88,13 +91,47 @@ def test_llvm_kernel_casts_new_keys_to_the_cache_dtype():
     assert torch.equal(kcn, ref[1]) and torch.equal(vcn, ref[2])
 
 
+@pytest.mark.parametrize("dt,rope_dt", [("float32", "float32"), ("float16", "float16"), ("float16", "float32")])
+@pytest.mark.parametrize("rows", [1, 2])
+def test_llvm_kernel_reads_qkv_rows_and_applies_the_rotary_embedding(dt, rope_dt, rows):
+    """q / k / v read from the rows of one fused q/k/v output and rotated as they are read, against the torch
+    reference of the same op (``decode_attention``: slices, views and ``x * cos + rotate_half(x) * sin`` with
+    torch's dtypes, then ``cached_attention``); fp16 x with fp32 cos promotes the attention to fp32."""
+    b, h, kvh, s, d = 2, 6, 2, 12, 16
+    width = 8 + (h + 2 * kvh) * d
+    offs = [8, 8 + h * d, 8 + (h + kvh) * d]
+    shape = AttentionShape(b, h, kvh, s, d, Source(dt, width, offs[0]), Source(dt, width, offs[1]),
+                           Source(dt, width, offs[2]), dt, dt, "int64", rows, rope_dt)
+    assert shape.q_dtype == ("float32" if "float32" in (dt, rope_dt) else dt)
+    mod = _compile(shape, 0.3, "llvm")
+    g = torch.Generator().manual_seed(rows)
+    rows_t = torch.randn(b, width, generator=g).to(DTYPES[dt])
+    cos, sin = (torch.randn(rows, d, generator=g).to(DTYPES[rope_dt]) for _ in range(2))
+    kc, vc = (torch.randn(b, kvh, s, d, generator=g).to(DTYPES[dt]) for _ in range(2))
+    for pos in (0, 5, s - 1):
+        tv = [tvm.runtime.tensor(x.numpy()) for x in (rows_t, rows_t, rows_t, kc, vc, torch.tensor([pos]), cos, sin)]
+        out = tvm.runtime.tensor(torch.zeros(b, h, 1, d, dtype=DTYPES[shape.q_dtype]).numpy())
+        mod["main"](*tv, out)
+        ref = decode_attention(rows_t, rows_t, rows_t, kc, vc, torch.tensor([pos]), cos, sin, 0.3, h, offs)
+        got = torch.from_numpy(out.numpy())
+        assert got.dtype == ref[0].dtype
+        tol = 1e-5 if shape.q_dtype == "float32" else 2e-3
+        torch.testing.assert_close(got, ref[0], rtol=tol, atol=tol)
+        for t, want in zip(tv[3:5], ref[1:]):  # the rotated key, rounded as torch rounds it, written exactly
+            torch.testing.assert_close(torch.from_numpy(t.numpy()), want, rtol=1e-6, atol=1e-6)
+            assert torch.equal(torch.from_numpy(t.numpy())[:, :, :pos], want[:, :, :pos])
+
+
 def test_kernel_rejects_what_it_does_not_handle():
     with pytest.raises(ValueError, match="heads"):
         AttentionShape(1, 3, 2, 8, 16, *["float32"] * 5)
     bad = AttentionShape(1, 2, 2, 8, 16, "int32", *["float32"] * 4)
-    assert "q_dtype" in attention_supports(bad)
-    with pytest.raises(ValueError, match="q_dtype is int32"):
+    assert "q is int32" in attention_supports(bad)
+    with pytest.raises(ValueError, match="q is int32"):
         decode_attention_primfunc(bad, 1.0, cuda=False)
+    with pytest.raises(ValueError, match="do not fit"):
+        AttentionShape(1, 2, 2, 8, 16, Source("float32", 40, 10), "float32", "float32", "float32", "float32")
+    assert "even head_dim" in attention_supports(AttentionShape(1, 2, 2, 8, 15, *["float32"] * 5, rope_rows=1))
     huge = _shape(1, 64, 1, 8, 256, "float32")  # 64 query heads x 256 fp32 partial sums: over 48 KB
     assert "shared memory" in attention_supports(huge)
     assert attention_warps(_shape(1, 4, 4, 384, 128, "float16")) == 16
@@ -116,11 +153,67 @@ def test_only_one_token_steps_with_donated_caches_get_the_fused_op():
     assert with_fused_decode_attention(pre, caches)[1] == 0  # prefill: 8 tokens
     assert with_fused_decode_attention(dec, [])[1] == 0  # nothing donated
     assert with_fused_decode_attention(dec, [c for c in caches if c.startswith("k_")])[1] == 0  # v not donated
-    ids, pos, *cs = example_inputs(spec, 1)
+    _torch_same(dec, fused, spec)
+
+
+def _fused_args(gm):
+    return [n.args for n in gm.graph.nodes if n.target is FUSED_ATTENTION_OP]
+
+
+def _torch_same(dec, fused, spec, pos=4):
+    """The rewritten graph run in torch gives bitwise the original's outputs (the op's torch implementation repeats
+    the absorbed ops)."""
+    ids, _, *cs = example_inputs(spec, 1)
     cs = [torch.randn_like(c) for c in cs]
-    a = dec(ids, torch.tensor([4]), *[c.clone() for c in cs])
-    b = fused(ids, torch.tensor([4]), *[c.clone() for c in cs])  # the op's torch implementation is the function
+    with torch.no_grad():
+        a = dec(ids, torch.tensor([pos]), *[c.clone() for c in cs])
+        b = fused(ids, torch.tensor([pos]), *[c.clone() for c in cs])
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_reads_absorbed_from_separate_and_fused_qkv_linears():
+    _, dec, spec = _steps()
+    fused, _ = with_fused_decode_attention(dec, spec.input_names[2:])
+    for args in _fused_args(fused):  # q, k, v linears: each output's rows at offset 0; the rotary embedding
+        assert args[10] == [0, 0, 0] and args[6] is not None and args[9] == 4
+    assert not [n for n in fused.graph.nodes if n.target in (torch.ops.aten.cat.default, torch.ops.aten.neg.default)]
+    assert len([n for n in fused.graph.nodes if n.target == torch.ops.aten.transpose.int]) == 2  # the outputs'
+    assert len([n for n in dec.graph.nodes if n.target == torch.ops.aten.transpose.int]) == 8  # (q, k, v, out) x 2
+    _torch_same(dec, fused, spec)
+    qkv = _fuse_linears({"decode": dec}, spec)["decode"]  # one q/k/v linear + split, as compile_lm builds it
+    fused2, n = with_fused_decode_attention(qkv, spec.input_names[2:])
+    assert n == 2 and all(args[10] == [0, 64, 96] and args[6] is not None for args in _fused_args(fused2))
+    _torch_same(qkv, fused2, spec)
+
+
+def test_rotary_with_different_tables_for_q_and_k_is_left_in_the_graph():
+    _, dec, spec = _steps()
+    g = dec.graph
+    for n in list(g.nodes):  # give k's rotary products their own cos table (same values, another node)
+        if n.target is cached_attention:
+            kmul = [u for u in n.args[1].args if u.target == torch.ops.aten.mul.Tensor]
+            for m in kmul:
+                with g.inserting_before(m):
+                    m.replace_input_with(m.args[1], g.call_function(torch.ops.aten.mul.Tensor, (m.args[1], 1.0)))
+    dec.recompile()
+    for n in g.nodes:
+        if n.target == torch.ops.aten.mul.Tensor and n.args[1] == 1.0:
+            n.meta["val"] = n.args[0].meta["val"]
+    fused, n = with_fused_decode_attention(dec, spec.input_names[2:])
+    assert n == 2
+    for args in _fused_args(fused):  # q / k as computed by the graph (4-D), v still read from the linear's rows
+        assert args[6] is None and args[10] == [-1, -1, 0]
+    _torch_same(dec, fused, spec)
+    b = build_tvm(fused, example_inputs(spec, 1), target="llvm", donate=spec.input_names[2:])
+    from tvm import relax
+
+    vm = relax.VirtualMachine(b.executable, tvm.cpu(0))
+    ids, _, *cs = example_inputs(spec, 1)
+    cs = [torch.randn_like(c) for c in cs]
+    with torch.no_grad():
+        ref = dec(ids, torch.tensor([6]), *[c.clone() for c in cs])
+    res = list(vm["main"](*[tvm.runtime.tensor(x.numpy()) for x in (ids, torch.tensor([6]), *cs)]))
+    torch.testing.assert_close(torch.from_dlpack(res[0]), ref[0], rtol=1e-4, atol=1e-4)
 
 
 def test_decode_step_has_one_attention_kernel_per_layer_and_matches_torch():

@@ -178,7 +178,7 @@ def build_tvm(model, example_inputs, target="cuda", tune: str = "dlight", *, tri
     (:class:`TVMBuildConfig`, default ``TVMBuildConfig()``); ``progress``: a progress bar on stderr.
     ``donate``: names of inputs the compiled function may overwrite: a scatter into one of them (a KV-cache
     write) updates its buffer in place and the function returns that buffer (:mod:`.inplace_cache`), as does the
-    fused decode attention (``fxc_lm::cached_attention``, :mod:`.kernels.decode_attention`) on its caches; the
+    fused decode attention (``fxc_lm::decode_attention``, :mod:`.kernels.decode_attention`) on its caches; the
     caller must not reuse the input's old contents."""
     tvm = require_tvm()
     config = TVMBuildConfig() if config is None else config

@@ -10,7 +10,7 @@ through ``torch.export`` and ``tvm.relax.frontend.torch.from_exported_program``;
 (:mod:`.emit`), the integer convolution and the activation quantizer (:mod:`.emit_conv`): **convolution weights
 stay int8 constants**; a conv whose input is a quantized activation runs int8 x int8 -> int32.
 
-A cached LM step may also carry the op ``fxc_lm::cached_attention`` (put there by
+A cached LM step may also carry the op ``fxc_lm::decode_attention`` (put there by
 :func:`fxcompress.lm.attention.with_fused_decode_attention` for one-token steps whose caches are donated): it is
 lowered to ONE kernel, :func:`.kernels.decode_attention.decode_attention_primfunc`, called with
 ``call_tir_inplace`` (the caches are written in place, the attention output is a new tensor).  Its caches must be
@@ -92,7 +92,7 @@ def _(x, scale, zero_point, qmin, qmax):
 
 
 _CONV_OP, _ACT_OP = "int_conv2d.default", "act_fake_quant.default"
-_ATTENTION_OP = "cached_attention.default"  # fxc_lm::cached_attention (fxcompress.lm.attention)
+_ATTENTION_OP = "decode_attention.default"  # fxc_lm::decode_attention (fxcompress.lm.attention)
 _FAKE_QUANT_TARGETS = (torch.fake_quantize_per_tensor_affine, torch.ops.aten.fake_quantize_per_tensor_affine.default)
 
 
@@ -199,14 +199,15 @@ def _convert_cumsum(node, importer):
 
 
 def _convert_decode_attention(node, importer, donate: frozenset, cuda: bool, done: list):
-    """``fxc_lm::cached_attention(q, k, v, k_cache, v_cache, cache_position, scale)`` of one new token ->
-    ``call_tir_inplace`` of the fused decode-attention kernel: outputs ``(out, k_cache, v_cache)``, the caches
-    aliasing the inputs (written in place).  ``done`` collects the cache input names updated in place."""
+    """``fxc_lm::decode_attention(q, k, v, k_cache, v_cache, cache_position, cos, sin, scale, heads, offsets)`` of
+    one new token -> ``call_tir_inplace`` of the fused decode-attention kernel: outputs ``(out, k_cache,
+    v_cache)``, the caches aliasing the inputs (written in place).  ``done`` collects the cache input names updated
+    in place."""
     from tvm import relax
 
-    from .kernels.decode_attention import AttentionShape, attention_supports, decode_attention_primfunc
+    from .kernels.decode_attention import AttentionShape, Source, attention_supports, decode_attention_primfunc
 
-    where = f"attention node {node.name!r} (fxc_lm::cached_attention, the fused decode attention)"
+    where = f"attention node {node.name!r} (fxc_lm::decode_attention, the fused decode attention)"
     for i in (3, 4):
         src = node.args[i]
         if not (getattr(src, "op", None) == "placeholder" and src.name in donate):
@@ -217,25 +218,40 @@ def _convert_decode_attention(node, importer, donate: frozenset, cuda: bool, don
             raise TVMBackendError(f"{where}: the donated cache {src.name!r} is read by {len(src.users)} nodes; it can "
                                   "be written in place only when this attention is its one use")
     q, k, v, kc, vc, pos = (importer.env[a] for a in node.args[:6])
+    rope = [importer.env[a] for a in node.args[6:8] if a is not None]
+    scale, heads, offsets = float(node.args[8]), int(node.args[9]), [int(o) for o in node.args[10]]
 
     def dims(x):
         return [int(d) for d in x.ty.shape]
 
-    qs, ks, vs, kcs, vcs, ps = (dims(x) for x in (q, k, v, kc, vc, pos))
-    if len(qs) != 4 or qs[2] != 1 or ps != [1] or ks != vs or kcs != vcs or ks[:2] != kcs[:2] or ks[2] != 1 \
-            or ks[3] != kcs[3] or qs[0] != ks[0] or qs[3] != ks[3] or qs[1] % ks[1]:
-        raise TVMBackendError(f"{where}: shapes q {qs}, k {ks}, v {vs}, caches {kcs} / {vcs}, positions {ps} are not "
-                              "one decode token's [B, H, 1, D] / [B, KVH, 1, D] / [B, KVH, S, D] / [1]")
-    shape = AttentionShape(qs[0], qs[1], ks[1], kcs[2], qs[3], str(q.ty.dtype), str(k.ty.dtype), str(v.ty.dtype),
-                           str(kc.ty.dtype), str(vc.ty.dtype), str(pos.ty.dtype))
+    kcs, vcs, ps = dims(kc), dims(vc), dims(pos)
+    if len(kcs) != 4 or kcs != vcs or ps != [1] or len(rope) not in (0, 2):
+        raise TVMBackendError(f"{where}: caches {kcs} / {vcs}, positions {ps} are not [B, KVH, S, D] / [1]")
+    b, kvh, seq, d = kcs
+    srcs = []
+    for x, off, nh, name in ((q, offsets[0], heads, "q"), (k, offsets[1], kvh, "k"), (v, offsets[2], kvh, "v")):
+        xs = dims(x)
+        if off < 0 and xs != [b, nh, 1, d] or off >= 0 and (len(xs) != 2 or xs[0] != b):
+            raise TVMBackendError(f"{where}: {name} has shape {xs}; expected [{b}, {nh}, 1, {d}]"
+                                  + (f" or [{b}, width] rows (offset {off})" if off >= 0 else ""))
+        srcs.append(Source(str(x.ty.dtype), xs[1] if off >= 0 else None, max(off, 0)))
+    rows = dims(rope[0])[0] if rope else 0
+    if rope and (dims(rope[0]) != [rows, d] or dims(rope[1]) != [rows, d] or rope[0].ty.dtype != rope[1].ty.dtype):
+        raise TVMBackendError(f"{where}: cos / sin have shapes {dims(rope[0])} / {dims(rope[1])}; expected "
+                              f"[rows, {d}] each, of one dtype")
+    try:
+        shape = AttentionShape(b, heads, kvh, seq, d, *srcs, str(kc.ty.dtype), str(vc.ty.dtype), str(pos.ty.dtype),
+                               rows, str(rope[0].ty.dtype) if rope else "float32")
+    except ValueError as e:
+        raise TVMBackendError(f"{where}: {e}") from None
     reason = attention_supports(shape)
     if reason is not None:
         raise TVMBackendError(f"{where}: {reason}")
     bb = importer.block_builder
-    gv = bb.add_func(decode_attention_primfunc(shape, float(node.args[6]), cuda), "fxc_decode_attention")
+    gv = bb.add_func(decode_attention_primfunc(shape, scale, cuda), "fxc_decode_attention")
     done += [node.args[3].name, node.args[4].name]
-    return bb.emit(relax.call_tir_inplace(gv, relax.Tuple([q, k, v, kc, vc, pos]), inplace_indices=[-1, 3, 4],
-                                          out_ty=[relax.TensorType(qs, str(q.ty.dtype)), kc.ty, vc.ty]))
+    return bb.emit(relax.call_tir_inplace(gv, relax.Tuple([q, k, v, kc, vc, pos, *rope]), inplace_indices=[-1, 3, 4],
+                                          out_ty=[relax.TensorType([b, heads, 1, d], shape.q_dtype), kc.ty, vc.ty]))
 
 
 def _as_tuple(example_inputs) -> tuple:

@@ -12,6 +12,14 @@ matmul, casts).  For a decode step (one new token, caches donated) :func:`decode
    to ``q``'s dtype (slot ``pos`` from ``k`` / ``v`` cast to the cache dtype and then to ``q``'s, the value it
    writes there).
 
+Reads absorbed from the graph (:func:`fxcompress.lm.attention.with_fused_decode_attention` finds them): ``q`` /
+``k`` / ``v`` may be read straight from the rows of a ``[B, width]`` tensor at ``offset + h * D + d`` (a slice of
+a fused q/k/v linear's output, viewed ``[B, 1, heads, D]`` and transposed: a :class:`Source` with a width) instead
+of a materialized ``[B, heads, 1, D]`` tensor, and the rotary embedding ``x * cos + rotate_half(x) * sin`` may be
+applied to ``q`` and ``k`` as they are read (``cos`` / ``sin``: ``[rows, D]``, rows 1 or B), with the rounding points
+of the ops it replaces: each product and the sum rounded to their result dtype (torch's promotion of ``x``'s and
+``cos``'s), so the kernel sees the values the separate rotary kernels stored.
+
 Mask: ``cached_attention`` adds ``-30000`` to the scores of slots after ``pos`` (stale or empty entries), whose
 ``exp`` then underflows to exactly 0 in fp32; the kernel does not read those slots at all (the same result for
 any scores within ~29000 of each other, and none of the stale slots' bytes are read).
@@ -30,29 +38,59 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .epilogue import primfunc_with_params
+
 SHARED_BYTES = 48 * 1024
 LANES = 32
 MAX_WARPS = 16
 NEG = -1.0e30  # the running max before any slot: exp(NEG - m) == 0 for every finite score m
+FLOATS = ("float16", "bfloat16", "float32")
 
-__all__ = ["AttentionShape", "attention_supports", "attention_warps", "decode_attention_primfunc"]
+__all__ = ["AttentionShape", "Source", "attention_supports", "attention_warps", "decode_attention_primfunc",
+           "promote"]
+
+
+def promote(a: str, b: str) -> str:
+    """torch's result dtype of a binary op on two float tensors of dtypes ``a`` and ``b``."""
+    return a if a == b else "float32"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the ``[B, heads, 1, D]`` values of ``q``, ``k`` or ``v`` are read: the 4-D tensor itself
+    (``width`` None) or element ``[b, offset + h * D + d]`` of a ``[B, width]`` tensor."""
+
+    dtype: str
+    width: int | None = None
+    offset: int = 0
+
+    def __post_init__(self):
+        if self.width is not None and (isinstance(self.width, bool) or not isinstance(self.width, int)
+                                       or self.width < 1):
+            raise ValueError(f"Source.width must be None or an int >= 1, got {self.width!r}")
+        if isinstance(self.offset, bool) or not isinstance(self.offset, int) or self.offset < 0:
+            raise ValueError(f"Source.offset must be an int >= 0, got {self.offset!r}")
 
 
 @dataclass(frozen=True)
 class AttentionShape:
-    """A decode attention's static shapes and dtypes (one new token)."""
+    """A decode attention's static shapes and dtypes (one new token).  ``q`` / ``k`` / ``v``: a :class:`Source`
+    or a dtype name (a 4-D input of that dtype); ``rope_rows``: 0 (no rotary embedding in the kernel) or the rows
+    (1 or ``batch``) of the ``[rows, head_dim]`` cos / sin inputs, of dtype ``rope_dtype``."""
 
     batch: int
     heads: int
     kv_heads: int
     seq: int  # cache slots S
     head_dim: int
-    q_dtype: str
-    k_dtype: str  # the new key / value (before the cast to the cache dtype)
-    v_dtype: str
+    q: Source | str
+    k: Source | str
+    v: Source | str
     kc_dtype: str  # the caches
     vc_dtype: str
     index_dtype: str = "int64"  # cache_position
+    rope_rows: int = 0
+    rope_dtype: str = "float32"
 
     def __post_init__(self):
         for name in ("batch", "heads", "kv_heads", "seq", "head_dim"):
@@ -61,13 +99,32 @@ class AttentionShape:
                 raise ValueError(f"AttentionShape.{name} must be an int >= 1, got {v!r}")
         if self.heads % self.kv_heads:
             raise ValueError(f"AttentionShape.heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+        for name, nh in (("q", self.heads), ("k", self.kv_heads), ("v", self.kv_heads)):
+            src = getattr(self, name)
+            if isinstance(src, str):
+                object.__setattr__(self, name, Source(src))
+            elif not isinstance(src, Source):
+                raise ValueError(f"AttentionShape.{name} must be a Source or a dtype name, got {src!r}")
+            src = getattr(self, name)
+            if src.width is not None and src.offset + nh * self.head_dim > src.width:
+                raise ValueError(f"AttentionShape.{name}: {nh} heads x {self.head_dim} at offset {src.offset} do not "
+                                 f"fit in rows of width {src.width}")
+        if self.rope_rows not in (0, 1, self.batch):
+            raise ValueError(f"AttentionShape.rope_rows must be 0, 1 or batch ({self.batch}), got {self.rope_rows!r}")
 
     @property
     def rep(self) -> int:
         return self.heads // self.kv_heads
 
+    @property
+    def q_dtype(self) -> str:
+        """The attention's dtype (its output's): ``q``'s, after the rotary embedding's promotion."""
+        return promote(self.q.dtype, self.rope_dtype) if self.rope_rows else self.q.dtype
 
-_FLOATS = ("float16", "bfloat16", "float32")
+    @property
+    def k_dtype(self) -> str:
+        """The new key's dtype before the cast to the cache's."""
+        return promote(self.k.dtype, self.rope_dtype) if self.rope_rows else self.k.dtype
 
 
 def attention_warps(shape: AttentionShape) -> int:
@@ -81,24 +138,78 @@ def attention_warps(shape: AttentionShape) -> int:
 
 def attention_supports(shape: AttentionShape) -> str | None:
     """None when :func:`decode_attention_primfunc` handles ``shape``, else the reason it does not."""
-    for name in ("q_dtype", "k_dtype", "v_dtype", "kc_dtype", "vc_dtype"):
-        if getattr(shape, name) not in _FLOATS:
-            return f"{name} is {getattr(shape, name)} (the kernel takes {', '.join(_FLOATS)})"
+    dts = {"q": shape.q.dtype, "k": shape.k.dtype, "v": shape.v.dtype, "kc_dtype": shape.kc_dtype,
+           "vc_dtype": shape.vc_dtype}
+    if shape.rope_rows:
+        dts["rope_dtype"] = shape.rope_dtype
+    for name, dt in dts.items():
+        if dt not in FLOATS:
+            return f"{name} is {dt} (the kernel takes {', '.join(FLOATS)})"
     if shape.index_dtype not in ("int32", "int64"):
         return f"cache_position is {shape.index_dtype} (int32 / int64 expected)"
+    if shape.rope_rows and shape.head_dim % 2:
+        return f"a rotary embedding needs an even head_dim, got {shape.head_dim}"
     if shape.rep * (shape.head_dim + 2) * 4 > SHARED_BYTES:
         return (f"{shape.rep} query heads per KV head x head_dim {shape.head_dim} exceed {SHARED_BYTES} bytes of "
                 "shared memory")
     return None
 
 
+def _readers(shape: AttentionShape):
+    """TIR expressions of the kernel's reads, shared by the CUDA and LLVM variants: ``(qval, knew, vnew, key,
+    value)``.  ``qval(q, cs, sn, b, h, d)``: fp32 of the attention's query element (rotary applied);
+    ``knew`` / ``vnew(x, cs, sn, b, g, d)``: the new key / value in the cache dtype; ``key`` / ``value(x, c, cs, sn,
+    b, g, j, p, d)``: fp32 of slot ``j`` as read in the attention's dtype (slot ``p`` from the new key / value)."""
+    from tvm.script import tirx as T
+
+    D, half = shape.head_dim, shape.head_dim // 2
+    rd, kd = shape.q_dtype, shape.k_dtype
+
+    def f32(x):
+        return T.Cast("float32", x)
+
+    def rnd(x, dt):
+        return f32(T.Cast(dt, x)) if dt != "float32" else x
+
+    def src(buf, s: Source, b, h, d):
+        return buf[b, s.offset + h * D + d] if s.width is not None else buf[b, h, 0, d]
+
+    def rope(buf, s: Source, cs, sn, b, h, d, dt):
+        """``x * cos + cat(-x2, x1) * sin`` at ``d``, each op rounded to ``dt`` (torch's dtype for it)."""
+        if not shape.rope_rows:
+            return f32(src(buf, s, b, h, d))
+        row = T.min(b, shape.rope_rows - 1)
+        rot = T.if_then_else(d < half, -f32(src(buf, s, b, h, T.min(d + half, D - 1))),
+                             f32(src(buf, s, b, h, T.max(d - half, 0))))
+        return rnd(rnd(f32(src(buf, s, b, h, d)) * f32(cs[row, d]), dt) + rnd(rot * f32(sn[row, d]), dt), dt)
+
+    def qval(q, cs, sn, b, h, d):
+        return rope(q, shape.q, cs, sn, b, h, d, rd)
+
+    def knew(k, cs, sn, b, g, d):
+        return T.Cast(shape.kc_dtype, rope(k, shape.k, cs, sn, b, g, d, kd))
+
+    def vnew(v, cs, sn, b, g, d):
+        return T.Cast(shape.vc_dtype, f32(src(v, shape.v, b, g, d)))
+
+    def key(k, kc, cs, sn, b, g, j, p, d):
+        return f32(T.Cast(rd, T.if_then_else(j == p, knew(k, cs, sn, b, g, d), kc[b, g, j, d])))
+
+    def value(v, vc, cs, sn, b, g, j, p, d):
+        return f32(T.Cast(rd, T.if_then_else(j == p, vnew(v, cs, sn, b, g, d), vc[b, g, j, d])))
+
+    return qval, knew, vnew, key, value
+
+
 def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *, unroll: int = 4,
                               name: str = "fxc_decode_attention"):
-    """The PrimFunc ``(q, k, v, k_cache, v_cache, cache_position, out)`` described in the module docstring.
+    """The PrimFunc ``(q, k, v, k_cache, v_cache, cache_position[, cos, sin], out)`` described in the module
+    docstring.
 
-    ``q``: ``[B, H, 1, D]``; ``k`` / ``v``: ``[B, KVH, 1, D]``; ``k_cache`` / ``v_cache``: ``[B, KVH, S, D]``
-    (written in place at ``cache_position[0]``; nothing is written when it is outside ``0 .. S-1``);
-    ``cache_position``: ``[1]``; ``out``: ``[B, H, 1, D]`` in ``q``'s dtype.  ``cuda``: thread-bound and marked
+    ``q`` / ``k`` / ``v``: ``[B, heads, 1, D]``, or ``[B, width]`` rows (:class:`Source`); ``k_cache`` /
+    ``v_cache``: ``[B, KVH, S, D]`` (written in place at ``cache_position[0]``; nothing is written when it is
+    outside ``0 .. S-1``); ``cache_position``: ``[1]``; ``cos`` / ``sin``: ``[rope_rows, D]`` (only with a rotary
+    embedding); ``out``: ``[B, H, 1, D]`` in :attr:`AttentionShape.q_dtype`.  ``cuda``: thread-bound and marked
     scheduled (dlight leaves it alone); otherwise plain loops for LLVM.  ``unroll``: slots a warp loads per step
     (CUDA)."""
     reason = attention_supports(shape)
@@ -109,22 +220,19 @@ def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *
     from tvm.script import tirx as T
 
     B, H, KVH, S, D, rep = shape.batch, shape.heads, shape.kv_heads, shape.seq, shape.head_dim, shape.rep
-    qdt, kdt, vdt, kcdt, vcdt, idt = (shape.q_dtype, shape.k_dtype, shape.v_dtype, shape.kc_dtype, shape.vc_dtype,
-                                      shape.index_dtype)
+    rd = shape.q_dtype
     W = attention_warps(shape)
     scale = float(scale)
-    qshape, kvshape, cshape = (B, H, 1, D), (B, KVH, 1, D), (B, KVH, S, D)
+    qval, knew, vnew, key, value = _readers(shape)
 
-    def f32(x):
-        return T.Cast("float32", x)
+    def buf_shape(s: Source, nh):
+        return (B, s.width) if s.width is not None else (B, nh, 1, D)
 
-    def key(kin, kc, b, g, j, p, d):
-        """K[j, d] as cached_attention reads it (in q's dtype, as fp32); slot p from the new key."""
-        return f32(T.Cast(qdt, T.if_then_else(j == p, T.Cast(kcdt, kin[b, g, 0, d]), kc[b, g, j, d])))
-
-    def value(vin, vc, b, g, j, p, d):
-        return f32(T.Cast(qdt, T.if_then_else(j == p, T.Cast(vcdt, vin[b, g, 0, d]), vc[b, g, j, d])))
-
+    rope = (shape.rope_rows, D) if shape.rope_rows else None
+    params = [("q", buf_shape(shape.q, H), shape.q.dtype), ("k", buf_shape(shape.k, KVH), shape.k.dtype),
+              ("v", buf_shape(shape.v, KVH), shape.v.dtype), ("k_cache", (B, KVH, S, D), shape.kc_dtype),
+              ("v_cache", (B, KVH, S, D), shape.vc_dtype), ("pos", (1,), shape.index_dtype),
+              ("cs", rope, shape.rope_dtype), ("sn", rope, shape.rope_dtype), ("out", (B, H, 1, D), rd)]
     attrs = {"tir.noalias": True, "op_pattern": 8}
     if cuda:
         attrs.update({"tir.is_scheduled": True, "tirx.is_scheduled": True})
@@ -135,11 +243,8 @@ def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *
         write_iters = -(-D // threads)
         comb_iters = -(-(rep * D) // threads)
 
-        @T.prim_func(private=True)
-        def func(q: T.Buffer(qshape, qdt), k: T.Buffer(kvshape, kdt), v: T.Buffer(kvshape, vdt),
-                 k_cache: T.Buffer(cshape, kcdt), v_cache: T.Buffer(cshape, vcdt), pos: T.Buffer((1,), idt),
-                 out: T.Buffer(qshape, qdt)):
-            T.func_attr(attrs)
+        @T.macro
+        def body(q, k, v, k_cache, v_cache, pos, cs, sn, out):
             for bx in T.thread_binding(B * KVH, thread="blockIdx.x"):
                 for ty in T.thread_binding(W, thread="threadIdx.y"):
                     for tx in T.thread_binding(LANES, thread="threadIdx.x"):
@@ -159,10 +264,10 @@ def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *
                         if p[0] >= 0 and p[0] < S:
                             for i in T.serial(write_iters):
                                 if i * threads + ty * LANES + tx < D:
-                                    k_cache[bx // KVH, bx % KVH, p[0], i * threads + ty * LANES + tx] = T.Cast(
-                                        kcdt, k[bx // KVH, bx % KVH, 0, i * threads + ty * LANES + tx])
-                                    v_cache[bx // KVH, bx % KVH, p[0], i * threads + ty * LANES + tx] = T.Cast(
-                                        vcdt, v[bx // KVH, bx % KVH, 0, i * threads + ty * LANES + tx])
+                                    k_cache[bx // KVH, bx % KVH, p[0], i * threads + ty * LANES + tx] = knew(
+                                        k, cs, sn, bx // KVH, bx % KVH, i * threads + ty * LANES + tx)
+                                    v_cache[bx // KVH, bx % KVH, p[0], i * threads + ty * LANES + tx] = vnew(
+                                        v, cs, sn, bx // KVH, bx % KVH, i * threads + ty * LANES + tx)
                         # 2. this warp's partition of the slots: online softmax per query head
                         for r in T.unroll(rep):
                             ml[r * 2] = T.float32(NEG)
@@ -171,7 +276,7 @@ def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *
                                 acc[r * DL + i] = T.float32(0)
                                 qv[r * DL + i] = T.if_then_else(
                                     i * LANES + tx < D,
-                                    f32(q[bx // KVH, (bx % KVH) * rep + r, 0, T.min(i * LANES + tx, D - 1)]),
+                                    qval(q, cs, sn, bx // KVH, (bx % KVH) * rep + r, T.min(i * LANES + tx, D - 1)),
                                     T.float32(0))
                         for st in T.serial(steps):
                             if (st * U) * W + ty <= p[0]:  # warp-uniform: the shuffles below see all 32 lanes
@@ -180,13 +285,13 @@ def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *
                                         kv[u * DL + i] = T.if_then_else(
                                             (st * U + u) * W + ty <= p[0] and (st * U + u) * W + ty < S
                                             and i * LANES + tx < D,
-                                            key(k, k_cache, bx // KVH, bx % KVH, T.min((st * U + u) * W + ty, S - 1),
-                                                p[0], T.min(i * LANES + tx, D - 1)),
+                                            key(k, k_cache, cs, sn, bx // KVH, bx % KVH,
+                                                T.min((st * U + u) * W + ty, S - 1), p[0], T.min(i * LANES + tx, D - 1)),
                                             T.float32(0))
                                         vv[u * DL + i] = T.if_then_else(
                                             (st * U + u) * W + ty <= p[0] and (st * U + u) * W + ty < S
                                             and i * LANES + tx < D,
-                                            value(v, v_cache, bx // KVH, bx % KVH,
+                                            value(v, v_cache, cs, sn, bx // KVH, bx % KVH,
                                                   T.min((st * U + u) * W + ty, S - 1), p[0],
                                                   T.min(i * LANES + tx, D - 1)),
                                             T.float32(0))
@@ -240,28 +345,24 @@ def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *
                                     cmb[2] = cmb[2] + sacc[w * rep * D + it * threads + ty * LANES + tx] \
                                         * T.exp(sm[(w * rep + (it * threads + ty * LANES + tx) // D) * 2] - cmb[0])
                                 out[bx // KVH, (bx % KVH) * rep + (it * threads + ty * LANES + tx) // D, 0,
-                                    (it * threads + ty * LANES + tx) % D] = T.Cast(qdt, cmb[2] / cmb[1])
+                                    (it * threads + ty * LANES + tx) % D] = T.Cast(rd, cmb[2] / cmb[1])
 
-        return func.with_attr("global_symbol", name)
+        return primfunc_with_params(body, params, attrs).with_attr("global_symbol", name)
 
-    @T.prim_func(private=True)
-    def func(q: T.Buffer(qshape, qdt), k: T.Buffer(kvshape, kdt), v: T.Buffer(kvshape, vdt),
-             k_cache: T.Buffer(cshape, kcdt), v_cache: T.Buffer(cshape, vcdt), pos: T.Buffer((1,), idt),
-             out: T.Buffer(qshape, qdt)):
-        T.func_attr(attrs)
+    @T.macro
+    def body(q, k, v, k_cache, v_cache, pos, cs, sn, out):
         p = T.alloc_buffer((1,), "int32")
         ml = T.alloc_buffer((W * 2,), "float32")  # per partition: running max, sum
         acc = T.alloc_buffer((W * D,), "float32")
+        qv = T.alloc_buffer((D,), "float32")
         s = T.alloc_buffer((3,), "float32")  # score, new max, exp(old - new)
         cmb = T.alloc_buffer((2,), "float32")  # combine: max, sum
         p[0] = T.Cast("int32", pos[0])
         for b in T.serial(B):
             for g in T.serial(KVH):
-                if p[0] >= 0 and p[0] < S:
+                for r in T.serial(rep):  # (the new key / value read from the inputs: the write can come last)
                     for d in T.serial(D):
-                        k_cache[b, g, p[0], d] = T.Cast(kcdt, k[b, g, 0, d])
-                        v_cache[b, g, p[0], d] = T.Cast(vcdt, v[b, g, 0, d])
-                for r in T.serial(rep):
+                        qv[d] = qval(q, cs, sn, b, g * rep + r, d)
                     for w in T.serial(W):
                         ml[w * 2] = T.float32(NEG)
                         ml[w * 2 + 1] = T.float32(0)
@@ -271,8 +372,7 @@ def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *
                             if jj * W + w <= p[0] and jj * W + w < S:
                                 s[0] = T.float32(0)
                                 for d in T.serial(D):
-                                    s[0] = s[0] + f32(q[b, g * rep + r, 0, d]) * key(k, k_cache, b, g, jj * W + w,
-                                                                                      p[0], d)
+                                    s[0] = s[0] + qv[d] * key(k, k_cache, cs, sn, b, g, jj * W + w, p[0], d)
                                 s[0] = s[0] * T.float32(scale)
                                 s[1] = T.max(ml[w * 2], s[0])
                                 s[2] = T.exp(ml[w * 2] - s[1])
@@ -280,7 +380,7 @@ def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *
                                 ml[w * 2] = s[1]
                                 ml[w * 2 + 1] = ml[w * 2 + 1] * s[2] + s[0]
                                 for d in T.serial(D):
-                                    acc[w * D + d] = acc[w * D + d] * s[2] + s[0] * value(v, v_cache, b, g,
+                                    acc[w * D + d] = acc[w * D + d] * s[2] + s[0] * value(v, v_cache, cs, sn, b, g,
                                                                                           jj * W + w, p[0], d)
                     cmb[0] = T.float32(NEG)
                     for w in T.serial(W):
@@ -292,6 +392,10 @@ def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *
                         s[0] = T.float32(0)
                         for w in T.serial(W):
                             s[0] = s[0] + acc[w * D + d] * T.exp(ml[w * 2] - cmb[0])
-                        out[b, g * rep + r, 0, d] = T.Cast(qdt, s[0] / cmb[1])
+                        out[b, g * rep + r, 0, d] = T.Cast(rd, s[0] / cmb[1])
+                if p[0] >= 0 and p[0] < S:
+                    for d in T.serial(D):
+                        k_cache[b, g, p[0], d] = knew(k, cs, sn, b, g, d)
+                        v_cache[b, g, p[0], d] = vnew(v, cs, sn, b, g, d)
 
-    return func.with_attr("global_symbol", name)
+    return primfunc_with_params(body, params, attrs).with_attr("global_symbol", name)
