@@ -59,8 +59,6 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 register_artifact_function(cached_attention, "fxcompress.lm.cached_attention")  # saved torch-backend LMs
 
 
-
-
 def _unflatten(x: torch.Tensor, offset: int, heads: int, d: int) -> torch.Tensor:
     """``x`` itself (``offset < 0``: ``[B, heads, T, D]``) or ``[B, heads, 1, D]`` from the rows ``[B, width]`` at
     ``offset + h * D + d``."""
@@ -142,13 +140,13 @@ def _flat_source(x, batch: int, heads: int, d: int):
     r = vw.args[0]
     while _call(r, *_COPIES):
         r = r.args[0]
-    off = 0
-    width = None
+    off, width, sliced = 0, None, False
     if _call(r, operator.getitem) and _call(r.args[0], *_SPLITS):
         sp, i = r.args[0], int(r.args[1])
         sizes = sp.args[1] if len(sp.args) > 1 else sp.kwargs.get("split_size_or_sections", sp.kwargs.get("split_size"))
         dim = sp.args[2] if len(sp.args) > 2 else sp.kwargs.get("dim", 0)
-        if not (isinstance(sizes, (list, tuple)) and all(isinstance(z, int) for z in sizes) and dim in (-1, 2)):
+        if not (isinstance(sizes, (list, tuple)) and all(isinstance(z, int) for z in sizes) and dim in (-1, 2)
+                and sizes[i] == heads * d):
             return None
         off, width, r = sum(sizes[:i]), sum(sizes), sp.args[0]
     elif _call(r, aten.slice.Tensor, aten.narrow.default):
@@ -157,14 +155,14 @@ def _flat_source(x, batch: int, heads: int, d: int):
         if dim not in (-1, 2) or not isinstance(start, int) or start < 0 \
                 or (r.target == aten.slice.Tensor and len(r.args) > 4 and r.args[4] != 1):
             return None
-        off, r = start, r.args[0]
+        off, r, sliced = start, r.args[0], True
     base = _shape(r)
     if base is not None:
         if len(base) != 3 or base[:2] != (batch, 1) or (width is not None and width != base[2]):
             return None
         width = base[2]
-    elif width is None:
-        width = heads * d if off == 0 else None  # a view of the whole tensor: its numel is the view's
+    elif width is None and not sliced:
+        width = heads * d  # the viewed tensor itself: its numel is the view's
     if width is None or off + heads * d > width:
         return None
     return r, width, off

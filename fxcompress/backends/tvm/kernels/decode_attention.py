@@ -209,8 +209,8 @@ def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *
     ``q`` / ``k`` / ``v``: ``[B, heads, 1, D]``, or ``[B, width]`` rows (:class:`Source`); ``k_cache`` /
     ``v_cache``: ``[B, KVH, S, D]`` (written in place at ``cache_position[0]``; nothing is written when it is
     outside ``0 .. S-1``); ``cache_position``: ``[1]``; ``cos`` / ``sin``: ``[rope_rows, D]`` (only with a rotary
-    embedding); ``out``: ``[B, H, 1, D]`` in :attr:`AttentionShape.q_dtype`.  ``cuda``: thread-bound and marked
-    scheduled (dlight leaves it alone); otherwise plain loops for LLVM.  ``unroll``: slots a warp loads per step
+    embedding); ``out``: ``[B, H, 1, D]`` in :attr:`AttentionShape.q_dtype`.  ``cuda``: thread-bound; otherwise
+    plain loops for LLVM (either is marked scheduled: dlight and MetaSchedule leave it alone).  ``unroll``: slots a warp loads per step
     (CUDA)."""
     reason = attention_supports(shape)
     if reason is not None:
@@ -233,9 +233,9 @@ def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *
               ("v", buf_shape(shape.v, KVH), shape.v.dtype), ("k_cache", (B, KVH, S, D), shape.kc_dtype),
               ("v_cache", (B, KVH, S, D), shape.vc_dtype), ("pos", (1,), shape.index_dtype),
               ("cs", rope, shape.rope_dtype), ("sn", rope, shape.rope_dtype), ("out", (B, H, 1, D), rd)]
-    attrs = {"tir.noalias": True, "op_pattern": 8}
+    # scheduled as written (CUDA: thread-bound; LLVM: plain loops): dlight and MetaSchedule leave it alone
+    attrs = {"tir.noalias": True, "op_pattern": 8, "tir.is_scheduled": True, "tirx.is_scheduled": True}
     if cuda:
-        attrs.update({"tir.is_scheduled": True, "tirx.is_scheduled": True})
         DL = -(-D // LANES)  # head-dim elements per lane
         U = max(1, min(unroll, -(-S // W)))
         steps = -(-S // (W * U))
