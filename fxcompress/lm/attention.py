@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Optional
 
 import torch
 import torch.fx as fx
 
 from ..runtime.artifact import register_artifact_function
 
-__all__ = ["cached_attention", "decode_attention", "with_fused_decode_attention", "FUSED_ATTENTION_OP"]
+__all__ = ["FUSED_ATTENTION_OP", "cached_attention", "decode_attention", "with_fused_decode_attention"]
 
 aten = torch.ops.aten
 
@@ -75,8 +74,8 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, cache_position: torch.Tensor, cos: Optional[torch.Tensor],
-                     sin: Optional[torch.Tensor], scale: float, heads: int, offsets: list[int]):
+                     v_cache: torch.Tensor, cache_position: torch.Tensor, cos: torch.Tensor | None,
+                     sin: torch.Tensor | None, scale: float, heads: int, offsets: list[int]):
     """:func:`cached_attention` of one new token, reading its inputs as the fused TVM kernel does:
     ``offsets[i] >= 0``: ``q`` / ``k`` / ``v`` (i = 0, 1, 2) are ``[B, width]`` rows holding the ``[B, heads, 1, D]``
     values at ``offsets[i] + h * D + d`` (``heads`` query heads; the caches give the KV heads and ``D``); ``cos`` /
@@ -92,8 +91,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 
 @torch.library.custom_op("fxc_lm::decode_attention", mutates_args=())
 def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, cache_position: torch.Tensor, cos: Optional[torch.Tensor],
-                         sin: Optional[torch.Tensor], scale: float, heads: int,
+                         v_cache: torch.Tensor, cache_position: torch.Tensor, cos: torch.Tensor | None,
+                         sin: torch.Tensor | None, scale: float, heads: int,
                          offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out, kc, vc = decode_attention(q, k, v, k_cache, v_cache, cache_position, cos, sin, scale, heads, offsets)
     return out.contiguous().clone(), kc, vc  # (a custom op's outputs may not alias its inputs)

@@ -43,11 +43,12 @@ from .epilogue import primfunc_with_params
 SHARED_BYTES = 48 * 1024
 LANES = 32
 MAX_WARPS = 16
+MIN_BLOCKS = 64  # (batch, KV head) blocks below which each query head gets its own block
 NEG = -1.0e30  # the running max before any slot: exp(NEG - m) == 0 for every finite score m
 FLOATS = ("float16", "bfloat16", "float32")
 
 __all__ = ["AttentionShape", "Source", "attention_supports", "attention_warps", "decode_attention_primfunc",
-           "promote"]
+           "heads_per_block", "promote"]
 
 
 def promote(a: str, b: str) -> str:
@@ -127,11 +128,20 @@ class AttentionShape:
         return promote(self.k.dtype, self.rope_dtype) if self.rope_rows else self.k.dtype
 
 
-def attention_warps(shape: AttentionShape) -> int:
+def heads_per_block(shape: AttentionShape) -> int:
+    """Query heads per CUDA block: all ``rep`` heads of a KV head (each K / V row loaded once for them) when there
+    are at least :data:`MIN_BLOCKS` ``(batch, KV head)`` blocks; otherwise one (``rep`` times the blocks, e.g. 9
+    instead of 3 for SmolLM2's 3 KV heads at batch 1: the step is latency-bound, not bandwidth-bound)."""
+    return shape.rep if shape.batch * shape.kv_heads >= MIN_BLOCKS else 1
+
+
+def attention_warps(shape: AttentionShape, heads: int | None = None) -> int:
     """Warps per block on CUDA (= partitions of the online softmax): up to 16, no more than the slots, and few
-    enough that each warp's partial sums (``rep * head_dim`` fp32) fit in 48 KB of shared memory."""
+    enough that each warp's partial sums (``heads * head_dim`` fp32, ``heads`` the block's query heads, default
+    ``rep``) fit in 48 KB of shared memory."""
+    heads = shape.rep if heads is None else heads
     w = MAX_WARPS
-    while w > 1 and (w > shape.seq or w * shape.rep * (shape.head_dim + 2) * 4 > SHARED_BYTES):
+    while w > 1 and (w > shape.seq or w * heads * (shape.head_dim + 2) * 4 > SHARED_BYTES):
         w //= 2
     return w
 
@@ -202,7 +212,7 @@ def _readers(shape: AttentionShape):
 
 
 def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *, unroll: int = 4,
-                              name: str = "fxc_decode_attention"):
+                              heads_per_block_: int | None = None, name: str = "fxc_decode_attention"):
     """The PrimFunc ``(q, k, v, k_cache, v_cache, cache_position[, cos, sin], out)`` described in the module
     docstring.
 
@@ -210,8 +220,9 @@ def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *
     ``v_cache``: ``[B, KVH, S, D]`` (written in place at ``cache_position[0]``; nothing is written when it is
     outside ``0 .. S-1``); ``cache_position``: ``[1]``; ``cos`` / ``sin``: ``[rope_rows, D]`` (only with a rotary
     embedding); ``out``: ``[B, H, 1, D]`` in :attr:`AttentionShape.q_dtype`.  ``cuda``: thread-bound; otherwise
-    plain loops for LLVM (either is marked scheduled: dlight and MetaSchedule leave it alone).  ``unroll``: slots a warp loads per step
-    (CUDA)."""
+    plain loops for LLVM (either is marked scheduled: dlight and MetaSchedule leave it alone).  ``unroll``: slots
+    a warp loads per step (CUDA); ``heads_per_block_``: query heads per CUDA block, a divisor of ``rep`` (default
+    :func:`heads_per_block`)."""
     reason = attention_supports(shape)
     if reason is not None:
         raise ValueError(f"decode attention kernel: {reason}")
@@ -236,47 +247,53 @@ def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *
     # scheduled as written (CUDA: thread-bound; LLVM: plain loops): dlight and MetaSchedule leave it alone
     attrs = {"tir.noalias": True, "op_pattern": 8, "tir.is_scheduled": True, "tirx.is_scheduled": True}
     if cuda:
+        hb = heads_per_block(shape) if heads_per_block_ is None else heads_per_block_
+        if isinstance(hb, bool) or not isinstance(hb, int) or hb < 1 or rep % hb:
+            raise ValueError(f"decode attention kernel: heads_per_block must divide {rep}, got {hb}")
+        ns = rep // hb  # blocks per KV head
+        W = attention_warps(shape, hb)
         DL = -(-D // LANES)  # head-dim elements per lane
         U = max(1, min(unroll, -(-S // W)))
         steps = -(-S // (W * U))
         threads = W * LANES
         write_iters = -(-D // threads)
-        comb_iters = -(-(rep * D) // threads)
+        comb_iters = -(-(hb * D) // threads)
 
         @T.macro
         def body(q, k, v, k_cache, v_cache, pos, cs, sn, out):
-            for bx in T.thread_binding(B * KVH, thread="blockIdx.x"):
+            for bx in T.thread_binding(B * KVH * ns, thread="blockIdx.x"):
                 for ty in T.thread_binding(W, thread="threadIdx.y"):
                     for tx in T.thread_binding(LANES, thread="threadIdx.x"):
                         p = T.alloc_buffer((1,), "int32", scope="local")
-                        qv = T.alloc_buffer((rep * DL,), "float32", scope="local")
-                        acc = T.alloc_buffer((rep * DL,), "float32", scope="local")
-                        ml = T.alloc_buffer((rep * 2,), "float32", scope="local")  # running (max, sum) per head
+                        qv = T.alloc_buffer((hb * DL,), "float32", scope="local")
+                        acc = T.alloc_buffer((hb * DL,), "float32", scope="local")
+                        ml = T.alloc_buffer((hb * 2,), "float32", scope="local")  # running (max, sum) per head
                         kv = T.alloc_buffer((U * DL,), "float32", scope="local")
                         vv = T.alloc_buffer((U * DL,), "float32", scope="local")
                         sc = T.alloc_buffer((U,), "float32", scope="local")
                         mx = T.alloc_buffer((2,), "float32", scope="local")  # new max, exp(old - new)
                         cmb = T.alloc_buffer((3,), "float32", scope="local")  # combine: max, sum, output
-                        sm = T.alloc_buffer((W * rep * 2,), "float32", scope="shared")
-                        sacc = T.alloc_buffer((W * rep * D,), "float32", scope="shared")
+                        sm = T.alloc_buffer((W * hb * 2,), "float32", scope="shared")
+                        sacc = T.alloc_buffer((W * hb * D,), "float32", scope="shared")
                         p[0] = T.Cast("int32", pos[0])
                         # 1. the cache writes (slot p), by this block's threads over the head dim
-                        if p[0] >= 0 and p[0] < S:
+                        if p[0] >= 0 and p[0] < S and bx % ns == 0:  # one block per KV head writes
                             for i in T.serial(write_iters):
                                 if i * threads + ty * LANES + tx < D:
-                                    k_cache[bx // KVH, bx % KVH, p[0], i * threads + ty * LANES + tx] = knew(
-                                        k, cs, sn, bx // KVH, bx % KVH, i * threads + ty * LANES + tx)
-                                    v_cache[bx // KVH, bx % KVH, p[0], i * threads + ty * LANES + tx] = vnew(
-                                        v, cs, sn, bx // KVH, bx % KVH, i * threads + ty * LANES + tx)
+                                    k_cache[bx // (KVH * ns), bx // ns % KVH, p[0], i * threads + ty * LANES + tx] = \
+                                        knew(k, cs, sn, bx // (KVH * ns), bx // ns % KVH, i * threads + ty * LANES + tx)
+                                    v_cache[bx // (KVH * ns), bx // ns % KVH, p[0], i * threads + ty * LANES + tx] = \
+                                        vnew(v, cs, sn, bx // (KVH * ns), bx // ns % KVH, i * threads + ty * LANES + tx)
                         # 2. this warp's partition of the slots: online softmax per query head
-                        for r in T.unroll(rep):
+                        for r in T.unroll(hb):
                             ml[r * 2] = T.float32(NEG)
                             ml[r * 2 + 1] = T.float32(0)
                             for i in T.unroll(DL):
                                 acc[r * DL + i] = T.float32(0)
                                 qv[r * DL + i] = T.if_then_else(
                                     i * LANES + tx < D,
-                                    qval(q, cs, sn, bx // KVH, (bx % KVH) * rep + r, T.min(i * LANES + tx, D - 1)),
+                                    qval(q, cs, sn, bx // (KVH * ns), (bx // ns % KVH) * rep + bx % ns * hb + r,
+                                         T.min(i * LANES + tx, D - 1)),
                                     T.float32(0))
                         for st in T.serial(steps):
                             if (st * U) * W + ty <= p[0]:  # warp-uniform: the shuffles below see all 32 lanes
@@ -285,17 +302,18 @@ def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *
                                         kv[u * DL + i] = T.if_then_else(
                                             (st * U + u) * W + ty <= p[0] and (st * U + u) * W + ty < S
                                             and i * LANES + tx < D,
-                                            key(k, k_cache, cs, sn, bx // KVH, bx % KVH,
-                                                T.min((st * U + u) * W + ty, S - 1), p[0], T.min(i * LANES + tx, D - 1)),
+                                            key(k, k_cache, cs, sn, bx // (KVH * ns), bx // ns % KVH,
+                                                T.min((st * U + u) * W + ty, S - 1), p[0],
+                                                T.min(i * LANES + tx, D - 1)),
                                             T.float32(0))
                                         vv[u * DL + i] = T.if_then_else(
                                             (st * U + u) * W + ty <= p[0] and (st * U + u) * W + ty < S
                                             and i * LANES + tx < D,
-                                            value(v, v_cache, cs, sn, bx // KVH, bx % KVH,
+                                            value(v, v_cache, cs, sn, bx // (KVH * ns), bx // ns % KVH,
                                                   T.min((st * U + u) * W + ty, S - 1), p[0],
                                                   T.min(i * LANES + tx, D - 1)),
                                             T.float32(0))
-                                for r in T.unroll(rep):
+                                for r in T.unroll(hb):
                                     for u in T.unroll(U):
                                         sc[u] = T.float32(0)
                                         for i in T.unroll(DL):
@@ -324,27 +342,28 @@ def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *
                                         for i in T.unroll(DL):
                                             acc[r * DL + i] = acc[r * DL + i] + sc[u] * vv[u * DL + i]
                         # 3. combine the partitions through shared memory
-                        for r in T.unroll(rep):
+                        for r in T.unroll(hb):
                             if tx == 0:
-                                sm[(ty * rep + r) * 2] = ml[r * 2]
-                                sm[(ty * rep + r) * 2 + 1] = ml[r * 2 + 1]
+                                sm[(ty * hb + r) * 2] = ml[r * 2]
+                                sm[(ty * hb + r) * 2 + 1] = ml[r * 2 + 1]
                             for i in T.unroll(DL):
                                 if i * LANES + tx < D:
-                                    sacc[(ty * rep + r) * D + i * LANES + tx] = acc[r * DL + i]
+                                    sacc[(ty * hb + r) * D + i * LANES + tx] = acc[r * DL + i]
                         T.tvm_storage_sync("shared")
                         for it in T.serial(comb_iters):
-                            if it * threads + ty * LANES + tx < rep * D:
+                            if it * threads + ty * LANES + tx < hb * D:
                                 cmb[0] = T.float32(NEG)
                                 for w in T.serial(W):
-                                    cmb[0] = T.max(cmb[0], sm[(w * rep + (it * threads + ty * LANES + tx) // D) * 2])
+                                    cmb[0] = T.max(cmb[0], sm[(w * hb + (it * threads + ty * LANES + tx) // D) * 2])
                                 cmb[1] = T.float32(0)
                                 cmb[2] = T.float32(0)
                                 for w in T.serial(W):
-                                    cmb[1] = cmb[1] + sm[(w * rep + (it * threads + ty * LANES + tx) // D) * 2 + 1] \
-                                        * T.exp(sm[(w * rep + (it * threads + ty * LANES + tx) // D) * 2] - cmb[0])
-                                    cmb[2] = cmb[2] + sacc[w * rep * D + it * threads + ty * LANES + tx] \
-                                        * T.exp(sm[(w * rep + (it * threads + ty * LANES + tx) // D) * 2] - cmb[0])
-                                out[bx // KVH, (bx % KVH) * rep + (it * threads + ty * LANES + tx) // D, 0,
+                                    cmb[1] = cmb[1] + sm[(w * hb + (it * threads + ty * LANES + tx) // D) * 2 + 1] \
+                                        * T.exp(sm[(w * hb + (it * threads + ty * LANES + tx) // D) * 2] - cmb[0])
+                                    cmb[2] = cmb[2] + sacc[w * hb * D + it * threads + ty * LANES + tx] \
+                                        * T.exp(sm[(w * hb + (it * threads + ty * LANES + tx) // D) * 2] - cmb[0])
+                                out[bx // (KVH * ns),
+                                    (bx // ns % KVH) * rep + bx % ns * hb + (it * threads + ty * LANES + tx) // D, 0,
                                     (it * threads + ty * LANES + tx) % D] = T.Cast(rd, cmb[2] / cmb[1])
 
         return primfunc_with_params(body, params, attrs).with_attr("global_symbol", name)
