@@ -252,8 +252,8 @@ def with_fused_decode_attention(gm: fx.GraphModule, donated) -> tuple[fx.GraphMo
     caches in place, so only a build that donates them may see it).  The op also absorbs what it can of the ops that
     produce ``q`` / ``k`` / ``v``: a rotary embedding of q and k with the same cos / sin, and a
     ``transpose(view(slice of a [B, 1, width] tensor))`` (the heads of a fused q/k/v linear's output), so that
-    those are not separate kernels.  Returns ``(copy, number of attentions changed)``; ``gm`` is not modified.
-    Prefill graphs (more than one token) come back unchanged."""
+    those are not separate kernels.  Returns ``(copy, number of attentions changed)``; ``gm`` is not modified (and is
+    returned itself when nothing changes, e.g. a prefill graph: more than one token per step)."""
     donated = frozenset(donated)
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))  # node metadata (shapes) copied with the nodes
@@ -272,7 +272,8 @@ def with_fused_decode_attention(gm: fx.GraphModule, donated) -> tuple[fx.GraphMo
         n.args = _absorb_reads(graph, n, _shape(q)[1])
         n.target = FUSED_ATTENTION_OP
         changed += 1
-    if changed:
-        out.graph.eliminate_dead_code()  # the absorbed rotary / transpose nodes
-        out.recompile()
+    if not changed:
+        return gm, 0
+    out.graph.eliminate_dead_code()  # the absorbed rotary / transpose nodes
+    out.recompile()
     return out, changed
