@@ -24,15 +24,16 @@ Mask: ``cached_attention`` adds ``-30000`` to the scores of slots after ``pos`` 
 ``exp`` then underflows to exactly 0 in fp32; the kernel does not read those slots at all (the same result for
 any scores within ~29000 of each other, and none of the stale slots' bytes are read).
 
-The softmax is computed online in ``parts`` partitions of the slots (slot ``j`` in partition ``j % parts``): each
+The softmax is computed online in ``W`` partitions of the slots (slot ``j`` in partition ``j % W``): each
 keeps a running max ``m``, a sum ``l`` of ``exp(s - m)`` and the weighted sum of V rows, rescaled by
 ``exp(m_old - m_new)`` when the max grows; the partitions are combined at the end.  On CUDA a thread block per
-``(batch, KV head)`` (the ``rep`` query heads of one KV head share every K / V row it loads), a warp per partition
-(slots ``j = ty, ty + warps, ...``, ``unroll`` slots per step so their loads are in flight together), the head dim
-across the 32 lanes (``d = 32 i + lane``, coalesced) with warp-shuffle dot products, and the partitions combined
-through shared memory.  The cache writes are race-free: only the block of a KV head writes its slot ``pos`` and no
-block reads a cache's slot ``pos`` (it reads ``k`` / ``v``).  On LLVM the same partitioned online softmax runs in
-plain loops (CPU tests check its numerics against torch).
+``(batch, KV head)`` when there are many (the ``rep`` query heads of one KV head share every K / V row it loads),
+else per query head (:func:`heads_per_block`: more blocks for a batch-1 GQA model), a warp per partition (slots
+``j = ty, ty + warps, ...``, ``unroll`` slots per step so their loads are in flight together), the head dim across
+the 32 lanes (``d = 32 i + lane``, coalesced) with warp-shuffle dot products, and the partitions combined through
+shared memory.  The cache writes are race-free: one block per KV head writes its slot ``pos`` and no block reads a
+cache's slot ``pos`` (it reads ``k`` / ``v``).  On LLVM the same partitioned online softmax runs in plain loops
+(CPU tests check its numerics against torch; the CUDA variant's against torch on a GPU, gpu mark).
 """
 from __future__ import annotations
 
