@@ -269,6 +269,15 @@ def test_fused_graph_without_donated_caches_is_a_clear_error():
     fused, _ = with_fused_decode_attention(dec, spec.input_names[2:])
     with pytest.raises(TVMBackendError, match="k_cache_0.*in place.*donated"):
         build_tvm(fused, example_inputs(spec, 1), target="llvm")
+    g = fused.graph  # another reader of a donated cache: it would see the in-place write
+    kc = next(n for n in g.nodes if n.op == "placeholder" and n.target == "k_cache_0")
+    out = next(n for n in g.nodes if n.op == "output")
+    with g.inserting_before(out):
+        extra = g.call_function(torch.ops.aten.mul.Tensor, (kc, 2.0))
+    out.args = ((*out.args[0], extra),)
+    fused.recompile()
+    with pytest.raises(TVMBackendError, match="k_cache_0.*read by 2 nodes"):
+        build_tvm(fused, example_inputs(spec, 1), target="llvm", donate=spec.input_names[2:])
 
 
 def test_prefill_step_keeps_the_decomposed_attention_and_matches_torch():
