@@ -5,7 +5,8 @@
 The decode step is built as ``compile_lm(model, backend="tvm", device="cuda", dtype=torch.float16)`` builds it
 (``fxcompress.lm.tvm_steps.build_steps_tvm``): the 4-layer 2048-wide model of tools/bench_generate.py, int4 RTN
 g128 (lm_head fp16), cached steps over ``--max-seq-len`` slots, q/k/v and gate/up fused, caches donated (written
-in place), the backend's default ``TVMBuildConfig`` (fused epilogues).  A launch is one CUDA kernel of a
+in place), each attention one fused kernel that also writes the caches (``with_fused_decode_attention``), the
+backend's default ``TVMBuildConfig`` (fused epilogues).  A launch is one CUDA kernel of a
 ``call_tir`` / ``call_tir_inplace`` in the scheduled module (reshape-like calls are views and launch nothing);
 rows are grouped per layer as in tools/profile_decode_gpu.py.  On the GPU the step runs as one CUDA graph
 (tools/profile_generate.py times it).
@@ -26,6 +27,7 @@ from bench_generate import int4, load_model  # noqa: E402
 from profile_decode_gpu import describe, launch_list, per_layer  # noqa: E402
 
 from fxcompress.backends.tvm import build_tvm  # noqa: E402
+from fxcompress.lm.attention import with_fused_decode_attention  # noqa: E402
 from fxcompress.lm.compiled import _fuse_linears  # noqa: E402
 from fxcompress.lm.steps import build_steps, example_inputs  # noqa: E402
 
@@ -42,6 +44,7 @@ def main(argv=None) -> int:
     _, dec, spec = build_steps(q, batch=1, max_seq_len=a.max_seq_len, prefill_chunk=min(64, a.max_seq_len),
                                dtype=torch.float16)
     dec = _fuse_linears({"decode": dec}, spec)["decode"]
+    dec, _ = with_fused_decode_attention(dec, spec.input_names[2:])  # as build_steps_tvm does
     b = build_tvm(dec, example_inputs(spec, 1), target="cuda", dtype=torch.float16, donate=spec.input_names[2:])
     launches = launch_list(b)
     groups = per_layer(launches, [layer["name"] for layer in b.info["layers"]])
@@ -56,7 +59,9 @@ def main(argv=None) -> int:
              "<= 8).**", "", "| # | layer | kernel (PrimFunc) | launches | what it does |", "|---|---|---|---|---|"]
     for lab, g in groups:
         for i, name, k in g:
-            what = "KV-cache write in place (donated cache)" if name.startswith("fxc_kv_write") else describe(name)
+            what = ("KV-cache write in place (donated cache)" if name.startswith("fxc_kv_write") else
+                    "attention: K/V cache write in place + scores, softmax, P.V (one kernel)"
+                    if name.startswith("fxc_decode_attention") else describe(name))
             lines.append(f"| {i} | {lab} | `{name[:90]}` | {k} | {what} |")
     text = "\n".join(lines) + "\n"
     print(text)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .attention import with_fused_decode_attention
 from .errors import LMError
 from .steps import LMSpec, empty_caches, example_inputs
 
@@ -50,7 +51,8 @@ def build_steps_tvm(graphs: dict, spec: LMSpec, device: str, dtype=None, *, cuda
     ``relax.backend.use_cuda_graph``; the decode step is built without it, because :class:`TVMSteps` captures the
     whole decode step in one CUDA graph itself (Relax's rewrite leaves every kernel that reads a function input,
     the caches and positions, outside its graphs: 36 separate launches and 14 graph launches per token on the
-    2048-wide model)."""
+    2048-wide model).  Each attention of the decode step is one kernel that also writes the caches
+    (:func:`~fxcompress.lm.attention.with_fused_decode_attention`); the prefill step's are the decomposed ops."""
     import tvm
 
     from ..backends.tvm import build_tvm
@@ -62,6 +64,7 @@ def build_steps_tvm(graphs: dict, spec: LMSpec, device: str, dtype=None, *, cuda
         seq = spec.prefill_chunk if kind == "prefill" else 1
         relax_graphs = target == "cuda" and cuda_graph and kind == "prefill"
         cfg = {"relax.backend.use_cuda_graph": True} if relax_graphs else {}
+        g, _ = with_fused_decode_attention(g, donate)
         with tvm.transform.PassContext(opt_level=3, config=cfg):
             out[kind] = build_tvm(g, example_inputs(spec, seq), target=target, config=config,
                                   donate=donate).executable

@@ -177,7 +177,8 @@ def build_tvm(model, example_inputs, target="cuda", tune: str = "dlight", *, tri
     without a GPU when nvcc / NVRTC is there).  ``config``: the kernel / schedule knobs
     (:class:`TVMBuildConfig`, default ``TVMBuildConfig()``); ``progress``: a progress bar on stderr.
     ``donate``: names of inputs the compiled function may overwrite: a scatter into one of them (a KV-cache
-    write) updates its buffer in place and the function returns that buffer (:mod:`.inplace_cache`); the
+    write) updates its buffer in place and the function returns that buffer (:mod:`.inplace_cache`), as does the
+    fused decode attention (``fxc_lm::decode_attention``, :mod:`.kernels.decode_attention`) on its caches; the
     caller must not reuse the input's old contents."""
     tvm = require_tvm()
     config = TVMBuildConfig() if config is None else config
@@ -200,14 +201,14 @@ def build_tvm(model, example_inputs, target="cuda", tune: str = "dlight", *, tri
             mod, info = model, {"inputs": [], "outputs": ["output_0"], "layers": []}
         else:
             mod, info = lower_to_relax(model, example_inputs, dtype=dtype, accum_dtype=accum_dtype,
-                                       cuda=tgt.kind.name == "cuda", config=config)
+                                       cuda=tgt.kind.name == "cuda", config=config, donate=donate)
         competed = {}
         if tune == "meta_schedule" and tgt.kind.name == "cuda" and config.gemv_kernel == "fxc" and config.ms_compete:
             won, competed = _compete(info, tgt, trials, work_dir, config)
             if won - config.te_linears:  # a tuned kernel measured faster than a hand-written one: emit te there
                 config = replace(config, te_linears=config.te_linears | won)
                 mod, info = lower_to_relax(model, example_inputs, dtype=dtype, accum_dtype=accum_dtype, cuda=True,
-                                           config=config)
+                                           config=config, donate=donate)
         bar.next()
         sched, stats = _schedule(mod, tgt, tune, trials, work_dir, config, tuple(donate))
         stats = dict(stats, **competed)

@@ -9,6 +9,12 @@ through ``torch.export`` and ``tvm.relax.frontend.torch.from_exported_program``;
 ``custom_convert_map`` entries (TVM 0.27 signature ``fn(node, importer) -> relax.Var``) that emit the packed linear
 (:mod:`.emit`), the integer convolution and the activation quantizer (:mod:`.emit_conv`): **convolution weights
 stay int8 constants**; a conv whose input is a quantized activation runs int8 x int8 -> int32.
+
+A cached LM step may also carry the op ``fxc_lm::decode_attention`` (put there by
+:func:`fxcompress.lm.attention.with_fused_decode_attention` for one-token steps whose caches are donated): it is
+lowered to ONE kernel, :func:`.kernels.decode_attention.decode_attention_primfunc`, called with
+``call_tir_inplace`` (the caches are written in place, the attention output is a new tensor).  Its caches must be
+donated inputs (``donate``) read by nothing else.
 """
 from __future__ import annotations
 
@@ -86,6 +92,7 @@ def _(x, scale, zero_point, qmin, qmax):
 
 
 _CONV_OP, _ACT_OP = "int_conv2d.default", "act_fake_quant.default"
+_ATTENTION_OP = "decode_attention.default"  # fxc_lm::decode_attention (fxcompress.lm.attention)
 _FAKE_QUANT_TARGETS = (torch.fake_quantize_per_tensor_affine, torch.ops.aten.fake_quantize_per_tensor_affine.default)
 
 
@@ -191,6 +198,62 @@ def _convert_cumsum(node, importer):
     return bb.emit(relax.op.cumsum(x, dim))
 
 
+def _convert_decode_attention(node, importer, donate: frozenset, cuda: bool, done: list):
+    """``fxc_lm::decode_attention(q, k, v, k_cache, v_cache, cache_position, cos, sin, scale, heads, offsets)`` of
+    one new token -> ``call_tir_inplace`` of the fused decode-attention kernel: outputs ``(out, k_cache,
+    v_cache)``, the caches aliasing the inputs (written in place).  ``done`` collects the cache input names updated
+    in place."""
+    from tvm import relax
+
+    from .kernels.decode_attention import AttentionShape, Source, attention_supports, decode_attention_primfunc
+
+    where = f"attention node {node.name!r} (fxc_lm::decode_attention, the fused decode attention)"
+    for i in (3, 4):
+        src = node.args[i]
+        if not (getattr(src, "op", None) == "placeholder" and src.name in donate):
+            raise TVMBackendError(f"{where} writes its cache {getattr(src, 'name', src)!r} in place, which needs that "
+                                  f"cache to be a donated input of the graph (build_tvm(..., donate=[...]); donated: "
+                                  f"{sorted(donate)})")
+        if len(src.users) != 1:
+            raise TVMBackendError(f"{where}: the donated cache {src.name!r} is read by {len(src.users)} nodes; it can "
+                                  "be written in place only when this attention is its one use")
+    q, k, v, kc, vc, pos = (importer.env[a] for a in node.args[:6])
+    rope = [importer.env[a] for a in node.args[6:8] if a is not None]
+    scale, heads, offsets = float(node.args[8]), int(node.args[9]), [int(o) for o in node.args[10]]
+
+    def dims(x):
+        return [int(d) for d in x.ty.shape]
+
+    kcs, vcs, ps = dims(kc), dims(vc), dims(pos)
+    if len(kcs) != 4 or kcs != vcs or ps != [1] or len(rope) not in (0, 2):
+        raise TVMBackendError(f"{where}: caches {kcs} / {vcs}, positions {ps} are not [B, KVH, S, D] / [1]")
+    b, kvh, seq, d = kcs
+    srcs = []
+    for x, off, nh, name in ((q, offsets[0], heads, "q"), (k, offsets[1], kvh, "k"), (v, offsets[2], kvh, "v")):
+        xs = dims(x)
+        if off < 0 and xs != [b, nh, 1, d] or off >= 0 and (len(xs) != 2 or xs[0] != b):
+            raise TVMBackendError(f"{where}: {name} has shape {xs}; expected [{b}, {nh}, 1, {d}]"
+                                  + (f" or [{b}, width] rows (offset {off})" if off >= 0 else ""))
+        srcs.append(Source(str(x.ty.dtype), xs[1] if off >= 0 else None, max(off, 0)))
+    rows = dims(rope[0])[0] if rope else 0
+    if rope and (dims(rope[0]) != [rows, d] or dims(rope[1]) != [rows, d] or rope[0].ty.dtype != rope[1].ty.dtype):
+        raise TVMBackendError(f"{where}: cos / sin have shapes {dims(rope[0])} / {dims(rope[1])}; expected "
+                              f"[rows, {d}] each, of one dtype")
+    try:
+        shape = AttentionShape(b, heads, kvh, seq, d, *srcs, str(kc.ty.dtype), str(vc.ty.dtype), str(pos.ty.dtype),
+                               rows, str(rope[0].ty.dtype) if rope else "float32")
+    except ValueError as e:
+        raise TVMBackendError(f"{where}: {e}") from None
+    reason = attention_supports(shape)
+    if reason is not None:
+        raise TVMBackendError(f"{where}: {reason}")
+    bb = importer.block_builder
+    gv = bb.add_func(decode_attention_primfunc(shape, scale, cuda), "fxc_decode_attention")
+    done += [node.args[3].name, node.args[4].name]
+    return bb.emit(relax.call_tir_inplace(gv, relax.Tuple([q, k, v, kc, vc, pos, *rope]), inplace_indices=[-1, 3, 4],
+                                          out_ty=[relax.TensorType([b, heads, 1, d], shape.q_dtype), kc.ty, vc.ty]))
+
+
 def _as_tuple(example_inputs) -> tuple:
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -222,12 +285,15 @@ _SITE_COUNTER = [0]
 
 
 def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | None = None,
-                   accum_dtype: str = "float32", cuda: bool = False, config: TVMBuildConfig = DEFAULT_CONFIG):
+                   accum_dtype: str = "float32", cuda: bool = False, config: TVMBuildConfig = DEFAULT_CONFIG,
+                   donate=()):
     """Import ``model`` into a Relax ``IRModule`` (``main``) with packed integer linears.
 
     Returns ``(mod, info)`` where ``info`` holds input / output names and per-layer details.
     ``dtype`` (e.g. ``torch.float16``) casts the model's float parameters and the example inputs first;
-    ``config`` chooses the kernels of the quantized linears (:class:`TVMBuildConfig`).
+    ``config`` chooses the kernels of the quantized linears (:class:`TVMBuildConfig`); ``donate``: input names the
+    function may overwrite (the caches a fused decode attention writes in place; ``info["inplace_inputs"]`` lists
+    those it wrote).
     """
     model = materialize_quant_modules(model)  # ExportedProgram / fxcompress:: op nodes -> QuantLinear modules
     tvm = require_tvm()
@@ -244,6 +310,8 @@ def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | Non
     layers: list[LayerInfo] = []
     convs: list = []
     acts: dict[str, object] = {}  # exported fake-quant node name -> ActQuant (its int8 codes)
+    inplace: list[str] = []  # donated inputs a fused decode attention writes in place
+    donate = frozenset(donate)
     for s, (_, q) in sites.items():
         (_ACTIVE_CONV if isinstance(q, QuantConv2d) else _ACTIVE)[s] = q
     try:
@@ -275,9 +343,13 @@ def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | Non
             acts[node.name] = act
             return xf
 
+        def convert_attention(node, importer):
+            return _convert_decode_attention(node, importer, donate, cuda, inplace)
+
         try:
             mod = from_exported_program(ep, custom_convert_map={_OP_NAME: convert, _CONV_OP: convert_conv,
                                                                   _ACT_OP: convert_act,
+                                                                  _ATTENTION_OP: convert_attention,
                                                                   "addmm.default": _convert_addmm,
                                                                   "matmul.default": _convert_matmul,
                                                                   "mm.default": _convert_matmul,
@@ -309,5 +381,6 @@ def lower_to_relax(model: nn.Module, example_inputs, *, dtype: torch.dtype | Non
         "outputs": [f"output_{i}" for i in range(n_out)],
         "layers": [vars(layer) for layer in layers],
         "convs": [vars(c) for c in convs],
+        "inplace_inputs": inplace,
     }
     return mod, info

@@ -11,7 +11,9 @@ memory of a captured CUDA graph.
 writes only ``upd``'s elements into ``x``'s buffer.  The step then returns the input buffer itself as the new
 cache.  Only a scatter that is the input's sole use is rewritten (anything else reading ``x`` would see the
 write); a donated name that matches no such scatter raises, so a caller never believes its cache is updated
-in place when it is not.
+in place when it is not.  A donated input that the importer already passes to a ``call_tir_inplace`` as an
+in-place argument (the fused decode attention, :mod:`.kernels.decode_attention`, writes both caches of a layer)
+counts as updated in place when that call is its sole use.
 """
 from __future__ import annotations
 
@@ -79,6 +81,7 @@ def inplace_scatter_pass(donated, cuda: bool, problems: list | None = None):
     donated = frozenset(donated)
     problems = [] if problems is None else problems
     scatter = tvm.ir.Op.get("relax.scatter_elements")
+    inplace_call = tvm.ir.Op.get("relax.call_tir_inplace")
 
     @tvm.transform.module_pass(opt_level=0, name="fxc.InplaceScatter")
     def _pass(mod, _ctx):
@@ -98,6 +101,22 @@ def inplace_scatter_pass(donated, cuda: bool, problems: list | None = None):
 
         relax.expr_functor.visitor(_Count)().visit_expr(main)
         rewritten: list[str] = []
+
+        class _Inplace(relax.PyExprVisitor):  # donated inputs some call_tir_inplace already writes in place
+            def visit_call_(self, call):  # noqa: N802
+                if call.op.same_as(inplace_call) and isinstance(call.args[1], relax.Tuple):
+                    for i in call.attrs.inplace_indices:
+                        arg = call.args[1].fields[int(i)] if int(i) >= 0 else None
+                        if isinstance(arg, relax.Var) and arg.name in donated and arg.same_as(params.get(arg.name)):
+                            if uses.get(arg, 0) != 1:
+                                problems.append(f"donated input {arg.name!r} is read {uses.get(arg, 0)} times; it "
+                                                "can be updated in place only when the call writing it is its one use")
+                            else:
+                                rewritten.append(arg.name)
+                for a in call.args:
+                    self.visit_expr(a)
+
+        relax.expr_functor.visitor(_Inplace)().visit_expr(main)
 
         @relax.expr_functor.mutator
         class _Rewrite(relax.PyExprMutator):
