@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from ..runtime.artifact import register_artifact_function
+from .fx_meta import node_shape
 
 __all__ = ["FUSED_ATTENTION_OP", "cached_attention", "decode_attention", "with_fused_decode_attention"]
 
@@ -108,16 +109,6 @@ def _(q, k, v, k_cache, v_cache, cache_position, cos, sin, scale, heads, offsets
 FUSED_ATTENTION_OP = torch.ops.fxc_lm.decode_attention.default  # the op the TVM importer lowers to one kernel
 
 
-def _val(n):
-    v = n.meta.get("val") if isinstance(n, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
-def _shape(n):
-    v = _val(n)
-    return tuple(int(s) for s in v.shape) if v is not None else None
-
-
 def _call(n, *targets) -> bool:
     return isinstance(n, fx.Node) and n.op == "call_function" and n.target in targets
 
@@ -134,7 +125,7 @@ def _flat_source(x, batch: int, heads: int, d: int):
     if not (_call(x, aten.transpose.int) and {int(a) % 4 for a in x.args[1:3]} == {1, 2}):
         return None
     vw = x.args[0]
-    if not (_call(vw, *_VIEWS) and _shape(vw) == (batch, 1, heads, d)):
+    if not (_call(vw, *_VIEWS) and node_shape(vw) == (batch, 1, heads, d)):
         return None
     r = vw.args[0]
     while _call(r, *_COPIES):
@@ -155,7 +146,7 @@ def _flat_source(x, batch: int, heads: int, d: int):
                 or (r.target == aten.slice.Tensor and len(r.args) > 4 and r.args[4] != 1):
             return None
         off, r, sliced = start, r.args[0], True
-    base = _shape(r)
+    base = node_shape(r)
     if base is not None:
         if len(base) != 3 or base[:2] != (batch, 1) or (width is not None and width != base[2]):
             return None
@@ -211,7 +202,7 @@ def _is_rotate_half(cat, x0, d: int) -> bool:
 
 
 def _per_batch(c, batch: int, d: int) -> bool:
-    shape = _shape(c)
+    shape = node_shape(c)
     return shape is not None and shape[-1:] == (d,) and (math.prod(shape) == d or shape == (batch, 1, 1, d))
 
 
@@ -219,7 +210,7 @@ def _absorb_reads(graph: fx.Graph, n: fx.Node, heads: int):
     """The arguments of ``FUSED_ATTENTION_OP`` for the ``cached_attention`` node ``n``: the rotary embedding of q
     and k and the views / slices of q, k, v absorbed where they match (new reshape nodes inserted before ``n``)."""
     q, k, v = n.args[:3]
-    kc = _shape(n.args[3])
+    kc = node_shape(n.args[3])
     batch, kvh, d = kc[0], kc[1], kc[3]
     cos = sin = None
     rq, rk = _rope_source(q, batch, d), _rope_source(k, batch, d)
@@ -238,7 +229,7 @@ def _absorb_reads(graph: fx.Graph, n: fx.Node, heads: int):
             srcs.append(graph.call_function(aten.reshape.default, (r, [batch, width])))
         offsets.append(off)
     if cos is not None:
-        rows = _shape(cos)[0] if len(_shape(cos)) == 4 and math.prod(_shape(cos)) != d else 1
+        rows = node_shape(cos)[0] if len(node_shape(cos)) == 4 and math.prod(node_shape(cos)) != d else 1
         with graph.inserting_before(n):
             cos = graph.call_function(aten.reshape.default, (cos, [rows, d]))
             sin = graph.call_function(aten.reshape.default, (sin, [rows, d]))
@@ -265,11 +256,11 @@ def with_fused_decode_attention(gm: fx.GraphModule, donated) -> tuple[fx.GraphMo
             continue
         q, kc, vc, pos = n.args[0], n.args[3], n.args[4], n.args[5]
         caches_ok = all(isinstance(c, fx.Node) and c.op == "placeholder" and c.target in donated
-                        and len(c.users) == 1 and _shape(c) is not None and len(_shape(c)) == 4 for c in (kc, vc))
-        if not (caches_ok and kc is not vc and _shape(pos) == (1,) and _shape(q) is not None and len(_shape(q)) == 4
+                        and len(c.users) == 1 and len(node_shape(c) or ()) == 4 for c in (kc, vc))
+        if not (caches_ok and kc is not vc and node_shape(pos) == (1,) and len(node_shape(q) or ()) == 4
                 and all(u.op == "call_function" and u.target is operator.getitem for u in n.users)):
             continue
-        n.args = _absorb_reads(graph, n, _shape(q)[1])
+        n.args = _absorb_reads(graph, n, node_shape(q)[1])
         n.target = FUSED_ATTENTION_OP
         changed += 1
     if not changed:

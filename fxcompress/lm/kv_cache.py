@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from .attention import cached_attention
 from .errors import KVCacheRewriteError
+from .fx_meta import node_shape, node_tensor
 
 __all__ = ["kv_cache_pass", "CacheSpec"]
 
@@ -53,16 +54,6 @@ class CacheSpec:
     max_seq_len: int
     layers: list = field(default_factory=list)  # [{"node", "pattern", "kv_heads", "heads", "head_dim", "dtype"}]
     position_nodes: list = field(default_factory=list)
-
-
-def _val(n):
-    v = n.meta.get("val") if isinstance(n, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
-def _shape(n):
-    v = _val(n)
-    return tuple(int(s) for s in v.shape) if v is not None else None
 
 
 def _arg(node, i, name, default=None):
@@ -88,13 +79,13 @@ def _strip_repeat(x: fx.Node) -> fx.Node:
                 return u.args[0]
             # x[:, :, None] is traced as slice/slice/unsqueeze(2)/slice chains
             while isinstance(u, fx.Node) and u.op == "call_function" and u.target == aten.slice.Tensor \
-                    and _shape(u) == _shape(u.args[0]):
+                    and node_shape(u) == node_shape(u.args[0]):
                 u = u.args[0]
             if isinstance(u, fx.Node) and u.op == "call_function" and u.target == aten.unsqueeze.default \
                     and u.args[1] == 2:
                 src = u.args[0]
                 while isinstance(src, fx.Node) and src.op == "call_function" and src.target == aten.slice.Tensor \
-                        and _shape(src) == _shape(src.args[0]):
+                        and node_shape(src) == node_shape(src.args[0]):
                     src = src.args[0]
                 return src
     return x
@@ -108,7 +99,7 @@ def _through(n: fx.Node, ops) -> fx.Node:
 
 def _match_manual(sm: fx.Node):
     """``softmax`` node -> (q, k, v, scale, output node) of a softmax(QK^T)V attention, or a reason string."""
-    if int(_arg(sm, 1, "dim", -1)) not in (-1, len(_shape(sm) or (0,)) - 1):
+    if int(_arg(sm, 1, "dim", -1)) not in (-1, len(node_shape(sm) or (0,)) - 1):
         return f"softmax over dim {_arg(sm, 1, 'dim')} (not the key dimension)"
     scale = 1.0
     n = sm.args[0]
@@ -133,9 +124,9 @@ def _match_manual(sm: fx.Node):
             a, b = n.args[0], n.args[1]
             sa = _through(a, _CASTS) if isinstance(a, fx.Node) else None
             # the score chain is the operand whose shape is the broadcast result; the other is the mask
-            if isinstance(a, fx.Node) and _shape(a) == _shape(n):
+            if isinstance(a, fx.Node) and node_shape(a) == node_shape(n):
                 n = a
-            elif isinstance(b, fx.Node) and _shape(b) == _shape(n):
+            elif isinstance(b, fx.Node) and node_shape(b) == node_shape(n):
                 n = b
             else:
                 return f"{n.name} adds two tensors that both broadcast ({sa})"
@@ -180,7 +171,7 @@ def kv_cache_pass(gm: fx.GraphModule, max_seq_len: int, *, require_causal: bool 
     if len(phs) != 1:
         raise KVCacheRewriteError(f"expected one graph input (input_ids), got {[p.name for p in phs]}")
     ids = phs[0]
-    bt = _shape(ids)
+    bt = node_shape(ids)
     if bt is None or len(bt) != 2:
         raise KVCacheRewriteError("the graph input input_ids carries no [batch, seq] shape (capture with capture_lm)")
     batch, seq = bt
@@ -204,7 +195,7 @@ def kv_cache_pass(gm: fx.GraphModule, max_seq_len: int, *, require_causal: bool 
             if require_causal and not causal and mask is None:
                 raise KVCacheRewriteError(f"attention node {n.name!r} is neither causal (is_causal=False) nor masked: "
                                           "a bidirectional attention cannot use a KV cache")
-            d = (_shape(q) or (0,))[-1]
+            d = (node_shape(q) or (0,))[-1]
             sites.append((q, k, v, float(scale) if scale is not None else 1.0 / math.sqrt(d), n, "sdpa"))
         elif n.target in _SOFTMAX:
             m = _match_manual(n)
@@ -222,7 +213,7 @@ def kv_cache_pass(gm: fx.GraphModule, max_seq_len: int, *, require_causal: bool 
     plan = []
     for q, k, v, scale, node, pattern in sites:
         ks, vs = _strip_repeat(k), _strip_repeat(v)
-        qs, kshape, vshape = _shape(q), _shape(ks), _shape(vs)
+        qs, kshape, vshape = node_shape(q), node_shape(ks), node_shape(vs)
         if qs is None or kshape is None or vshape is None or len(qs) != 4 or len(kshape) != 4:
             raise KVCacheRewriteError(f"attention node {node.name!r}: q / k are not 4-D [batch, heads, seq, head_dim] "
                                       f"tensors (q {qs}, k {kshape})")
@@ -232,7 +223,7 @@ def kv_cache_pass(gm: fx.GraphModule, max_seq_len: int, *, require_causal: bool 
         if qs[1] % kshape[1] or qs[3] != kshape[3]:
             raise KVCacheRewriteError(f"attention node {node.name!r}: {qs[1]} query heads do not group over "
                                       f"{kshape[1]} key/value heads of the same head_dim")
-        plan.append((q, ks, vs, scale, node, pattern, kshape, vshape, _val(ks).dtype))
+        plan.append((q, ks, vs, scale, node, pattern, kshape, vshape, node_tensor(ks).dtype))
     with graph.inserting_after(ids):
         cpos = graph.placeholder("cache_position")
     cpos.meta["val"] = torch.zeros(seq, dtype=torch.long)
@@ -254,15 +245,15 @@ def kv_cache_pass(gm: fx.GraphModule, max_seq_len: int, *, require_causal: bool 
             out = graph.call_function(operator.getitem, (call, 0))
             kn = graph.call_function(operator.getitem, (call, 1))
             vn = graph.call_function(operator.getitem, (call, 2))
-        ov = _val(node)
-        if ov is not None and _val(q) is not None and ov.dtype != _val(q).dtype:
+        ov = node_tensor(node)
+        if ov is not None and node_tensor(q) is not None and ov.dtype != node_tensor(q).dtype:
             with graph.inserting_after(out):
                 cast = graph.call_function(aten.to.dtype, (out, ov.dtype))
             out = cast
         out.meta["val"] = ov
         node.replace_all_uses_with(out)
         new_outs += [kn, vn]
-        spec.layers.append({"node": node.name, "pattern": pattern, "heads": (_shape(q) or (0, 0))[1],
+        spec.layers.append({"node": node.name, "pattern": pattern, "heads": (node_shape(q) or (0, 0))[1],
                             "kv_heads": kshape[1], "head_dim": kshape[3], "dtype": str(dt).replace("torch.", "")})
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = ((output.args[0], *new_outs),)
