@@ -5,6 +5,7 @@ device, donated to both steps (written in place, the same buffers for a whole re
 the prefill step under ``relax.backend.use_cuda_graph``."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -64,7 +65,11 @@ def build_steps_tvm(graphs: dict, spec: LMSpec, device: str, dtype=None, *, cuda
         seq = spec.prefill_chunk if kind == "prefill" else 1
         relax_graphs = target == "cuda" and cuda_graph and kind == "prefill"
         cfg = {"relax.backend.use_cuda_graph": True} if relax_graphs else {}
-        g, _ = with_fused_decode_attention(g, donate)
+        g, fused = with_fused_decode_attention(g, donate)
+        if kind == "decode" and fused < len(spec.cache):
+            warnings.warn(f"TVM decode step: {len(spec.cache) - fused} of {len(spec.cache)} attention layers do not "
+                          f"match the fused decode-attention kernel (a cache read by another op, or not donated) and "
+                          f"run as separate kernels (slower, same results)", stacklevel=2)
         with tvm.transform.PassContext(opt_level=3, config=cfg):
             out[kind] = build_tvm(g, example_inputs(spec, seq), target=target, config=config,
                                   donate=donate).executable
