@@ -86,12 +86,19 @@ def to_hf_llama(model: CausalLM):
     return hf.eval()
 
 
-def int4(model, group: int):
+def int4(model, group: int, lm_head_bits: int | None = None):
+    """Every linear int4 RTN (asymmetric, ``group``), the lm_head float, or with ``lm_head_bits`` (8) RTN per
+    output channel, symmetric: the head is a large share of a small model's bytes per token."""
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
     gm = fxc.capture(model, (ids,))
     res = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, granularity="per_group", group_size=group, symmetric=False,
                                              exclude=("lm_head",)))
-    return getattr(res, "gm", res)
+    gm = getattr(res, "gm", res)
+    if lm_head_bits:
+        res = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=lm_head_bits, granularity="per_channel", symmetric=True,
+                                                 targets=("lm_head",)))
+        gm = getattr(res, "gm", res)
+    return gm
 
 
 def weight_bytes(model, dtype_bytes: int, tied: bool) -> int:
@@ -170,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="a small random model only (smoke run)")
     p.add_argument("--models", nargs="+", default=["smollm2", "wide"], choices=["smollm2", "wide", "tiny"])
     p.add_argument("--groups", nargs="+", type=int, default=[64, 128])
+    p.add_argument("--lm-head-bits", type=int, default=None,
+                   help="also a TVM row with the lm_head quantized (8: int8 per channel)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--prefill-chunk", type=int, default=128)
@@ -226,6 +235,10 @@ def main(argv=None) -> int:
             q = int4(model, g)
             rows.append((f"TVM int4 g{g}", lambda q=q: compile_lm(q, "tvm", device=a.device, max_seq_len=max_len,
                                                                  dtype=dt, prefill_chunk=a.prefill_chunk), q))
+            if a.lm_head_bits:
+                q8 = int4(model, g, a.lm_head_bits)
+                rows.append((f"TVM int4 g{g}, lm_head int{a.lm_head_bits}", lambda q=q8: compile_lm(
+                    q, "tvm", device=a.device, max_seq_len=max_len, dtype=dt, prefill_chunk=a.prefill_chunk), q8))
             rows.append((f"ORT int4 g{g} ({'CUDA' if cuda else 'CPU'} EP)", lambda q=q: compile_lm(
                 q, "ort", device=a.device, max_seq_len=max_len, dtype=dt, prefill_chunk=a.prefill_chunk), q))
 

@@ -41,9 +41,9 @@ SMALL = dict(hidden_size=256, intermediate_size=512, num_layers=3, num_heads=4, 
 
 # (substring of a kernel's PrimFunc name, what it does), first match wins
 _WHAT = [
-    ("swiglu", "int4 GEMV + silu(gate) * up epilogue (fused gate/up)"),
-    ("fxc_packed_mma", "int4 GEMV, tensor cores"),
-    ("fxc_packed_gemv", "int4 GEMV, CUDA cores"),
+    ("swiglu", "packed int GEMV + silu(gate) * up epilogue (fused gate/up)"),
+    ("fxc_packed_mma", "packed int (int4 / int8) GEMV, tensor cores"),
+    ("fxc_packed_gemv", "packed int (int4 / int8) GEMV, CUDA cores"),
     ("decode_matmul", "quantized linear (te decode + matmul, dlight)"),
     ("rsqrt", "RMSNorm"),
     ("negative_concatenate", "rotary embedding (+ transpose)"),
