@@ -186,6 +186,12 @@ def test_bad_input():
         fxc.convert_l4q(fxc.capture(m, (x,)))
     with pytest.raises(ValueError, match="GraphModule"):
         fxc.convert_l4q(m)
+    conv_only = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+    with pytest.raises(fxc.NothingToCompressError, match="no linear layers"):
+        fxc.prepare_l4q(conv_only, (torch.randn(1, 3, 8, 8),), fxc.L4QConfig(bits=4, group_size=32, lora_rank=4))
+    two = torch.nn.Sequential(torch.nn.Linear(48, 24), torch.nn.ReLU(), torch.nn.Linear(24, 8))
+    with pytest.raises(fxc.NothingToCompressError, match="group_size=64 does not divide in_features=48.*Try group_size"):
+        fxc.prepare_l4q(two, (torch.randn(2, 48),), fxc.L4QConfig(bits=4, group_size=64, lora_rank=4))
 
 
 def test_torch_compile_trains_without_graph_breaks():
