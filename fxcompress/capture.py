@@ -5,6 +5,12 @@ nn.Linear / nn.Conv2d), which is what training rewrites want.  If it fails (data
 shape-dependent Python control flow, unsupported ops), ``torch.export.export(strict=False)``
 is tried on the model in eval mode and its unlifted graph is used (linear layers appear as
 ``aten.linear`` calls on ``get_attr`` weights; such a graph has eval semantics baked in).  The input model is never modified: capture works on a deep copy.
+
+A traced graph then has its functional ``conv2d`` / ``linear`` calls on a module's own weight (a ``Conv2d``
+subclass whose ``forward`` pads and calls ``F.conv2d(x, self.weight, ...)``, as EfficientNet-Lite's) lifted into
+``nn.Conv2d`` / ``nn.Linear`` call sites at the module's path, a symmetric zero pad folded into the conv and an
+asymmetric one kept as ``F.pad`` (:func:`fxcompress.passes.lift_layers.lift_functional_layers`; ``lift=False``
+keeps the calls; the rows are in ``gm.meta["fxcompress_lifted"]``).
 """
 from __future__ import annotations
 
@@ -87,10 +93,13 @@ def _short(e: BaseException, limit: int = 400) -> str:
     return s if len(s) <= limit else s[:limit] + " ..."
 
 
-def capture(model: nn.Module, example_inputs=None, *, method: str = "auto", check: bool = True) -> fx.GraphModule:
+def capture(model: nn.Module, example_inputs=None, *, method: str = "auto", check: bool = True,
+            lift: bool = True) -> fx.GraphModule:
     """Capture ``model`` as a GraphModule (a deep copy: ``model`` is left untouched).
 
     ``method``: "auto" (symbolic_trace, then torch.export), "symbolic_trace" or "export".
+    ``lift``: turn functional conv2d / linear calls on a module's own weight into ``nn.Conv2d`` / ``nn.Linear``
+    call sites (see the module docstring).
     With ``check`` and example inputs, the graph's output is compared with the model's.
     """
     if not isinstance(model, nn.Module):
@@ -99,9 +108,13 @@ def capture(model: nn.Module, example_inputs=None, *, method: str = "auto", chec
         raise ValueError(f"method must be 'auto', 'symbolic_trace' or 'export', got {method!r}")
     args = _as_tuple(example_inputs)
     check_finite(model, "capture")
+    if not isinstance(lift, bool):
+        raise ValueError(f"lift must be a bool, got {lift!r}")
     if isinstance(model, fx.GraphModule):
         gm = copy.deepcopy(model)
         gm.meta.setdefault("fxcompress_capture", "graph_module")
+        if lift:
+            _lift(gm)
         return gm
     model = _hf_without_cache(model)
     work = copy.deepcopy(model)
@@ -138,9 +151,19 @@ def capture(model: nn.Module, example_inputs=None, *, method: str = "auto", chec
         if export_err is not None:
             parts.append(f"torch.export failed: {_short(export_err)}")
         raise CaptureError("; ".join(parts))
+    if lift:
+        _lift(gm)
     if check and args:
         _check_same(model, gm, args)
     return gm
+
+
+def _lift(gm: fx.GraphModule) -> None:
+    from .passes.lift_layers import LIFT_KEY, lift_functional_layers
+
+    rows = lift_functional_layers(gm)
+    if rows:
+        gm.meta[LIFT_KEY] = [r.as_dict() for r in rows]
 
 
 def _check_same(model, gm, args):

@@ -106,25 +106,53 @@ def test_public_name_and_composition_with_integer_activations():
 
 class _SamePadConv(torch.nn.Conv2d):
     """A Conv2d subclass with its own forward (EfficientNet-Lite's Conv2dStaticSamePadding): tracing goes through
-    it, leaving a conv2d call on the weight attribute instead of an nn.Conv2d module."""
+    it, leaving a conv2d call on the weight attribute, which capture lifts into an nn.Conv2d call site."""
 
     def forward(self, x):
         return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), self.weight, self.bias,
                                           self.stride, 0, self.dilation, self.groups)
 
 
-def test_layers_inside_a_custom_forward_are_reported_not_silently_skipped():
-    from fxcompress.passes.activations import ActivationConfig, quantize_activations_pass
+class _NormedConv(torch.nn.Conv2d):
+    """A conv whose forward also reads its weight elsewhere (a weight norm): it cannot become a plain nn.Conv2d."""
 
+    def forward(self, x):
+        return torch.nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding) * self.weight.norm()
+
+
+def _custom_forward_model(conv):
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-                            _SamePadConv(8, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                            conv, torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
                             torch.nn.Conv2d(8, 4, 1), torch.nn.BatchNorm2d(4)).eval()
     for bn in (m[1], m[4], m[7]):
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def test_layers_inside_a_custom_forward_are_lifted_and_compressed():
+    from fxcompress.passes.activations import ActivationConfig, quantize_activations_pass
+
+    m = _custom_forward_model(_SamePadConv(8, 8, 3, stride=2))
     x = torch.randn(2, 3, 16, 16)
     gm = fxc.capture(m, (x,))
     for res in (fxc.dfq_pass(gm, fxc.DFQConfig(weight_bits=8)), quantize_activations_pass(gm, ActivationConfig())):
-        rows = [r for r in res.report if r.action == "skipped" and "own forward" in r.note]
-        assert len(rows) == 1 and rows[0].op == "conv2d", [(r.layer, r.action, r.note) for r in res.report]
+        assert not [r for r in res.report if r.action == "skipped" and "lifted" in r.note], res.report
+        assert any(r.layer == "3" and r.action == "quantized" for r in res.report), res.report
+    eq = fxc.dfq_pass(gm, fxc.DFQConfig(weight_bits=None))  # the pad between ReLU and conv '3' keeps the pair
+    assert {r.layer for r in eq.report if r.action == "equalized"} == {"3", "6"}, eq.report
+    with torch.no_grad():
+        torch.testing.assert_close(eq.gm(x), m(x), rtol=1e-4, atol=1e-5)
+
+
+def test_layers_that_cannot_be_lifted_are_reported_with_the_reason():
+    from fxcompress.passes.activations import ActivationConfig, quantize_activations_pass
+
+    m = _custom_forward_model(_NormedConv(8, 8, 3, padding=1))
+    x = torch.randn(2, 3, 16, 16)
+    gm = fxc.capture(m, (x,))
+    for res in (fxc.dfq_pass(gm, fxc.DFQConfig(weight_bits=8)), quantize_activations_pass(gm, ActivationConfig())):
+        rows = [r for r in res.report if r.action == "skipped" and "not lifted" in r.note]
+        assert len(rows) == 1 and rows[0].op == "conv2d" and "also read by" in rows[0].note, \
+            [(r.layer, r.action, r.note) for r in res.report]

@@ -1,4 +1,4 @@
-"""ONNX Runtime CPU latency of ResNet-18 and MobileNetV2 at 224x224: fp32 vs int8 weights + activations.
+"""ONNX Runtime CPU latency of ResNet-18, MobileNetV2 and EfficientNet-Lite0 at 224x224: fp32 vs int8 w + a.
 
 The int8 model is ``quantize_activations`` (BN-derived ranges, no data; BN folded, 8-bit per-channel
 weights): exported QDQ, ORT fuses QLinearConv / QLinearAdd.  The fp32 model is the same network exported
@@ -7,6 +7,10 @@ repeats of ``--iters`` timed runs each: the table gives the median over all runs
 (min..max of the per-repeat medians).
 
     PYTHONPATH=$PWD /work/venv/bin/python tools/bench_cnn_ort.py     # writes tools/results/cnn_ort_cpu.md
+    PYTHONPATH=$PWD /work/venv/bin/python tools/bench_cnn_ort.py --models efficientnet_lite0   # one model's rows
+
+``--models`` reruns those models only: the other models' rows of the existing table, and any notes after its
+findings, are kept.
 """
 from __future__ import annotations
 
@@ -25,14 +29,18 @@ import torch
 
 import fxcompress as fxc
 from fxcompress.data.images import IMAGENET_INPUT_RANGE, photo_crops
-from fxcompress.models.vision import pretrained_mobilenet_v2, resnet18
+from fxcompress.models.vision import pretrained_efficientnet_lite0, pretrained_mobilenet_v2, resnet18
 from fxcompress.passes.activations import ActivationConfig, quantize_activations
 from fxcompress.runtime.ort import load_ort
 
 OUT = Path(__file__).parent / "results" / "cnn_ort_cpu.md"
 # MobileNetV2's 3-channel first conv, kept float in one variant (ORT's int8 kernel for it was slower than fp32 in the
 # profiler).  ResNet-18's stem "conv1" cannot be named alone: a skip glob also matches every block's conv1.
-STEM = {"MobileNetV2 (ImageNet)": ("features.0.*",)}
+STEM = {"MobileNetV2 (ImageNet)": ("features.0.*",), "EfficientNet-Lite0 (ImageNet)": ("_conv_stem",)}
+MODELS = {"resnet18": ("ResNet-18 (random init)", lambda: resnet18().eval()),
+          "mobilenet_v2": ("MobileNetV2 (ImageNet)", pretrained_mobilenet_v2),
+          "efficientnet_lite0": ("EfficientNet-Lite0 (ImageNet)", pretrained_efficientnet_lite0)}
+FINDINGS_HEAD = "## Findings"
 FLOAT_COMPUTE = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Add", "Clip", "Relu")
 
 FINDINGS = """## Findings (profiled with ORT's profiler on this machine, 2026-11-27; read with the table above)
@@ -67,6 +75,13 @@ FINDINGS = """## Findings (profiled with ORT's profiler on this machine, 2026-11
 - The machine's 2 cores are shared with other jobs (load average ~2-4 during these runs, i.e. the benchmark
   got about half the CPU; absolute times are several times those of a quiet machine): read the ratios with
   their spreads, which overlap for MobileNetV2 at batch 1.
+- **EfficientNet-Lite0** (ReLU6, no squeeze-excite): its `Conv2dStaticSamePadding` convs (pad, then `F.conv2d`
+  on the weight) are `nn.Conv2d` call sites after capture (`fxcompress.passes.lift_layers`); the 5 stride-2
+  convs keep TensorFlow's asymmetric "same" pad as an explicit `F.pad(x, (0, 1, 0, 1), "constant", 0.0)` before
+  a padding-0 conv, and `quantize_activations` quantizes *before* the pad, so ORT sees
+  DequantizeLinear -> Pad -> Conv and fuses it into one QLinearConv (49 of 49). The explicit `0.0` matters: the
+  TorchScript exporter writes `F.pad` without a value as `Pad(x, pads, "")`, and ORT 1.32 fuses no Pad with an
+  empty optional input (5 float Pads and 5 float Convs were left).
 """
 
 
@@ -98,6 +113,7 @@ def time_interleaved(runners: dict, x: torch.Tensor, iters: int, repeats: int) -
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=5)
@@ -106,7 +122,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     x = photo_crops(16)
-    models = {"ResNet-18 (random init)": resnet18().eval(), "MobileNetV2 (ImageNet)": pretrained_mobilenet_v2()}
+    models = {MODELS[k][0]: MODELS[k][1]() for k in args.models}
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for name, model in models.items():
@@ -149,18 +165,50 @@ def main(argv=None) -> int:
              "per-repeat medians; the variants take turns block by block (2 untimed runs first). int8: `quantize_activations(ranges='bn', "
              "input_range=IMAGENET_INPUT_RANGE)` (no data), BN folded, 8-bit per-channel weights (kernel sums kept, "
              "bias-corrected), the Linear head exported as MatMulNBits (int8 weights, int8 activations); "
-             "'float stem' (MobileNetV2): `skip=('features.0.*',)` keeps the 3-channel first conv float. 'float:' lists the "
+             "'float stem': `skip=('features.0.*',)` (MobileNetV2) / `skip=('_conv_stem',)` (EfficientNet-Lite0) keeps the 3-channel first conv float. 'float:' lists the "
              "float compute ops (Conv, Gemm, MatMul, Add, Clip, Relu) left in ORT's optimized graph. The machine (2 "
              "cores) is shared with other jobs: absolute times are noisy, the ratio within a row group is what to "
-             "read, with its spread.", "",
+             "read, with its spread. Rows of a model come from one run of `tools/bench_cnn_ort.py --models <model>` "
+             "(or of all models); different models' rows may come from different runs.", "",
              "| model | batch | variant | median ms | spread ms | speedup vs fp32 | fused int8 ops / parity |",
              "|---|---|---|---|---|---|---|"]
+    table = {name: [] for name, _ in MODELS.values()}
+    kept, extra = _existing(args.out, set(models))
+    for name, line in kept:
+        table[name].append(line)
     for name, batch, kind, med, lo, hi, sp, note in rows:
-        lines.append(f"| {name} | {batch} | {kind} | {med:.2f} | {lo:.2f}..{hi:.2f} | {sp:.2f}x | {note} |")
+        table[name].append(f"| {name} | {batch} | {kind} | {med:.2f} | {lo:.2f}..{hi:.2f} | {sp:.2f}x | {note} |")
+    lines += [line for name in table for line in table[name]]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n\n" + FINDINGS)
+    args.out.write_text("\n".join(lines) + "\n\n" + FINDINGS + extra)
     print(f"wrote {args.out}")
     return 0
+
+
+def _existing(path: Path, rerun: set) -> tuple[list, str]:
+    """(model name, table line) of the models not rerun, and the notes after the findings, from the old table."""
+    if not path.exists():
+        return [], ""
+    text = path.read_text()
+    names = [name for name, _ in MODELS.values()]
+    kept = []
+    for line in text.splitlines():
+        for name in names:
+            if line.startswith(f"| {name} |") and name not in rerun:
+                kept.append((name, line))
+    extra = ""
+    if FINDINGS_HEAD in text:  # bullets added to the findings by hand (e.g. other runs' ratios) are kept
+        bullets, cur = [], []
+        for line in text[text.index(FINDINGS_HEAD):].splitlines()[1:]:
+            if line.startswith("- ") and cur:
+                bullets.append("\n".join(cur))
+                cur = []
+            if line.startswith("- ") or (cur and line.strip()):
+                cur.append(line)
+        if cur:
+            bullets.append("\n".join(cur))
+        extra = "".join(b + "\n" for b in bullets if b not in FINDINGS)
+    return kept, extra
 
 
 if __name__ == "__main__":

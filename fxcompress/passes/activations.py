@@ -37,6 +37,7 @@ from ..quant import QuantSpec, QuantWeight, affine
 from .base import LayerReport, PassResult, Report, record
 from .channel_groups import activation_upper, is_activation
 from .graph import function_layer_skips
+from .lift_layers import lift_functional_layers, zero_pad_amounts
 
 RANGES = ("bn", "calibrate")
 _ADD_FNS = {operator.add, torch.add}
@@ -157,8 +158,8 @@ class _Stats:
             if len(gs) == 2 and all(g is not None for g in gs) and gs[0][0].shape == gs[1][0].shape:
                 return gs[0][0] + gs[1][0], gs[0][1] + gs[1][1]
             return None
-        if isinstance(m, _PASS_MODULES) and ins:
-            return self.gauss.get(ins[0])
+        if (isinstance(m, _PASS_MODULES) or zero_pad_amounts(self.gm, n) is not None) and ins:
+            return self.gauss.get(ins[0])  # a zero pad adds a border of zeros: ignored (an approximation)
         return None
 
     def mean(self, n: fx.Node) -> torch.Tensor | None:
@@ -169,7 +170,8 @@ class _Stats:
             return g[0]
         m = self._mod(n)
         ins = n.all_input_nodes
-        keeps = isinstance(m, (nn.Dropout, nn.Identity, nn.Flatten, nn.AdaptiveAvgPool2d)) or (
+        keeps = zero_pad_amounts(self.gm, n) is not None or isinstance(
+            m, (nn.Dropout, nn.Identity, nn.Flatten, nn.AdaptiveAvgPool2d)) or (
             n.op == "call_function" and n.target in (torch.flatten, F.adaptive_avg_pool2d, F.dropout)) or (
             n.op == "call_method" and n.target in ("flatten", "view", "reshape", "mean"))
         if keeps and ins:
@@ -183,8 +185,8 @@ class _Stats:
         hi_clip = activation_upper(self.gm, n)
         src = n.all_input_nodes[0] if n.all_input_nodes else None
         m = self._mod(n)
-        if isinstance(m, nn.MaxPool2d) and src is not None:  # max pooling keeps the range of its input
-            return self.bn_range(src)
+        if (isinstance(m, nn.MaxPool2d) or zero_pad_amounts(self.gm, n) is not None) and src is not None:
+            return self.bn_range(src)  # max pooling keeps the range of its input; a zero pad adds 0 (always in range)
         if hi_clip is not None and src is not None and self.gauss.get(src) is not None:
             mu, v = self.gauss[src]
             hi = float((mu + self.k * v.sqrt()).max().clamp(max=hi_clip))
@@ -377,7 +379,13 @@ def _quant_points(gm: fx.GraphModule, skip: tuple = ()) -> dict[fx.Node, list[fx
         if isinstance(m, _LAYER_TYPES) and _skipped(n.target, skip):
             continue
         if isinstance(m, _LAYER_TYPES) and n.args and isinstance(n.args[0], fx.Node):
-            points.setdefault(n.args[0], []).append(n)
+            x = n.args[0]
+            if zero_pad_amounts(gm, x) is not None and len(x.users) == 1:
+                # quantize before a zero pad (Q(0) = zero point, exact): ORT fuses DequantizeLinear -> Pad -> Conv
+                # into one QLinearConv; after it, the conv before the pad would lose its integer output
+                points.setdefault(x.args[0], []).append(x)
+            else:
+                points.setdefault(x, []).append(n)
         elif (n.op == "call_function" and n.target in _ADD_FNS) or (n.op == "call_method" and n.target == "add"):
             for a in n.args[:2]:
                 if isinstance(a, fx.Node):
@@ -403,6 +411,7 @@ def quantize_activations_pass(gm: fx.GraphModule, config: ActivationConfig = Act
         raise ValueError("quantize_activations_pass needs a torch.fx.GraphModule (see fxcompress.capture), got "
                          f"{type(gm).__name__}")
     gm = copy.deepcopy(gm)
+    lift_functional_layers(gm)  # conv2d / linear calls inside a module's own forward -> modules (capture did it)
     report = Report()
     stats = _Stats(gm, float(config.k_std))  # also validates every BatchNorm's statistics
     points = _quant_points(gm, config.skip)

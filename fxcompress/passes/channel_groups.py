@@ -7,7 +7,9 @@ For every ``call_module`` Conv2d / Linear (the *producer*) this finds the chain
 
 where ``act`` is ReLU or ReLU6 (the activations whose Gaussian moments UDFC has in closed form) and
 the consumers are Conv2d (groups=1) / Linear layers, reached directly or through channel-preserving
-linear ops (dropout, identity, global average pooling + flatten before a Linear).  In the second form
+linear ops (dropout, identity, a constant zero pad, global average pooling + flatten / ``view(n, -1)`` before
+a Linear).  A zero pad between the activation and a depthwise conv (EfficientNet-Lite's asymmetric "same"
+padding of a stride-2 conv, see :mod:`.lift_layers`) is part of the chain.  In the second form
 the depthwise conv's channels are pruned together with the producer's (channel c of the depthwise conv
 reads only channel c), and the compensation goes into the consumers after it.
 Channels are *tied* when the producer's output reaches a residual ``add``, a ``cat``, a grouped conv,
@@ -26,6 +28,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+
+from .lift_layers import zero_pad_amounts
 
 _RELU_FNS = {F.relu, torch.relu, torch.relu_}
 _RELU6_FNS = {F.relu6}
@@ -156,6 +160,8 @@ def _passthrough(gm, n: fx.Node) -> str | None:
             return "flatten"
         return None
     args = list(n.args[1:])
+    if zero_pad_amounts(gm, n) is not None:
+        return "same"
     if n.op == "call_function":
         if n.target is F.dropout:
             return "same"
@@ -166,7 +172,24 @@ def _passthrough(gm, n: fx.Node) -> str | None:
             return "flatten"
     if n.op == "call_method" and n.target == "flatten" and args[:1] == [1] and len(args) <= 1 and not n.kwargs:
         return "flatten"
+    if n.op == "call_method" and n.target in ("view", "reshape") and len(args) == 2 and args[1] == -1 \
+            and _is_batch_size(args[0]) and not n.kwargs:
+        return "flatten"  # x.view(x.size(0), -1) / x.view(batch, -1)
     return None
+
+
+def _is_batch_size(a) -> bool:
+    """``t.size(0)`` / ``t.shape[0]`` of a graph tensor (the batch dimension of a per-sample network)."""
+    if not isinstance(a, fx.Node):
+        return False
+    if a.op == "call_method" and a.target == "size" and list(a.args[1:]) == [0] and not a.kwargs:
+        return True
+    if a.op == "call_function" and a.target is operator.getitem and a.args[1:] == (0,):
+        src = a.args[0]
+        return isinstance(src, fx.Node) and (src.op == "call_function" and src.target is getattr and
+                                             src.args[1:] == ("shape",) or src.op == "call_method"
+                                             and src.target == "size" and len(src.args) == 1)
+    return False
 
 
 def _collect_consumers(gm, ch: Chain, act_node: fx.Node, producer_is_conv: bool, module_calls) -> None:
@@ -248,8 +271,11 @@ def analyze(gm: fx.GraphModule) -> dict[str, Chain]:
         ch.relu, ch.act_hi = act, hi
         grouped = type(m) is nn.Conv2d and m.groups != 1
         dw_node = _single_user(act)
+        dw_in = act
+        if dw_node is not None and zero_pad_amounts(gm, dw_node) is not None:  # act -> zero pad -> depthwise
+            dw_in, dw_node = dw_node, _single_user(dw_node)
         dwm = _module(gm, dw_node) if dw_node is not None else None
-        if is_depthwise(dwm) and not grouped and dw_node.args and dw_node.args[0] is act \
+        if is_depthwise(dwm) and not grouped and dw_node.args and dw_node.args[0] is dw_in \
                 and module_calls[dw_node.target] == 1 and len(dw_node.args) == 1 and not dw_node.kwargs:
             bn2, why = _bn_after(gm, dw_node, dwm, module_calls)
             act2, hi2, why2 = _act_after(gm, bn2) if bn2 is not None else (None, math.inf, why)
@@ -295,7 +321,8 @@ def _tie_residual_groups(gm: fx.GraphModule, chains: dict[str, Chain]) -> None:
         m = _module(gm, n)
         if type(m) in (nn.Conv2d, nn.Linear):
             srcs = {n.target}
-        elif isinstance(m, _BN_TYPES) or is_activation(gm, n) or (n.op == "call_function" and n.target in _ADD_FNS) \
+        elif isinstance(m, _BN_TYPES) or is_activation(gm, n) or zero_pad_amounts(gm, n) is not None \
+                or (n.op == "call_function" and n.target in _ADD_FNS) \
                 or (n.op == "call_method" and n.target in ("add", "add_")):
             for a in n.all_input_nodes:
                 srcs |= sources.get(a, set())

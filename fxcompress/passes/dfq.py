@@ -39,6 +39,7 @@ from .activations import _BN_TYPES, _Stats, _fold_bn, _quantize_weights
 from .base import LayerReport, NothingToCompressError, PassResult, Report, record
 from .channel_groups import activation_upper
 from .graph import function_layer_skips
+from .lift_layers import lift_functional_layers, through_zero_pad
 
 RELU6_MODES = ("replace", "skip")
 
@@ -92,6 +93,11 @@ def find_pairs(gm: fx.GraphModule, relu6: str = "replace") -> tuple[list[_Pair],
             skips.append((n.target, "grouped conv (not dense or depthwise)"))
             continue
         a, act, bn = n.args[0], None, None
+        if through_zero_pad(gm, a) is not a:  # a zero pad is positively homogeneous: pad(x / s) = pad(x) / s
+            if len(a.users) != 1:
+                skips.append((n.target, "its input zero pad has other users"))
+                continue
+            a = a.args[0]
         if activation_upper(gm, a) is not None:
             act, a = a, a.all_input_nodes[0] if a.all_input_nodes else None
             if len(act.users) != 1:
@@ -151,10 +157,12 @@ def _to_relu(gm: fx.GraphModule, act: fx.Node) -> bool:
     """Replace a ReLU6 / Hardtanh(0, 6) node by ReLU; True when it was not a ReLU already."""
     if activation_upper(gm, act) == math.inf:
         return False
-    if act.op == "call_module":
+    shared = act.op == "call_module" and sum(n.op == "call_module" and n.target == act.target
+                                             for n in gm.graph.nodes) > 1
+    if act.op == "call_module" and not shared:
         gm.add_submodule(act.target, nn.ReLU())
-    else:
-        act.target, act.args, act.kwargs = F.relu, act.args[:1], {}
+    else:  # a function, or a module also called elsewhere (EfficientNet's one ReLU6 per block): this call only
+        act.op, act.target, act.args, act.kwargs = "call_function", F.relu, act.args[:1], {}
     return True
 
 
@@ -166,6 +174,7 @@ def dfq_pass(gm: fx.GraphModule, config: DFQConfig = DFQConfig()) -> PassResult:
     if not isinstance(gm, fx.GraphModule):
         raise ValueError(f"dfq_pass needs a torch.fx.GraphModule (see fxcompress.capture), got {type(gm).__name__}")
     gm = copy.deepcopy(gm)
+    lift_functional_layers(gm)  # conv2d / linear calls inside a module's own forward -> modules (capture did it)
     report = Report()
     changed = False
     if config.equalize:

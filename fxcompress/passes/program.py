@@ -22,6 +22,7 @@ from ..nn.ops import L4Q_LINEAR, QUANT_CONV2D, QUANT_LINEAR, spec_of
 from ..quant import QuantWeight
 from .base import REPORT_KEY
 from .graph import _free_path, _get_attr, call_module_instead, cleanup, layer_sites, replace_site
+from .lift_layers import lift_functional_layers
 
 _aten = torch.ops.aten
 
@@ -184,7 +185,10 @@ def _bn_holder(gm: fx.GraphModule, owner: str, node: fx.Node) -> bool:
 def modularize(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite ``aten.conv2d`` / ``aten.linear`` / ``aten.batch_norm`` (eval) on get_attr weights into
     ``call_module`` Conv2d / Linear / BatchNorm2d, and ``aten.relu`` / ``aten.add.Tensor`` into ``F.relu`` /
-    ``operator.add``, in place, so that module-level analyses see an export graph as a traced one."""
+    ``operator.add``, in place, so that module-level analyses see an export graph as a traced one.  Functional
+    conv2d / linear calls on a module's own weight (a traced graph not made by :func:`fxcompress.capture`) are
+    lifted first, at the module's path (:func:`~fxcompress.passes.lift_layers.lift_functional_layers`)."""
+    lift_functional_layers(gm)
     for s in layer_sites(gm):
         if s.module is not None:
             continue

@@ -42,6 +42,7 @@ from ..nn import QuantConv2d, QuantLinear
 from ..quant import QuantSpec, QuantWeight
 from .base import LayerReport, PassResult, Report, check_modified, record
 from .channel_groups import Chain, activation_upper, analyze, is_relu
+from .lift_layers import through_zero_pad
 from .program import apply_pass, modularize
 
 NATIVE_BITS = (2, 3, 4, 8)
@@ -387,7 +388,7 @@ def _filter_input_mean(m: torch.Tensor, w: torch.Tensor, groups: int) -> torch.T
 
 def _input_mean(gm: fx.GraphModule, node: fx.Node, layer: nn.Module) -> torch.Tensor | None:
     """E[x] per filter and weight element (N, d) when the layer reads act(BatchNorm(.)) directly, else None."""
-    x = node.args[0] if node.args else None
+    x = through_zero_pad(gm, node.args[0]) if node.args else None
     if not isinstance(x, fx.Node) or not is_relu(gm, x) or not x.args or not isinstance(x.args[0], fx.Node):
         return None
     bn_node = x.args[0]
