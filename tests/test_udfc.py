@@ -144,6 +144,24 @@ def test_single_merge_error_between_full_and_uncompensated(correlation, bias_cor
     torch.testing.assert_close(solve_compensation(*args, correlation, bias_correction, 0.0, merge="all").S, full.S)
 
 
+@pytest.mark.parametrize("act_hi", [math.inf, 6.0])
+def test_ridge_keeps_a_quiet_channel_instead_of_replacing_it_by_its_mean(act_hi):
+    """Quantization only (nothing pruned), with channels that are almost always clipped to 0 (BN beta far below
+    zero, small variance: EfficientNet-Lite0 has hundreds): their moments carry little signal, and the ridge pulls
+    their row of [S t] toward no compensation (S = I), not toward 0, which would replace the channel by its mean."""
+    torch.manual_seed(0)
+    n, d = 8, 27
+    w = torch.randn(n, d)
+    q = w + 1e-3 * torch.randn(n, d)  # an 8-bit-like error
+    gamma = torch.full((n,), 0.2)
+    beta = torch.tensor([-1.0, -1.2, -1.5, 0.5, 1.0, 0.2, -1.3, 0.8])  # channels 0-2 and 6: quiet
+    var = torch.tensor([1e-3, 1e-2, 5e-3, 1.0, 1.0, 1.0, 1e-4, 1.0])
+    comp = solve_compensation(w, q, torch.arange(n), gamma, beta, var, 1e-3, None, "independent", True,
+                              ridge=1e-4, act_hi=act_hi)
+    assert torch.allclose(torch.diagonal(comp.S), torch.ones(n, dtype=comp.S.dtype), atol=0.05), comp.S.diagonal()
+    assert float(torch.trace(comp.M)) <= float(torch.trace(comp.M0)) + 1e-12
+
+
 def test_single_merge_through_the_pass():
     model = ResidualCNN(c=8).eval()
     x = torch.randn(2, 3, 8, 8)

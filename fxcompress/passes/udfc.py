@@ -64,7 +64,7 @@ class UDFCConfig:
     compensate: bool = True  # False: plain norm pruning / plain RTN through the same code path
     bias_correction: bool = True  # include the constant term t (folded into the next layer's bias)
     correlation: str = "weights"  # cross-channel model: "independent" (BN only) or "weights"
-    ridge: float = 1e-4  # relative ridge on E[d d^T] for a stable solve
+    ridge: float = 1e-4  # relative ridge on E[d d^T], shrinking [S t] toward no compensation (S = I, t = 0)
     merge: str = "all"  # "all": every channel from all kept ones; "single": from one kept channel (NM-style)
     max_correlated: int = 512  # layers with more channels use correlation="independent" (cost: N^2 integrals)
 
@@ -277,18 +277,23 @@ def solve_compensation(w: torch.Tensor, q: torch.Tensor, keep: torch.Tensor, gam
         C = torch.cat([Ead, Ea[:, None]], 1)
     else:
         G, C = Edd, Ead
+    # no compensation: each kept channel read as it is, a pruned one dropped, no constant
+    S0 = torch.zeros_like(C)
+    S0[keep, torch.arange(R)] = 1.0
+    # ridge toward S0, not toward 0: min E||a - [S t] [d; 1]||^2 + lam ||[S t] - S0||^2, so a channel whose
+    # moments carry little signal (mostly clipped, tiny variance: their bivariate integrals are the least
+    # accurate) keeps its weight instead of being replaced by its mean
     lam = ridge * float(torch.diagonal(G).mean()) if G.numel() else 0.0
     Greg = G + lam * torch.eye(G.shape[0], dtype=torch.float64)
+    Creg = C + lam * S0
     if merge == "single":  # one damaged channel j per row (+ the constant): a k x k solve per row
         j = torch.where(same.any(1), same.double().argmax(1), r_wq.argmax(1))
         idx = torch.stack([j, torch.full_like(j, R)], 1) if bias_correction else j[:, None]  # (N, k)
-        x = torch.linalg.solve(Greg[idx[:, :, None], idx[:, None, :]], C.gather(1, idx))
+        x = torch.linalg.solve(Greg[idx[:, :, None], idx[:, None, :]], Creg.gather(1, idx))
         St = torch.zeros_like(C).scatter_(1, idx, x)
     else:
-        St = torch.linalg.solve(Greg, C.T).T  # (N, R[+1])
+        St = torch.linalg.solve(Greg, Creg.T).T  # (N, R[+1])
     M = Eaa - St @ C.T - C @ St.T + St @ G @ St.T
-    S0 = torch.zeros_like(St)
-    S0[keep, torch.arange(R)] = 1.0
     M0 = Eaa - S0 @ C.T - C @ S0.T + S0 @ G @ S0.T
     S = St[:, :R]
     t = St[:, R] if bias_correction else torch.zeros(w.shape[0], dtype=torch.float64)
