@@ -42,6 +42,7 @@ class LoRALinear(nn.Module):
         return F.linear(x, self.weight, self.bias) + self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
 
+L4Q_KERNELS = ("forward_kernel", "backward_kernel")  # fxcompress/quant/l4q_triton.py (torch.compile'd: triton_*)
 GEMM_MARKERS = ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "sm80_")
 
 
@@ -59,13 +60,14 @@ def kernel_rows(prof):
 
 
 def kernel_summary(rows, steps, weight_elems=0):
-    """Text: GPU time and launches per step by kind (L4Q weight kernels = inductor's triton_*, GEMMs, other)
-    and the top kernels; with ``weight_elems`` (L4Q weight elements), the bandwidth the weight kernels reach
+    """Text: GPU time and launches per step by kind (L4Q weight kernels: the Triton ones, or inductor's triton_*
+    under --compile; GEMMs; other) and the top kernels; with ``weight_elems`` (L4Q weight elements), the bandwidth the weight kernels reach
     if they move 8 (forward) + 12 (backward) bytes per element per step, their planned traffic."""
-    kinds = {"weight kernels (inductor triton_*)": [], "GEMMs (cuBLAS)": [], "other": []}
+    weight = "weight kernels (L4Q Triton)"
+    kinds = {weight: [], "GEMMs (cuBLAS)": [], "other": []}
     for r in rows:
         name = r[0].lower()
-        kind = ("weight kernels (inductor triton_*)" if name.startswith("triton_")
+        kind = (weight if name in L4Q_KERNELS or name.startswith("triton_")
                 else "GEMMs (cuBLAS)" if any(m in name for m in GEMM_MARKERS) else "other")
         kinds[kind].append(r)
     total = sum(r[1] for r in rows) / steps / 1e3
@@ -73,7 +75,7 @@ def kernel_summary(rows, steps, weight_elems=0):
              "| kind | ms / step | launches / step |", "|---|---:|---:|"]
     for kind, rs in kinds.items():
         lines.append(f"| {kind} | {sum(r[1] for r in rs) / steps / 1e3:.2f} | {sum(r[2] for r in rs) / steps:.0f} |")
-    wk = sum(r[1] for r in kinds["weight kernels (inductor triton_*)"]) / steps
+    wk = sum(r[1] for r in kinds[weight]) / steps
     if weight_elems and wk > 0:
         gb = weight_elems * 20 / 1e9
         lines.append(f"weight kernels: {wk / 1e3:.2f} ms/step for {weight_elems / 1e6:.1f} M weight elements "

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LayerReport
+from .graph import _arg, _get_attr
 
 LIFT_KEY = "fxcompress_lifted"
 _CONV_FNS = {F.conv2d}
@@ -66,25 +67,12 @@ def through_zero_pad(gm: fx.GraphModule, node):
     return node.args[0] if zero_pad_amounts(gm, node) is not None else node
 
 
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
 def _has_node(v) -> bool:
     return isinstance(v, fx.Node) or (isinstance(v, (tuple, list)) and any(_has_node(a) for a in v))
 
 
 def _pair(v) -> tuple:
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
-def _attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class _Call:
@@ -197,7 +185,7 @@ def _plans(gm: fx.GraphModule) -> list[_Plan]:
                               None if b is None else "<computed>")
     for plan in plans.values():
         owner, kind, calls = plan.owner, plan.kind, plan.calls
-        w = _attr(gm, plan.weight_target)
+        w = _get_attr(gm, plan.weight_target)
         if len({c.node.target for c in calls}) > 1:
             plan.why = "the weight is read by both conv2d and linear calls"
         elif not owner:
@@ -237,13 +225,13 @@ def lift_functional_layers(gm: fx.GraphModule) -> list[LayerReport]:
     changed = False
     for plan in _plans(gm):
         kind, calls, owner = plan.kind, plan.calls, plan.owner
-        w = _attr(gm, plan.weight_target)
+        w = _get_attr(gm, plan.weight_target)
         fn = getattr(calls[0].node.target, "__name__", str(calls[0].node.target))
         if plan.why:
             rows += [LayerReport(owner or plan.weight_target, kind, "skipped", None, tuple(w.shape), tuple(w.shape),
                                  f"{fn} call left as it is: {plan.why}"[:120]) for _ in calls]
             continue
-        b = _attr(gm, owner + ".bias") if owner + ".bias" in plan.bias_targets else None
+        b = _get_attr(gm, owner + ".bias") if owner + ".bias" in plan.bias_targets else None
         owner_mod = gm.get_submodule(owner)
         cls = _owner_class(calls[0].node, owner) or type(owner_mod).__name__
         layer = _new_layer(owner_mod, kind, w, b, calls[0].args)
@@ -284,10 +272,5 @@ def lift_functional_layers(gm: fx.GraphModule) -> list[LayerReport]:
     return rows
 
 
-def lift_report_rows(gm: fx.GraphModule) -> list[LayerReport]:
-    """The rows :func:`lift_functional_layers` left in ``gm.meta`` at capture (empty when none)."""
-    return [LayerReport.from_dict(d) for d in gm.meta.get(LIFT_KEY, [])]
-
-
-__all__ = ["LIFT_KEY", "lift_functional_layers", "lift_report_rows", "through_zero_pad", "unlifted_reasons",
+__all__ = ["LIFT_KEY", "lift_functional_layers", "through_zero_pad", "unlifted_reasons",
            "zero_pad_amounts"]
