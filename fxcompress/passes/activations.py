@@ -36,8 +36,7 @@ from ..nn import QuantConv2d, QuantLinear
 from ..quant import QuantSpec, QuantWeight, affine
 from .base import LayerReport, PassResult, Report, record
 from .channel_groups import activation_upper, is_activation
-from .graph import function_layer_skips
-from .lift_layers import lift_functional_layers, zero_pad_amounts
+from .lift_layers import function_layer_skips, lift_functional_layers, zero_pad_amounts
 
 RANGES = ("bn", "calibrate")
 _ADD_FNS = {operator.add, torch.add}

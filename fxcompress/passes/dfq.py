@@ -38,8 +38,7 @@ from torch import nn
 from .activations import _BN_TYPES, _Stats, _fold_bn, _quantize_weights
 from .base import LayerReport, NothingToCompressError, PassResult, Report, record
 from .channel_groups import activation_upper
-from .graph import function_layer_skips
-from .lift_layers import lift_functional_layers, through_zero_pad
+from .lift_layers import function_layer_skips, lift_functional_layers, through_zero_pad
 
 RELU6_MODES = ("replace", "skip")
 

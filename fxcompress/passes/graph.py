@@ -146,25 +146,6 @@ def layer_sites(gm: fx.GraphModule) -> list[Site]:
     return _sites(gm, ("linear", "conv2d"))
 
 
-def function_layer_skips(gm: fx.GraphModule, pass_name: str) -> list:
-    """Report rows for the layers a module-based pass does not see: linear / conv2d *calls* on a weight attribute
-    that :func:`fxcompress.passes.lift_layers.lift_functional_layers` could not turn into ``nn.Conv2d`` /
-    ``nn.Linear`` modules (capture lifts the others), each with the reason."""
-    from .base import LayerReport
-    from .lift_layers import unlifted_reasons
-
-    out = []
-    sites = [s for s in layer_sites(gm) if s.module is None]
-    reasons = unlifted_reasons(gm) if sites else {}
-    for s in sites:
-        module = "nn.Conv2d" if s.kind == "conv2d" else "nn.Linear"
-        call = getattr(s.node.target, "__name__", s.node.target)
-        why = reasons.get(s.weight_target, "not a module's own F.conv2d / F.linear call")
-        note = f"{pass_name}: left float; a {call} call not lifted to {module}: {why}"
-        out.append(LayerReport(s.name, s.kind, "skipped", None, None, None, note[:120]))
-    return out
-
-
 def match_names(names: list[str], targets, exclude) -> list[str]:
     """Names matching any glob in ``targets`` (None = all) and none in ``exclude``."""
     out = []

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import LayerReport
-from .graph import _arg, _get_attr
+from .graph import _arg, _get_attr, layer_sites
 
 LIFT_KEY = "fxcompress_lifted"
 _CONV_FNS = {F.conv2d}
@@ -272,5 +272,21 @@ def lift_functional_layers(gm: fx.GraphModule) -> list[LayerReport]:
     return rows
 
 
-__all__ = ["LIFT_KEY", "lift_functional_layers", "through_zero_pad", "unlifted_reasons",
+def function_layer_skips(gm: fx.GraphModule, pass_name: str) -> list:
+    """Report rows for the layers a module-based pass does not see: linear / conv2d *calls* on a weight attribute
+    that :func:`lift_functional_layers` could not turn into ``nn.Conv2d`` /
+    ``nn.Linear`` modules (capture lifts the others), each with the reason."""
+    out = []
+    sites = [s for s in layer_sites(gm) if s.module is None]
+    reasons = unlifted_reasons(gm) if sites else {}
+    for s in sites:
+        module = "nn.Conv2d" if s.kind == "conv2d" else "nn.Linear"
+        call = getattr(s.node.target, "__name__", s.node.target)
+        why = reasons.get(s.weight_target, "not a module's own F.conv2d / F.linear call")
+        note = f"{pass_name}: left float; a {call} call not lifted to {module}: {why}"
+        out.append(LayerReport(s.name, s.kind, "skipped", None, None, None, note[:120]))
+    return out
+
+
+__all__ = ["LIFT_KEY", "function_layer_skips", "lift_functional_layers", "through_zero_pad", "unlifted_reasons",
            "zero_pad_amounts"]
