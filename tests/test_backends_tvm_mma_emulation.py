@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxcompress.backends.tvm.kernels.mma_gemv import MAX_M, mma_supports, mma_tile
+from fxcompress.backends.tvm.kernels.mma_gemv import MAX_M, mma_prefetch_groups, mma_supports, mma_tile
 from fxcompress.backends.tvm.packing import mma_k_per_load, pack_mma_words
 
 LANES = 32
@@ -41,7 +41,9 @@ def emulate(x, words, scale, zp, bias, *, m, k, n, bits, qmin, group_size, tiles
     kpl = mma_k_per_load(bits)
     rpw, spl, cmask = 16 // bits, kpl // 16, (1 << bits) - 1
     kq_w = k // kpl // warps
-    pf = max(d for d in range(1, prefetch + 1) if kq_w % d == 0)
+    pf, tail = mma_prefetch_groups(kq_w, prefetch)
+    groups = [(g * pf, pf) for g in range(kq_w // pf)] + ([(kq_w - tail, tail)] if tail else [])
+    assert sum(c for _, c in groups) == kq_w  # every load of the warp's K range, in order
     threads = warps * LANES
     off = np.float16(1024 - qmin)
     x16 = np.ascontiguousarray(x.astype(np.float16))
@@ -52,9 +54,9 @@ def emulate(x, words, scale, zp, bias, *, m, k, n, bits, qmin, group_size, tiles
         red = np.zeros(warps * 16 * na, np.float32)
         for ty in range(warps):
             cf = np.zeros((nt * 4, LANES), np.float32)
-            for qo in range(kq_w // pf):
-                for p in range(pf):
-                    q = ty * kq_w + qo * pf + p
+            for q0, cnt in groups:
+                for p in range(cnt):
+                    q = ty * kq_w + q0 + p
                     wv = words[bx, q, :, :].T.astype(np.uint32)  # (4, lanes)
                     sz = np.zeros((4, LANES), np.float16)
                     for h in range(2):
@@ -108,6 +110,27 @@ def test_emulated_kernel_matches_reference(m, bits, group_size, zero_point):
     # 2 warps split K (k / kpl loads over warps), so the cross-warp reduction is exercised too
     y = emulate(x, words, scale, zp, bias, m=m, k=k, n=n, bits=bits, qmin=qmin, group_size=gs,
                 tiles={"small": (2, 2), "batch": (2, 2)})
+    assert np.abs(y.astype(np.float32) - ref).max() <= 2e-3 * np.abs(ref).max() + 1e-3
+
+
+def test_prefetch_groups_keep_loads_in_flight_for_prime_counts():
+    """11 loads a warp (K = 5632 over 8 warps): 8 in flight, then 3; not 1 at a time."""
+    assert mma_prefetch_groups(11, 8) == (8, 3)
+    assert mma_prefetch_groups(4, 8) == (4, 0)
+    assert mma_prefetch_groups(16, 8) == (8, 0)
+
+
+@pytest.mark.parametrize("m", [1, 9])
+def test_emulated_kernel_with_a_last_partial_load_group(m):
+    """K = 704 over 1 warp = 11 loads, prefetch 4: groups of 4, 4 and 3."""
+    rng = np.random.default_rng(m)
+    k, n, bits, gs = 704, 32, 4, 64
+    codes = rng.integers(-8, 8, size=(n, k))
+    scale = rng.uniform(0.005, 0.02, size=(n, k // gs)).astype(np.float16)
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    ref = x.astype(np.float32) @ (codes * np.repeat(scale.astype(np.float32), gs, 1)).T
+    y = emulate(x, pack_mma_words(codes, -8, bits), scale, None, None, m=m, k=k, n=n, bits=bits, qmin=-8,
+                group_size=gs, tiles={"small": (1, 4), "batch": (1, 4)})
     assert np.abs(y.astype(np.float32) - ref).max() <= 2e-3 * np.abs(ref).max() + 1e-3
 
 

@@ -29,6 +29,15 @@ def mma_tile(m: int, k: int, bits: int = 4, tiles=None) -> tuple[int, int]:
     return warps, pf
 
 
+def mma_prefetch_groups(loads: int, prefetch: int) -> tuple[int, int]:
+    """``(pf, tail)``: a warp's ``loads`` 16-byte weight loads per lane are issued ``pf = min(prefetch, loads)`` at
+    a time before any is used, then a last group of ``tail = loads % pf``.  (Before: the largest divisor of
+    ``loads`` up to ``prefetch``, which is 1 for a prime count, e.g. 11 loads a warp for K = 5632 over 8 warps: one
+    load in flight per lane, latency-bound.)"""
+    pf = max(1, min(prefetch, loads))
+    return pf, loads % pf
+
+
 def mma_supports(*, m: int, k: int, n: int, bits: int, group_size: int, dtype: str) -> str | None:
     """None when the tensor-core kernel handles this layer, else the reason."""
     if dtype != "float16":
@@ -78,7 +87,7 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
     cmask = (1 << bits) - 1
     kq = k // kpl  # 16-byte lane loads per row block
     kq_w = kq // warps  # per warp
-    pf = max(d for d in range(1, prefetch + 1) if kq_w % d == 0)  # weight loads in flight per lane
+    pf, tail = mma_prefetch_groups(kq_w, prefetch)  # weight loads in flight per lane; a last group of ``tail``
     threads = warps * LANES
     n_out = epilogue.out_features(n)
     rows_out = 8 if epilogue.kind == "swiglu" else 16  # output features per block
@@ -92,6 +101,38 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
 
     def acc_plus_bias(b, v, row):
         return v + T.Cast("float32", b[row]) if has_bias else v
+
+    @T.macro
+    def kgroup(q0, cnt, w, s, z, x32, wv, sz, au, ah, bu, cf, bx, ty, tx):
+        # a warp's loads q0 .. q0 + cnt (of its K range): issue them all, then decode + mma each
+        for p in T.unroll(cnt):  # issue pf 16-byte weight loads before using any
+            for v in T.vectorized(4):
+                wv[p * 4 + v] = w[bx, ty * kq_w + q0 + p, tx, v]
+        for p in T.unroll(cnt):
+            for h in T.unroll(2):  # scale / zero point of rows g and g + 8 for this K block
+                sz[h * 2] = s[srow(bx * 16 + tx // 4 + h * 8),
+                              (ty * kq_w + q0 + p) * kpl // group_size]
+                if has_zero_point:
+                    sz[h * 2 + 1] = z[srow(bx * 16 + tx // 4 + h * 8),
+                                      (ty * kq_w + q0 + p) * kpl // group_size]
+                else:
+                    sz[h * 2 + 1] = T.float16(0)
+            for j in T.unroll(spl):  # 16-wide K slice
+                for i in T.unroll(4):
+                    au[i] = ((wv[p * 4 + j * (4 // rpw) + i // rpw] >> T.Cast("uint32", bits * (i % rpw)))
+                             & T.uint32(cmask | (cmask << 16))) | T.uint32(0x64006400)
+                for e in T.unroll(8):  # a_i halves: rows g (i even) / g + 8 (i odd)
+                    ah[e] = (ah[e] - T.float16(off) - sz[(e // 2) % 2 * 2 + 1]) * sz[(e // 2) % 2 * 2]
+                for t2 in T.unroll(nt):
+                    for hb in T.unroll(2):
+                        bu[t2 * 2 + hb] = T.if_then_else(
+                            t2 * 8 + tx // 4 < m,
+                            x32[T.min(t2 * 8 + tx // 4, m - 1),
+                                ((ty * kq_w + q0 + p) * kpl + j * 16 + (tx % 4) * 2 + hb * 8) // 2],
+                            T.uint32(0))
+                    T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                                au.data, 0, bu.data, t2 * 2, cf.data, t2 * 4, False,
+                                                dtype="float32"))
 
     @T.macro
     def body(xin, w, s, z, b, rin, yout):
@@ -112,34 +153,9 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
                     for c in T.unroll(nt * 4):
                         cf[c] = T.float32(0)
                     for qo in T.serial(kq_w // pf):
-                        for p in T.unroll(pf):  # issue pf 16-byte weight loads before using any
-                            for v in T.vectorized(4):
-                                wv[p * 4 + v] = w[bx, ty * kq_w + qo * pf + p, tx, v]
-                        for p in T.unroll(pf):
-                            for h in T.unroll(2):  # scale / zero point of rows g and g + 8 for this K block
-                                sz[h * 2] = s[srow(bx * 16 + tx // 4 + h * 8),
-                                              (ty * kq_w + qo * pf + p) * kpl // group_size]
-                                if has_zero_point:
-                                    sz[h * 2 + 1] = z[srow(bx * 16 + tx // 4 + h * 8),
-                                                      (ty * kq_w + qo * pf + p) * kpl // group_size]
-                                else:
-                                    sz[h * 2 + 1] = T.float16(0)
-                            for j in T.unroll(spl):  # 16-wide K slice
-                                for i in T.unroll(4):
-                                    au[i] = ((wv[p * 4 + j * (4 // rpw) + i // rpw] >> T.Cast("uint32", bits * (i % rpw)))
-                                             & T.uint32(cmask | (cmask << 16))) | T.uint32(0x64006400)
-                                for e in T.unroll(8):  # a_i halves: rows g (i even) / g + 8 (i odd)
-                                    ah[e] = (ah[e] - T.float16(off) - sz[(e // 2) % 2 * 2 + 1]) * sz[(e // 2) % 2 * 2]
-                                for t2 in T.unroll(nt):
-                                    for hb in T.unroll(2):
-                                        bu[t2 * 2 + hb] = T.if_then_else(
-                                            t2 * 8 + tx // 4 < m,
-                                            x32[T.min(t2 * 8 + tx // 4, m - 1),
-                                                ((ty * kq_w + qo * pf + p) * kpl + j * 16 + (tx % 4) * 2 + hb * 8) // 2],
-                                            T.uint32(0))
-                                    T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
-                                                                au.data, 0, bu.data, t2 * 2, cf.data, t2 * 4, False,
-                                                                dtype="float32"))
+                        kgroup(qo * pf, pf, w, s, z, x32, wv, sz, au, ah, bu, cf, bx, ty, tx)
+                    if tail > 0:
+                        kgroup(kq_w - tail, tail, w, s, z, x32, wv, sz, au, ah, bu, cf, bx, ty, tx)
                     # C fragment -> shared: red[warp][row][act] (c0, c1: row tx // 4, acts 2 (tx % 4) + {0, 1};
                     # c2, c3: row + 8); then one thread per (row, act) sums the warps
                     for t2 in T.unroll(nt):
