@@ -86,19 +86,31 @@ def to_hf_llama(model: CausalLM):
     return hf.eval()
 
 
+LM_HEAD_BITS = (4, 8)
+
+
 def int4(model, group: int, lm_head_bits: int | None = None):
-    """Every linear int4 RTN (asymmetric, ``group``), the lm_head float, or with ``lm_head_bits`` (8) RTN per
-    output channel, symmetric: the head is a large share of a small model's bytes per token."""
+    """Every linear int4 RTN (asymmetric, ``group``), the lm_head float, or with ``lm_head_bits`` RTN: 8 = int8 per
+    output channel, symmetric; 4 = int4 per ``group``, asymmetric like the other linears (as MLC-LLM's q4f16 and
+    llama.cpp's Q4 files quantize the head): the head is a large share of a small model's bytes per token."""
+    if lm_head_bits not in (None, *LM_HEAD_BITS):
+        raise ValueError(f"lm_head_bits must be one of {LM_HEAD_BITS} or None, got {lm_head_bits!r}")
     ids = torch.randint(0, model.config.vocab_size, (1, 8))
     gm = fxc.capture(model, (ids,))
     res = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=4, granularity="per_group", group_size=group, symmetric=False,
                                              exclude=("lm_head",)))
     gm = getattr(res, "gm", res)
     if lm_head_bits:
-        res = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=lm_head_bits, granularity="per_channel", symmetric=True,
-                                                 targets=("lm_head",)))
+        head = (dict(granularity="per_channel", symmetric=True) if lm_head_bits == 8 else
+                dict(granularity="per_group", group_size=group, symmetric=False))
+        res = fxc.quantize_rtn(gm, fxc.RTNConfig(bits=lm_head_bits, targets=("lm_head",), **head))
         gm = getattr(res, "gm", res)
     return gm
+
+
+def head_label(lm_head_bits: int | None, group: int) -> str:
+    """How :func:`int4` leaves the lm_head, in words."""
+    return {None: "float", 8: "int8 per channel", 4: f"int4 g{group}"}[lm_head_bits]
 
 
 def weight_bytes(model, dtype_bytes: int, tied: bool) -> int:
@@ -177,8 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="a small random model only (smoke run)")
     p.add_argument("--models", nargs="+", default=["smollm2", "wide"], choices=["smollm2", "wide", "tiny"])
     p.add_argument("--groups", nargs="+", type=int, default=[64, 128])
-    p.add_argument("--lm-head-bits", type=int, default=None,
-                   help="also a TVM row with the lm_head quantized (8: int8 per channel)")
+    p.add_argument("--lm-head-bits", type=int, nargs="+", default=[], choices=LM_HEAD_BITS,
+                   help="also TVM rows with the lm_head quantized (8: int8 per channel; 4: int4 per group)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--prefill-chunk", type=int, default=128)
@@ -235,10 +247,10 @@ def main(argv=None) -> int:
             q = int4(model, g)
             rows.append((f"TVM int4 g{g}", lambda q=q: compile_lm(q, "tvm", device=a.device, max_seq_len=max_len,
                                                                  dtype=dt, prefill_chunk=a.prefill_chunk), q))
-            if a.lm_head_bits:
-                q8 = int4(model, g, a.lm_head_bits)
-                rows.append((f"TVM int4 g{g}, lm_head int{a.lm_head_bits}", lambda q=q8: compile_lm(
-                    q, "tvm", device=a.device, max_seq_len=max_len, dtype=dt, prefill_chunk=a.prefill_chunk), q8))
+            for hb in a.lm_head_bits:
+                qh = int4(model, g, hb)
+                rows.append((f"TVM int4 g{g}, lm_head int{hb}", lambda q=qh: compile_lm(
+                    q, "tvm", device=a.device, max_seq_len=max_len, dtype=dt, prefill_chunk=a.prefill_chunk), qh))
             rows.append((f"ORT int4 g{g} ({'CUDA' if cuda else 'CPU'} EP)", lambda q=q: compile_lm(
                 q, "ort", device=a.device, max_seq_len=max_len, dtype=dt, prefill_chunk=a.prefill_chunk), q))
 

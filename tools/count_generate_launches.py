@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_generate import int4, load_model  # noqa: E402
+from bench_generate import LM_HEAD_BITS, head_label, int4, load_model  # noqa: E402
 from profile_decode_gpu import describe, launch_list, per_layer  # noqa: E402
 
 from fxcompress.backends.tvm import build_tvm  # noqa: E402
@@ -36,7 +36,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="wide", choices=["wide", "smollm2", "tiny"])
     ap.add_argument("--group", type=int, default=128)
-    ap.add_argument("--lm-head-bits", type=int, default=None, help="quantize the lm_head too (8: int8 per channel)")
+    ap.add_argument("--lm-head-bits", type=int, default=None, choices=LM_HEAD_BITS,
+                    help="quantize the lm_head too (8: int8 per channel; 4: int4 per group)")
     ap.add_argument("--max-seq-len", type=int, default=384)
     ap.add_argument("--out", default="tools/results/generate_launches.md")
     a = ap.parse_args(argv)
@@ -55,7 +56,7 @@ def main(argv=None) -> int:
     argv_s = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# Kernel launches of the cached TVM decode step (generation), {a.model} model", "",
              f"`PYTHONPATH=$PWD python tools/count_generate_launches.py{' ' + argv_s if argv_s else ''}`; built on the CPU with nvcc "
-             f"({time.time() - t0:.0f} s); int4 RTN g{a.group} (lm_head {f'int{a.lm_head_bits}' if a.lm_head_bits else 'float'}), cache {a.max_seq_len} slots, fp16.", "",
+             f"({time.time() - t0:.0f} s); int4 RTN g{a.group} (lm_head {head_label(a.lm_head_bits, a.group)}), cache {a.max_seq_len} slots, fp16.", "",
              f"**{total} launches per decode step; per layer {counts} (a middle layer: {mid}; issue 13 target "
              "<= 8).**", "", "| # | layer | kernel (PrimFunc) | launches | what it does |", "|---|---|---|---|---|"]
     for lab, g in groups:

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_generate import int4, load_model, time_generate  # noqa: E402
+from bench_generate import LM_HEAD_BITS, head_label, int4, load_model, time_generate  # noqa: E402
 from fxcompress.lm import compile_lm  # noqa: E402
 from fxcompress.lm.sampling import pick_next  # noqa: E402
 
@@ -128,7 +128,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a small random model (smoke run)")
     ap.add_argument("--model", default="wide", choices=["wide", "smollm2", "tiny"])
     ap.add_argument("--group", type=int, default=128)
-    ap.add_argument("--lm-head-bits", type=int, default=None, help="quantize the lm_head too (8: int8 per channel)")
+    ap.add_argument("--lm-head-bits", type=int, default=None, choices=LM_HEAD_BITS,
+                    help="quantize the lm_head too (8: int8 per channel; 4: int4 per group)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=64, help="decode tokens per measurement")
     ap.add_argument("--max-seq-len", type=int, default=384, help="the static cache (the bench: prompt + 256)")
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
     argv_s = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"# Where a generated token's time goes: TVM int4 decode loop ({dev})", "",
              f"`python tools/profile_generate.py {argv_s}`; model {a.model}, int4 g{a.group} RTN asymmetric "
-             f"(lm_head {'int' + str(a.lm_head_bits) + ' per channel' if a.lm_head_bits else 'float'}), compile_lm(backend='tvm', dtype={'fp16' if cuda else 'fp32'}, cuda_graph="
+             f"(lm_head {head_label(a.lm_head_bits, a.group)}), compile_lm(backend='tvm', dtype={'fp16' if cuda else 'fp32'}, cuda_graph="
              f"{not a.no_cuda_graph}), static cache {a.max_seq_len}, prompt {a.prompt_len}, {new} new tokens; "
              f"build {tb:.0f} s; decode CUDA graph: {lm.steps.graph_status}.", "",
              f"1. End to end (`lm.generate`): TTFT {ttft:.1f} ms, decode **{ms * 1e3:.1f} µs/token**.", "",
