@@ -150,3 +150,34 @@ def test_cuda_tunes_untuned_kernels_and_hand_kernels_compete(tmp_path):
     st2 = r2.info["tuning"]
     assert st2["tuned"] == 0 and st2["reused"] == st2["tasks"] and st2["choices"] == st["choices"]
     assert [layer["kernel"] for layer in r2.info["layers"]] == [want]
+
+
+@needs_ms
+def test_hand_scheduled_kernels_are_not_tuning_tasks(tmp_path):
+    """A hand-written kernel (here the LLVM decode attention, marked scheduled) next to a plain op: only the plain op
+    is a MetaSchedule task (the CUDA tensor-core kernels were extracted as tasks and crashed the tuner)."""
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    from fxcompress.backends.tvm.kernels.decode_attention import AttentionShape, decode_attention_primfunc
+    from fxcompress.backends.tvm.meta_schedule import hand_scheduled, tune_meta_schedule
+
+    shape = AttentionShape(1, 2, 2, 8, 16, "float32", "float32", "float32", "float32", "float32")
+    attn = decode_attention_primfunc(shape, 0.25, False)
+    bb = relax.BlockBuilder()
+    f32 = "float32"
+    q = relax.Var("q", relax.TensorType([1, 2, 1, 16], f32))
+    kc = relax.Var("kc", relax.TensorType([1, 2, 8, 16], f32))
+    pos = relax.Var("pos", relax.TensorType([1], "int64"))
+    with bb.function("main", [q, kc, pos]):
+        with bb.dataflow():
+            gv = bb.add_func(attn, "attn")
+            o = bb.emit(relax.call_tir(gv, relax.Tuple([q, q, q, kc, kc, pos]), relax.TensorType([1, 2, 1, 16], f32)))
+            y = bb.emit_output(bb.emit(relax.op.add(o, o)))
+        bb.emit_func_output(y)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    tasks = ms.relax_integration.extract_tasks(mod, _llvm())
+    assert len(tasks) == 2
+    assert [hand_scheduled(t.dispatched[0]) for t in tasks].count(True) == 1
+    tuned, stats = tune_meta_schedule(mod, _llvm(), 1, tmp_path, cost_model="random")
+    assert stats["tasks"] == 1 and stats["tuned"] == 1, stats

@@ -183,6 +183,18 @@ def tune_primfunc(func, target, trials: int, log_dir, db, *, builder_timeout_s: 
                 cost_model=cost_model)
 
 
+def hand_scheduled(task_mod) -> bool:
+    """Whether a task's module holds a hand-scheduled PrimFunc (the ``tirx.is_scheduled`` / ``tir.is_scheduled``
+    attribute is on the function, not on the module: MetaSchedule's task extraction keeps the function's attributes
+    and its own module attributes are empty, so a module-level check never matched and the hand-written kernels
+    were tuned as tasks, which fails: their TIR has no blocks for MetaSchedule's rules)."""
+    for _, f in task_mod.functions.items():
+        attrs = f.attrs or {}
+        if attrs.get("tirx.is_scheduled", False) or attrs.get("tir.is_scheduled", False):
+            return True
+    return False
+
+
 def tune_meta_schedule(mod, target, trials: int, work_dir, *, builder_timeout_s: float = 120.0,
                        cost_model: str = "auto"):
     """Tune the tasks of ``mod`` (already fused) that have no usable record into ``records_dir(work_dir, target)``
@@ -200,8 +212,7 @@ def tune_meta_schedule(mod, target, trials: int, work_dir, *, builder_timeout_s:
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     key = target_key(target)
-    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
-             if not t.mod.attrs.get("tirx.is_scheduled", False)]
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if not hand_scheduled(t.dispatched[0])]
     ours = {_shash(t.dispatched[0]) for t in tasks}
     usable, other_target, other_workload = _load_records(work_dir, key, ours)
     if other_target:
