@@ -76,6 +76,8 @@ def main(argv=None) -> int:
                                                            "hand-kernel competition)")
     ap.add_argument("--work-dir", default=None, help="records directory (default: a fresh temporary one)")
     ap.add_argument("--small", action="store_true", help="a tiny config (smoke test)")
+    ap.add_argument("--no-compete", action="store_true", help="tune only the kernels without a hand-written schedule "
+                    "(each hand-kernel competition tunes a te kernel of that layer: ~1.5 min per layer shape)")
     args = ap.parse_args(argv)
     import fxcompress as fxc
     from fxcompress.backends.tvm import TVMBuildConfig, meta_schedule_usable
@@ -91,7 +93,7 @@ def main(argv=None) -> int:
     ref = dm(ids.cpu())
     ids_c = ids.cuda()
     flush = flusher()
-    cfg = TVMBuildConfig(ms_builder_timeout_s=120.0)
+    cfg = TVMBuildConfig(ms_builder_timeout_s=120.0, ms_compete=not args.no_compete)
     builds = {}
     tb = time.time()
     builds["dlight"] = fxc.compile_tvm(dm, (ids.cpu(),), target="cuda", tune="dlight", dtype=torch.float16)
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
     cost = "xgb" if importlib.util.find_spec("xgboost") else "random"
     summary = (f"Model: {desc}; {'SMALL' if args.small else 'FULL (2048 wide, 4 layers)'} config, batch 1, fp16. "
                f"MetaSchedule: {args.trials} trials, cost model {cost}; {st['tasks']} tasks, {len(st['applied'])} "
-               f"PrimFuncs got tuned schedules. Build: dlight {t_dlight:.0f} s, MetaSchedule {t_ms:.0f} s, rebuild "
+               f"PrimFuncs got tuned schedules; hand-kernel competition {'off' if args.no_compete else 'on'}. Build: dlight {t_dlight:.0f} s, MetaSchedule {t_ms:.0f} s, rebuild "
                f"with the records {t_again:.0f} s (tuned {st2['tuned']}, reused {st2['reused']} of {st2['tasks']}).")
     lines = [f"# MetaSchedule vs dlight per kernel ({gpu})", "", summary, "",
              "| build | step cold µs (L2 flushed) | step hot µs | max rel err vs fp32 torch |", "|---|---|---|---|"]
