@@ -120,3 +120,18 @@ def test_unsupported_activation_is_reported():
     note = {r.layer: r for r in res.report}["a"].note
     assert "SiLU" in note and "no Gaussian moment model" in note and "compensation: no" in note
     assert "1 x activation a" in res.gm.meta["udfc_summary"] or "SiLU" in res.gm.meta["udfc_summary"]
+
+
+def test_resnet50_analysis_prunes_the_two_inner_convs_of_every_bottleneck():
+    """ResNet-50 (torchvision layout): conv1 -> bn -> relu -> conv2 -> bn -> relu -> conv3 per bottleneck; conv1 and
+    conv2 are prunable (32 of 53 convs), conv3 and the downsample convs feed residual adds (tied, never pruned).
+    The full UDFC pass on it (minutes on 2 cores) is measured by tools/eval_udfc_resnet50.py."""
+    from fxcompress.models.vision import resnet50
+
+    gm = fxc.capture(resnet50(num_classes=10).eval(), (torch.randn(1, 3, 64, 64),))
+    chains = analyze(gm)
+    prunable = sorted(n for n, c in chains.items() if c.prunable)
+    blocks = [(i, j) for i, n in zip(range(1, 5), (3, 4, 6, 3)) for j in range(n)]
+    assert prunable == sorted(f"layer{i}.{j}.conv{k}" for i, j in blocks for k in (1, 2))
+    assert chains["layer1.0.conv1"].consumers == ["layer1.0.conv2"]
+    assert chains["layer3.5.conv3"].prune_blocker and chains["layer2.0.downsample.0"].prune_blocker
