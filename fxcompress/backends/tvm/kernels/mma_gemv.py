@@ -117,17 +117,23 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
                 wv[p * 4 + v] = w[bx, ty * kq_w + q0 + p, tx, v]
 
     @T.macro
-    def kuse(q0, cnt, s, z, g32, x32, wv, sz, au, ah, bu, bh, gu, gh, rs, cf, bx, ty, tx):
-        # decode + mma each of the loads kload issued
+    def kscale(q, s, z, sz, o, bx, tx):
+        for h in T.unroll(2):  # scale / zero point of rows g and g + 8 for K block q, into sz[o .. o + 4]
+            sz[o + h * 2] = s[srow(bx * 16 + tx // 4 + h * 8), q * kpl // group_size]
+            if has_zero_point:
+                sz[o + h * 2 + 1] = z[srow(bx * 16 + tx // 4 + h * 8), q * kpl // group_size]
+            else:
+                sz[o + h * 2 + 1] = T.float16(0)
+
+    @T.macro
+    def kuse(q0, cnt, s, z, g32, x32, wv, sz, au, ah, bu, bh, gu, gh, rs, cf, bx, ty, tx, szs):
+        # decode + mma each of the loads kload issued (``szs``: their scales, loaded before, or None)
         for p in T.unroll(cnt):
-            for h in T.unroll(2):  # scale / zero point of rows g and g + 8 for this K block
-                sz[h * 2] = s[srow(bx * 16 + tx // 4 + h * 8),
-                              (ty * kq_w + q0 + p) * kpl // group_size]
-                if has_zero_point:
-                    sz[h * 2 + 1] = z[srow(bx * 16 + tx // 4 + h * 8),
-                                      (ty * kq_w + q0 + p) * kpl // group_size]
-                else:
-                    sz[h * 2 + 1] = T.float16(0)
+            if szs is None:
+                kscale(ty * kq_w + q0 + p, s, z, sz, 0, bx, tx)
+            else:
+                for c in T.unroll(4):
+                    sz[c] = szs[p * 4 + c]
             for j in T.unroll(spl):  # 16-wide K slice
                 for i in T.unroll(4):
                     au[i] = ((wv[p * 4 + j * (4 // rpw) + i // rpw] >> T.Cast("uint32", bits * (i % rpw)))
@@ -154,7 +160,7 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
     @T.macro
     def kgroup(q0, cnt, w, s, z, g32, x32, wv, sz, au, ah, bu, bh, gu, gh, rs, cf, bx, ty, tx):
         kload(q0, cnt, w, wv, bx, ty, tx)
-        kuse(q0, cnt, s, z, g32, x32, wv, sz, au, ah, bu, bh, gu, gh, rs, cf, bx, ty, tx)
+        kuse(q0, cnt, s, z, g32, x32, wv, sz, au, ah, bu, bh, gu, gh, rs, cf, bx, ty, tx, None)
 
     @T.macro
     def rms_rstd(x32, part, ss, xu, xh, rs, ty, tx):
@@ -208,14 +214,17 @@ def packed_mma_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: int, s
                         xu = T.alloc_buffer((4,), "uint32", scope="local")
                         xh = T.decl_buffer((8,), "float16", data=xu.data)
                         part = T.alloc_buffer((m * warps,), "float32", scope="shared")
+                        szs = T.alloc_buffer((pf * 4,), "float16", scope="local")
                     else:
                         bh, gu, gh, rs = T.meta_var((None, None, None, None))
                     for c in T.unroll(nt * 4):
                         cf[c] = T.float32(0)
-                    if norm:  # first loads in flight while the block sums its rows' squares
+                    if norm:  # the first loads (weights, scales) in flight while the block sums its rows' squares
                         kload(0, pf, w, wv, bx, ty, tx)
+                        for p in T.unroll(pf):
+                            kscale(ty * kq_w + p, s, z, szs, p * 4, bx, tx)
                         rms_rstd(x32, part, ss, xu, xh, rs, ty, tx)
-                        kuse(0, pf, s, z, g32, x32, wv, sz, au, ah, bu, bh, gu, gh, rs, cf, bx, ty, tx)
+                        kuse(0, pf, s, z, g32, x32, wv, sz, au, ah, bu, bh, gu, gh, rs, cf, bx, ty, tx, szs)
                         for qo in T.serial(1, kq_w // pf):
                             kgroup(qo * pf, pf, w, s, z, g32, x32, wv, sz, au, ah, bu, bh, gu, gh, rs, cf, bx, ty, tx)
                     else:
