@@ -105,12 +105,13 @@ def _case(m, k, n, bits, zero_point, seed):
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4])
-@pytest.mark.parametrize("k,tiles", [(256, (2, 2)), (1280, (2, 2)), (2048, (8, 8))])
+@pytest.mark.parametrize("k,tiles", [(256, (2, 2)), (704, (1, 4)), (1280, (2, 2)), (2048, (8, 8))])
 @pytest.mark.parametrize("bits,zero_point", [(4, True), (8, False)])
 def test_emulated_prologue_matches_torch_rms_norm_then_linear(m, k, tiles, bits, zero_point):
     """The kernel with the rms_norm prologue (emulated) on the norm's input = torch's fp16 RMSNorm, then the float
-    linear.  K = 1280 over 2 warps: 160 loads of 8 elements per row over 64 threads, a last partial round; K = 2048
-    over 8 warps (the 2048-wide model's q/k/v and gate/up): one load per thread."""
+    linear.  K = 704 on 1 warp (int4): 11 weight loads in groups of 4, 4, 3 (the prologue's first group, a plain
+    one, the tail); K = 1280 over 2 warps: 160 loads of 8 elements per row over 64 threads, a last partial round;
+    K = 2048 over 8 warps (the 2048-wide model's q/k/v and gate/up): one load per thread."""
     eps = 1e-5
     n = 32
     qmin, gs, codes, scale, zp, x, g = _case(m, k, n, bits, zero_point, seed=m * 7 + k + bits)
@@ -396,6 +397,11 @@ def test_gpu_compile_lm_fp16_decode_with_prologues_matches_unfused_and_torch():
     tol = 2e-2 * scale
     assert (got[True] - ref).abs().max().item() <= tol
     top2 = ref[0].topk(2, -1).values
-    sure = (top2[:, 0] - top2[:, 1]) > 2 * tol
+    sure = (top2[:, 0] - top2[:, 1]) > 2 * tol  # positions whose argmax no error within tol can flip
+    assert sure.sum() >= 8, sure  # (23 of 32 on the CPU reference)
     assert torch.equal(got[True][0].argmax(-1)[sure], ref[0].argmax(-1)[sure])
-    assert torch.equal(lms[True].generate(ids, max_new_tokens=24), lms[False].generate(ids, max_new_tokens=24))
+    gen = lms[True].generate(ids, max_new_tokens=24)
+    assert torch.equal(gen, lms[False].generate(ids, max_new_tokens=24))
+    p = ids.shape[1]
+    agree = int(torch.cumprod(sure[p - 1:-1].long(), 0).sum())  # greedy steps before the first unsure one
+    assert torch.equal(gen[:, p:p + agree], ref_ids[:, p:p + agree])

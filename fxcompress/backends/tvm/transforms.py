@@ -9,11 +9,15 @@ Fewer kernel launches per decode step (issue 13; :func:`fuse_passes` with ``epil
   scheduled PrimFunc, which ``FuseOps`` cannot fuse with anything) followed by a residual ``add`` or, for a fused
   gate/up linear, by ``split -> silu(gate) * up``, becomes one ``call_tir`` of the kernel regenerated with that
   epilogue (:mod:`.kernels.epilogue`).
+* :func:`rms_norm_prologue_pass`: an RMSNorm whose output only feeds tensor-core quantized-linear kernels of at
+  most 4 rows (``input_layernorm -> q/k/v``, ``post_attention_layernorm -> gate/up`` at decode) becomes the
+  ``"rms_norm"`` prologue of those kernels (:mod:`.kernels.prologue`): they read the norm's input and weight, and
+  the norm's kernel is gone.
 * :func:`split_to_slices_pass`: a ``split`` whose parts feed different ops (q / k / v after a fused q/k/v linear)
   becomes one ``strided_slice`` per part, which ``FuseOps`` fuses into each consumer (a ``split`` returns a tuple,
   which it cannot fuse, and TVM emits one kernel per part).
-* :func:`rms_norm_fusion_pass`: the RMSNorm chain ``astype -> x*x -> mean -> +eps -> rsqrt -> x*r -> astype ->
-  w*`` as one kernel (``FuseOps`` leaves the fp32 cast and the square outside the reduction because the cast
+* :func:`rms_norm_fusion_pass`: any other RMSNorm chain ``astype -> x*x -> mean -> +eps -> rsqrt -> x*r -> astype
+  -> w*`` as one kernel (``FuseOps`` leaves the fp32 cast and the square outside the reduction because the cast
   is read twice, so it was three launches).
 """
 from __future__ import annotations
