@@ -340,7 +340,7 @@ def test_gpu_prologue_kernel_matches_unfused_and_torch(m, mode, bits, k):
     if mode == "swiglu":
         model = _NormGateUp(k).eval()
     else:
-        model = _NormLinear(mode, bits=bits, k=k, n=512).eval()
+        model = _NormLinear(mode, bits=bits, k=k, n=k if mode == "residual" else 512).eval()
     x = torch.randn(1, m, k) * 3
     outs = {}
     for fuse in (False, True):
