@@ -26,7 +26,7 @@ from fxcompress.models.smollm2 import RMSNorm  # noqa: E402
 from fxcompress.nn import QuantLinear  # noqa: E402
 from fxcompress.quant import QuantSpec  # noqa: E402
 from test_backends_tvm_mma_emulation import LANES, emulate  # noqa: E402
-from test_tvm_decode_epilogue import TINY, _calls, _lm  # noqa: E402
+from test_tvm_decode_epilogue import _calls, _lm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from profile_decode_gpu import launch_list, per_layer  # noqa: E402
@@ -178,6 +178,9 @@ class _NormLinear(nn.Module):
             self.norm.weight.uniform_(0.5, 1.5)
         self.q = QuantLinear.from_linear(nn.Linear(k, n, bias=False), QuantSpec(bits, False, "per_group", 128))
         self.f = nn.Linear(k, n, bias=False)
+        if mode == "three_linears":
+            spec = QuantSpec(bits, False, "per_group", 128)
+            self.q2, self.q3 = (QuantLinear.from_linear(nn.Linear(k, n, bias=False), spec) for _ in range(2))
         self.mode, self.eps = mode, eps
 
     def _manual(self, x, fp32=True, axis=-1, eps_after=False, weight=None):
@@ -192,6 +195,9 @@ class _NormLinear(nn.Module):
             return self.q(self.norm(x))
         if mode == "residual":  # the decoder block: the residual is the norm's *input*
             return x + self.q(self.norm(x))
+        if mode == "three_linears":  # unfused q / k / v: each kernel takes the prologue
+            h = self.norm(x)
+            return self.q(h), self.q2(h), self.q3(h)
         if mode == "float_reader":  # a float linear also reads the norm's output
             h = self.norm(x)
             return self.q(h) + self.f(h)
@@ -220,7 +226,8 @@ def _norm_calls(mode, rows=1):
     return _calls(_NormLinear(mode, bits=bits).eval(), torch.randn(1, 5 if mode == "rows5" else rows, 256), True)
 
 
-@pytest.mark.parametrize("mode,fused", [("norm", True), ("residual", True), ("int8", True), ("float_reader", False),
+@pytest.mark.parametrize("mode,fused", [("norm", True), ("residual", True), ("int8", True), ("three_linears", True),
+                                        ("float_reader", False),
                                         ("returned", False), ("norm_as_residual", False), ("rstd_read", False),
                                         ("fp16_norm", False), ("other_axis", False), ("eps_after", False),
                                         ("weight_2d", False), ("rows5", False), ("int2", False)])
@@ -232,28 +239,13 @@ def test_prologue_only_where_the_pattern_holds(mode, fused):
     assert bool(norms) != fused, names  # the norm kernel is gone exactly when the kernel took it
     if mode == "residual":
         assert pro == ["fxc_packed_mma_rms_res"], names  # the prologue beside the residual epilogue
+    if mode == "three_linears":
+        assert len(pro) == 3, names
 
 
 @pytest.mark.parametrize("rows", [1, 2, 4])
 def test_prologue_up_to_four_rows(rows):
     assert [n for n in _norm_calls("norm", rows) if n.endswith("_rms")], rows
-
-
-def test_decode_layers_take_both_norms():
-    """The tiny CausalLM (q/k/v and gate/up fused): per layer the q/k/v kernel and the gate/up (swiglu) kernel
-    carry the norm; only the final norm (before the float lm_head) stays a kernel.  Unfused q/k/v and gate/up: the
-    norm feeds three (two) kernels, each takes the prologue."""
-    layers = TINY["num_layers"]
-    dm, ids = _lm()
-    names = _calls(dm, ids, True)
-    assert names.count("fxc_packed_mma_rms") == layers, names
-    assert len([n for n in names if n.endswith("_rms_swiglu")]) == layers, names
-    assert len([n for n in names if "rsqrt" in n]) == 1, names
-    plain, ids = _lm(fuse=False)
-    names = _calls(plain, ids, True)
-    assert len([n for n in names if "_rms" in n]) == 5 * layers, names
-    assert len([n for n in names if "rsqrt" in n]) == 1, names
-    assert not [n for n in _calls(dm, ids, False) if "_rms" in n]  # fuse_epilogues=False: nothing
 
 
 def _hf_llama_int4():
