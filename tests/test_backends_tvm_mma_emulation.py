@@ -33,8 +33,10 @@ def _mma(a, b, c):
     return c + (A @ B)[C_ROW, C_COL]
 
 
-def emulate(x, words, scale, zp, bias, *, m, k, n, bits, qmin, group_size, tiles=None):
-    """What ``packed_mma_primfunc`` computes, following its index expressions (lanes as a numpy axis)."""
+def emulate(x, words, scale, zp, bias, *, m, k, n, bits, qmin, group_size, tiles=None, b_transform=None):
+    """What ``packed_mma_primfunc`` computes, following its index expressions (lanes as a numpy axis).
+    ``b_transform(b, q=, j=, t2=)``: what a prologue does to the B fragment ``b`` ((4, lanes) fp16) of load ``q``, K
+    slice ``j``, n8 tile ``t2`` before the mma (tests/test_tvm_decode_prologue.py)."""
     warps, prefetch = mma_tile(m, k, bits, tiles)
     nt = -(-m // 8)
     na = nt * 8
@@ -76,6 +78,8 @@ def emulate(x, words, scale, zp, bias, *, m, k, n, bits, qmin, group_size, tiles
                                 bu[hb] = np.where(ok, x32[np.minimum(t2 * 8 + _L // 4, m - 1),
                                                           (q * kpl + j * 16 + (_L % 4) * 2 + hb * 8) // 2], 0)
                             b = bu.T.copy().view(np.float16).T  # (4, lanes)
+                            if b_transform is not None:
+                                b = b_transform(b, q=q, j=j, t2=t2)
                             cf[t2 * 4:t2 * 4 + 4] = _mma(ah, b, cf[t2 * 4:t2 * 4 + 4])
             for t2 in range(nt):
                 for c in range(4):

@@ -21,12 +21,14 @@ from .config import TVMBuildConfig
 from .kernels.cuda_core_gemv import Tile, packed_gemv_primfunc, supports, tile_for
 from .kernels.epilogue import Epilogue
 from .kernels.mma_gemv import mma_supports, packed_mma_primfunc
+from .kernels.prologue import Prologue
 from .packing import pack_mma_words, pack_words, unpack_words
 
-__all__ = ["emit_packed_linear", "emit_quant_linear", "fxc_kind", "fxc_kernel_params", "fxc_primfunc", "LayerInfo",
-           "FXC_KERNEL_ATTR"]
+__all__ = ["emit_packed_linear", "emit_quant_linear", "fxc_kind", "fxc_kernel_params", "fxc_kernel_parts",
+           "fxc_primfunc", "LayerInfo", "FXC_KERNEL_ATTR", "FXC_PARTS_ATTR"]
 
 FXC_KERNEL_ATTR = "fxc_kernel"  # PrimFunc attribute: the JSON generator arguments of a hand-written kernel
+FXC_PARTS_ATTR = "fxc_kernel_parts"  # PrimFunc attribute: JSON {"epilogue": kind, "prologue": {kind, eps}}
 
 DEFAULT_CONFIG = TVMBuildConfig()
 
@@ -215,21 +217,26 @@ def _emit_fxc_gemv(bb, x, xshape, words, scale, zero_point, bias, *, bits, qmin,
 
 
 
-def fxc_primfunc(params: dict, epilogue: Epilogue, name: str):
-    """The hand-written kernel of ``params`` (:data:`FXC_KERNEL_ATTR`) with ``epilogue``; it carries ``params`` in
-    that attribute, so a later pass can regenerate it with another epilogue."""
+def fxc_primfunc(params: dict, epilogue: Epilogue, name: str, prologue: Prologue = Prologue()):
+    """The hand-written kernel of ``params`` (:data:`FXC_KERNEL_ATTR`) with ``epilogue`` (and, tensor-core kernel
+    only, ``prologue``); it carries ``params`` in that attribute and the epilogue / prologue in
+    :data:`FXC_PARTS_ATTR`, so a later pass can regenerate it with another epilogue or prologue."""
     common = dict(m=params["m"], k=params["k"], n=params["n"], qmin=params["qmin"], group_size=params["group_size"],
                   scale_rows=params["scale_rows"], has_zero_point=params["has_zero_point"],
                   has_bias=params["has_bias"], lead=tuple(params["lead"]), bits=params["bits"], name=name,
                   epilogue=epilogue)
     if params["kind"] == "fxc_mma":
         tiles = params.get("tiles")
-        f = packed_mma_primfunc(**common, tiles=None if tiles is None else {c: tuple(t) for c, t in tiles.items()})
+        f = packed_mma_primfunc(**common, tiles=None if tiles is None else {c: tuple(t) for c, t in tiles.items()},
+                                prologue=prologue)
     elif params["kind"] == "fxc_gemv":
+        if prologue.kind != "none":
+            raise TVMBackendError(f"the CUDA-core kernel has no {prologue.kind} prologue (tensor-core kernel only)")
         f = packed_gemv_primfunc(**common, tile=Tile(**params["tile"]))
     else:
         raise TVMBackendError(f"unknown hand-written kernel kind {params['kind']!r}")
-    return f.with_attr(FXC_KERNEL_ATTR, json.dumps(params, sort_keys=True))
+    parts = json.dumps({"epilogue": epilogue.kind, "prologue": prologue.to_json()}, sort_keys=True)
+    return f.with_attr(FXC_KERNEL_ATTR, json.dumps(params, sort_keys=True)).with_attr(FXC_PARTS_ATTR, parts)
 
 
 def fxc_kernel_params(func) -> dict | None:
@@ -238,3 +245,14 @@ def fxc_kernel_params(func) -> dict | None:
     if attrs is None or FXC_KERNEL_ATTR not in attrs:
         return None
     return json.loads(str(attrs[FXC_KERNEL_ATTR]))
+
+
+def fxc_kernel_parts(func) -> tuple[Epilogue, Prologue] | None:
+    """The epilogue and prologue a hand-written kernel PrimFunc was generated with (None for any other function)."""
+    attrs = getattr(func, "attrs", None)
+    if attrs is None or FXC_KERNEL_ATTR not in attrs:
+        return None
+    if FXC_PARTS_ATTR not in attrs:
+        return Epilogue(), Prologue()
+    parts = json.loads(str(attrs[FXC_PARTS_ATTR]))
+    return Epilogue(parts["epilogue"]), Prologue(**parts["prologue"])

@@ -9,11 +9,15 @@ Fewer kernel launches per decode step (issue 13; :func:`fuse_passes` with ``epil
   scheduled PrimFunc, which ``FuseOps`` cannot fuse with anything) followed by a residual ``add`` or, for a fused
   gate/up linear, by ``split -> silu(gate) * up``, becomes one ``call_tir`` of the kernel regenerated with that
   epilogue (:mod:`.kernels.epilogue`).
+* :func:`rms_norm_prologue_pass`: an RMSNorm whose output only feeds tensor-core quantized-linear kernels of at
+  most 4 rows (``input_layernorm -> q/k/v``, ``post_attention_layernorm -> gate/up`` at decode) becomes the
+  ``"rms_norm"`` prologue of those kernels (:mod:`.kernels.prologue`): they read the norm's input and weight, and
+  the norm's kernel is gone.
 * :func:`split_to_slices_pass`: a ``split`` whose parts feed different ops (q / k / v after a fused q/k/v linear)
   becomes one ``strided_slice`` per part, which ``FuseOps`` fuses into each consumer (a ``split`` returns a tuple,
   which it cannot fuse, and TVM emits one kernel per part).
-* :func:`rms_norm_fusion_pass`: the RMSNorm chain ``astype -> x*x -> mean -> +eps -> rsqrt -> x*r -> astype ->
-  w*`` as one kernel (``FuseOps`` leaves the fp32 cast and the square outside the reduction because the cast
+* :func:`rms_norm_fusion_pass`: any other RMSNorm chain ``astype -> x*x -> mean -> +eps -> rsqrt -> x*r -> astype
+  -> w*`` as one kernel (``FuseOps`` leaves the fp32 cast and the square outside the reduction because the cast
   is read twice, so it was three launches).
 """
 from __future__ import annotations
@@ -23,7 +27,7 @@ import json
 import numpy as np
 
 __all__ = ["small_int_power_pass", "constant_transpose_pass", "fuse_passes", "relax_function_pass",
-           "gemv_epilogue_pass", "split_to_slices_pass", "rms_norm_fusion_pass"]
+           "gemv_epilogue_pass", "rms_norm_prologue_pass", "split_to_slices_pass", "rms_norm_fusion_pass"]
 
 
 def small_int_power_pass():
@@ -324,8 +328,59 @@ def gemv_epilogue_pass():
     import tvm
     from tvm import relax
 
-    from .emit import fxc_primfunc
+    from .emit import fxc_kernel_parts
     from .kernels.epilogue import Epilogue
+
+    @tvm.transform.module_pass(opt_level=0, name="FxcGemvEpilogue")
+    def _pass(mod, _ctx):
+        plans = {}
+        for gv, f in mod.functions.items():
+            if not isinstance(f, relax.Function):
+                continue
+            uses = _Uses(f)
+            new_funcs = []
+            for var in uses.order:
+                hit = _fxc_call(uses.value[var], mod)
+                if hit is None or var not in uses.in_dataflow:
+                    continue
+                kgv, params, args = hit
+                epi, pro = fxc_kernel_parts(mod[kgv])
+                if epi.kind != "none" or pro.kind != "none":  # already regenerated with an epilogue / prologue
+                    continue
+                res = _match_residual(var, uses, params)
+                if res is not None:
+                    target_var, r = res
+                    new_funcs.append((target_var, params, Epilogue("residual"), pro, args + [r],
+                                      kgv.name_hint + "_res"))
+                    continue
+                cast_var = _match_float32(var, uses, params)
+                if cast_var is not None:
+                    new_funcs.append((cast_var, params, Epilogue("float32"), pro, args, kgv.name_hint + "_f32"))
+                    continue
+                out_var = _match_swiglu(var, uses, params)
+                if out_var is not None:
+                    sargs = _swiglu_args(args, params)
+                    if sargs is not None:
+                        new_funcs.append((out_var, params, Epilogue("swiglu"), pro, sargs,
+                                          kgv.name_hint + "_swiglu"))
+            new_funcs = [nf for nf in new_funcs if nf[0] in uses.in_dataflow]
+            if new_funcs:
+                plans[gv] = new_funcs
+        return _rewrite_kernel_calls(mod, plans)
+
+    return _pass
+
+
+def _rewrite_kernel_calls(mod, plans: dict):
+    """``mod`` with bindings replaced by calls of regenerated hand-written kernels, then dead code (the chains the
+    kernels took over) and the kernels nothing calls any more removed.  ``plans``: Relax function GlobalVar ->
+    ``[(binding var, kernel params, Epilogue, Prologue, call args, kernel name)]``; one kernel is made per distinct
+    (params, epilogue, prologue)."""
+    if not plans:
+        return mod
+    from tvm import relax
+
+    from .emit import fxc_primfunc
 
     @relax.expr_functor.mutator
     class _Rewrite(relax.PyExprMutator):
@@ -345,53 +400,19 @@ def gemv_epilogue_pass():
                 new = self.builder_.emit_output(call, name_hint=binding.var.name)
             self.set_var_remap(binding.var, new)
 
-    @tvm.transform.module_pass(opt_level=0, name="FxcGemvEpilogue")
-    def _pass(mod, _ctx):
-        plans = {}
-        for gv, f in mod.functions.items():
-            if not isinstance(f, relax.Function):
-                continue
-            uses = _Uses(f)
-            new_funcs = []
-            for var in uses.order:
-                hit = _fxc_call(uses.value[var], mod)
-                if hit is None or var not in uses.in_dataflow:
-                    continue
-                kgv, params, args = hit
-                res = _match_residual(var, uses, params)
-                if res is not None:
-                    target_var, r = res
-                    new_funcs.append((target_var, params, Epilogue("residual"), args + [r], kgv.name_hint + "_res"))
-                    continue
-                cast_var = _match_float32(var, uses, params)
-                if cast_var is not None:
-                    new_funcs.append((cast_var, params, Epilogue("float32"), args, kgv.name_hint + "_f32"))
-                    continue
-                out_var = _match_swiglu(var, uses, params)
-                if out_var is not None:
-                    sargs = _swiglu_args(args, params)
-                    if sargs is not None:
-                        new_funcs.append((out_var, params, Epilogue("swiglu"), sargs, kgv.name_hint + "_swiglu"))
-            new_funcs = [nf for nf in new_funcs if nf[0] in uses.in_dataflow]
-            if new_funcs:
-                plans[gv] = new_funcs
-        if not plans:
-            return mod
-        out, made = mod, {}  # (params, epilogue) -> the kernel's GlobalVar: one kernel per distinct signature
-        for fgv, new_funcs in plans.items():
-            rw = _Rewrite(out, {})
-            for target_var, params, epi, args, name in new_funcs:
-                key = (json.dumps(params, sort_keys=True), epi.kind)
-                if key not in made:
-                    f = fxc_primfunc(params, epi, name)
-                    made[key] = rw.builder_.add_func(f, name)
-                    rw.builder_.update_func(made[key], f.with_attr("global_symbol", made[key].name_hint))
-                rw.plan[target_var] = (made[key], args, target_var.ty)
-            rw.builder_.update_func(fgv, rw.visit_expr(out[fgv]))
-            out = rw.builder_.get()
-        return _drop_unused_kernels(relax.transform.DeadCodeElimination()(out))
-
-    return _pass
+    out, made = mod, {}  # (params, epilogue, prologue) -> the kernel's GlobalVar
+    for fgv, new_funcs in plans.items():
+        rw = _Rewrite(out, {})
+        for target_var, params, epi, pro, args, name in new_funcs:
+            key = (json.dumps(params, sort_keys=True), epi.kind, json.dumps(pro.to_json(), sort_keys=True))
+            if key not in made:
+                f = fxc_primfunc(params, epi, name, pro)
+                made[key] = rw.builder_.add_func(f, name)
+                rw.builder_.update_func(made[key], f.with_attr("global_symbol", made[key].name_hint))
+            rw.plan[target_var] = (made[key], args, target_var.ty)
+        rw.builder_.update_func(fgv, rw.visit_expr(out[fgv]))
+        out = rw.builder_.get()
+    return _drop_unused_kernels(relax.transform.DeadCodeElimination()(out))
 
 
 def _drop_unused_kernels(mod):
@@ -460,6 +481,160 @@ def split_to_slices_pass():
     return relax_function_pass(_Rewrite, "FxcSplitToSlices")
 
 
+def _readers(uses, var) -> list:
+    return uses.users.get(var, [])
+
+
+def _read_only_by(uses, var, reader) -> bool:
+    """``var`` is read by the binding ``reader`` and nothing else (once or, for ``x * x``, twice)."""
+    users = _readers(uses, var)
+    return bool(users) and all(u is not None and u.same_as(reader) for u in users)
+
+
+def _scalar_f32_const(expr) -> float | None:
+    import tvm
+
+    if not isinstance(expr, tvm.ir.expr.Constant):
+        return None
+    a = expr.value.numpy()
+    return float(a.reshape(-1)[0]) if a.size == 1 and a.dtype == np.float32 else None
+
+
+def _match_rms_norm_chain(y, uses):
+    """The fp16 RMSNorm chain that ends in ``y`` as the importer emits the LLaMA / Hugging Face RMSNorm:
+    ``xf = astype(x, f32); sq = xf * xf; s = mean(sq, axis=-1, keepdims); a = s + eps; r = rsqrt(a);
+    nm = xf * r (either order); h = astype(nm, f16); y = g * h (either order)``, ``x`` fp16 of ``y``'s shape, ``g``
+    fp16 of shape ``(K,)``, ``eps`` an fp32 scalar constant, every intermediate read only by the next op of the
+    chain (``xf`` by ``sq`` and ``nm``) and bound in a dataflow block.  Returns ``(x, g, eps)`` or None.  What
+    reads ``y`` is the caller's to check."""
+    from tvm import relax
+
+    def bound(v, op):
+        val = uses.value.get(v) if isinstance(v, relax.Var) and v in uses.in_dataflow else None
+        return val if _is_op(val, op) else None
+
+    mul = bound(y, "relax.multiply")
+    yshape, ydt = _shape_dtype(y)
+    if mul is None or yshape is None or ydt != "float16" or not yshape:
+        return None
+    k = yshape[-1]
+    for g, h in (mul.args, mul.args[::-1]):
+        cast16 = bound(h, "relax.astype")
+        if cast16 is not None and str(cast16.attrs.dtype) == "float16" and not g.same_as(h):
+            break
+    else:
+        return None
+    if _shape_dtype(g) != ((k,), "float16") or not _read_only_by(uses, h, y):
+        return None
+    nm = cast16.args[0]
+    nmv = bound(nm, "relax.multiply")
+    if nmv is None or not _read_only_by(uses, nm, h) or _shape_dtype(nm) != (yshape, "float32"):
+        return None
+    for xf, r in (nmv.args, nmv.args[::-1]):
+        if bound(r, "relax.rsqrt") is not None and bound(xf, "relax.astype") is not None:
+            break
+    else:
+        return None
+    cast32 = bound(xf, "relax.astype")
+    x = cast32.args[0]
+    if str(cast32.attrs.dtype) != "float32" or _shape_dtype(x) != (yshape, "float16"):
+        return None
+    rs = bound(r, "relax.rsqrt")
+    a = rs.args[0]
+    if not _read_only_by(uses, r, nm):
+        return None
+    add = bound(a, "relax.add")
+    if add is None or not _read_only_by(uses, a, r):
+        return None
+    for s_, c in (add.args, add.args[::-1]):
+        eps = _scalar_f32_const(c)
+        if eps is not None and bound(s_, "relax.mean") is not None:
+            break
+    else:
+        return None
+    mean = bound(s_, "relax.mean")
+    axes = [int(ax) for ax in mean.attrs.axis] if mean.attrs.axis is not None else None
+    if axes not in ([-1], [len(yshape) - 1]) or not bool(mean.attrs.keepdims) or not _read_only_by(uses, s_, a):
+        return None
+    sq = mean.args[0]
+    sqv = bound(sq, "relax.multiply")
+    if sqv is None or not (sqv.args[0].same_as(xf) and sqv.args[1].same_as(xf)) or not _read_only_by(uses, sq, s_):
+        return None
+    xf_users = _readers(uses, xf)  # sq (twice) and nm, nothing else
+    if len(xf_users) != 3 or any(u is None for u in xf_users) \
+            or sum(u.same_as(sq) for u in xf_users) != 2 or sum(u.same_as(nm) for u in xf_users) != 1:
+        return None
+    return x, g, eps
+
+
+def rms_norm_prologue_pass():
+    """An RMSNorm whose output only feeds tensor-core quantized-linear kernels -> those kernels with the
+    ``"rms_norm"`` prologue (:mod:`.kernels.prologue`): each takes the norm's input and weight and normalizes the
+    activations itself; the norm's kernel is gone (``input_layernorm -> fused q/k/v`` and
+    ``post_attention_layernorm -> fused gate/up`` in a LLaMA decoder layer: 2 launches per layer).
+
+    Matched: the chain of :func:`_match_rms_norm_chain` whose result ``y`` is read only as the activation input
+    (argument 0, and nowhere else in the call) of ``call_tir``s of tensor-core kernels with at most
+    :data:`.kernels.prologue.MAX_PROLOGUE_M` rows, ``K`` equal to the norm's width and no prologue yet (the
+    epilogue, if any, is kept).  A norm with any other reader (a float linear, a residual, a kernel with more rows)
+    stays as it is, and so do look-alikes (another eps placement, a weight of another shape, a reduction over
+    another axis, an intermediate read elsewhere).  Runs after :func:`gemv_epilogue_pass`.  On llvm there are no
+    hand-written kernels and the pass changes nothing.
+    """
+    import tvm
+    from tvm import relax
+
+    from .emit import fxc_kernel_parts
+    from .kernels.prologue import MAX_PROLOGUE_M, Prologue
+
+    _suffix = {"none": "", "residual": "_res", "swiglu": "_swiglu", "float32": "_f32"}
+
+    @tvm.transform.module_pass(opt_level=0, name="FxcRmsNormPrologue")
+    def _pass(mod, _ctx):
+        plans = {}
+        for fgv, f in mod.functions.items():
+            if not isinstance(f, relax.Function):
+                continue
+            uses = _Uses(f)
+            ys = []  # norm outputs read by a kernel, in program order
+            for var in uses.order:
+                hit = _fxc_call(uses.value[var], mod)
+                if hit is not None and isinstance(hit[2][0], relax.Var) and not any(
+                        hit[2][0].same_as(v) for v in ys):
+                    ys.append(hit[2][0])
+            new_funcs = []
+            for y in ys:
+                chain = _match_rms_norm_chain(y, uses)
+                if chain is None:
+                    continue
+                x, g, eps = chain
+                k = _shape_dtype(y)[0][-1]
+                calls = []
+                for u in _readers(uses, y):
+                    hit = _fxc_call(uses.value.get(u), mod) if u is not None and u in uses.in_dataflow else None
+                    if hit is None:
+                        break
+                    kgv, params, args = hit
+                    epi, pro = fxc_kernel_parts(mod[kgv])
+                    if params["kind"] != "fxc_mma" or params["m"] > MAX_PROLOGUE_M or params["k"] != k \
+                            or pro.kind != "none" or sum(a.same_as(y) for a in args) != 1 or not args[0].same_as(y):
+                        break
+                    calls.append((u, kgv, params, args, epi))
+                else:
+                    pro = Prologue("rms_norm", eps)
+                    for u, kgv, params, args, epi in calls:
+                        name = kgv.name_hint
+                        suffix = _suffix[epi.kind]
+                        if suffix and name.endswith(suffix):
+                            name = name[:-len(suffix)]
+                        new_funcs.append((u, params, epi, pro, [x, *args[1:], g], name + "_rms" + suffix))
+            if new_funcs:
+                plans[fgv] = new_funcs
+        return _rewrite_kernel_calls(mod, plans)
+
+    return _pass
+
+
 def _rms_norm_patterns():
     """DPL patterns of the RMSNorm chain as PyTorch exports it (with / without the fp32 cast and the weight)."""
     from tvm.relax.dpl import is_op, wildcard
@@ -508,7 +683,8 @@ def fuse_passes(epilogues: bool = False):
     # no FoldConstant: it would decode the constant packed weights at build time (back to float)
     # DispatchSortScan: cumsum / sort / topk to their TOPI scan kernels (LegalizeOps leaves them, and the VM then
     # fails on e.g. the bool-mask cumsum of Hugging Face position ids), as TVM's default pipelines do
-    fewer = [gemv_epilogue_pass(), split_to_slices_pass(), rms_norm_fusion_pass()] if epilogues else []
+    fewer = [gemv_epilogue_pass(), rms_norm_prologue_pass(), split_to_slices_pass(), rms_norm_fusion_pass()] \
+        if epilogues else []
     return [small_int_power_pass(), constant_transpose_pass(), *fewer, relax.backend.DispatchSortScan(),
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
