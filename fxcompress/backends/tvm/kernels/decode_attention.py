@@ -533,9 +533,9 @@ def decode_attention_combine_primfunc(shape: AttentionShape, splits: int, cuda: 
         threads = COMBINE_THREADS
         loop = T.unroll if P <= 32 else T.serial  # the splits' loads in flight together
 
-        def bh(e):
-            """(batch, head) of output element ``e``."""
-            return e // (H * D), e // D % H
+        def at(buf, e, i, c):
+            """``buf[b, h, i, c]`` for the (batch, head) of output element ``e``."""
+            return buf[e // (H * D), e // D % H, i, c]
 
         @T.macro
         def body(acc, state, out):
@@ -545,15 +545,16 @@ def decode_attention_combine_primfunc(shape: AttentionShape, splits: int, cuda: 
                     if bx * threads + tx < E:
                         cmb[0] = T.float32(NEG)
                         for i in loop(P):
-                            cmb[0] = T.max(cmb[0], state[*bh(bx * threads + tx), i, 0])
+                            cmb[0] = T.max(cmb[0], at(state, bx * threads + tx, i, 0))
                         cmb[1] = T.float32(0)
                         cmb[2] = T.float32(0)
                         for i in loop(P):
-                            cmb[1] = cmb[1] + state[*bh(bx * threads + tx), i, 1] \
-                                * T.exp(state[*bh(bx * threads + tx), i, 0] - cmb[0])
-                            cmb[2] = cmb[2] + acc[*bh(bx * threads + tx), i, (bx * threads + tx) % D] \
-                                * T.exp(state[*bh(bx * threads + tx), i, 0] - cmb[0])
-                        out[*bh(bx * threads + tx), 0, (bx * threads + tx) % D] = T.Cast(rd, cmb[2] / cmb[1])
+                            cmb[1] = cmb[1] + at(state, bx * threads + tx, i, 1) \
+                                * T.exp(at(state, bx * threads + tx, i, 0) - cmb[0])
+                            cmb[2] = cmb[2] + at(acc, bx * threads + tx, i, (bx * threads + tx) % D) \
+                                * T.exp(at(state, bx * threads + tx, i, 0) - cmb[0])
+                        out[(bx * threads + tx) // (H * D), (bx * threads + tx) // D % H, 0,
+                            (bx * threads + tx) % D] = T.Cast(rd, cmb[2] / cmb[1])
 
         return primfunc_with_params(body, params, attrs).with_attr("global_symbol", name)
 
