@@ -220,3 +220,16 @@ def test_gpu_decode_step_with_split_attention_matches_torch():
         torch.testing.assert_close(torch.from_numpy(res[0].numpy()), ref[0], rtol=1e-4, atol=1e-4)
         for inp, want in zip(tv[2:], ref[1:]):
             torch.testing.assert_close(torch.from_numpy(inp.numpy()), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_dry_run_times_single_and_split_kernels(tmp_path):
+    """tools/bench_decode_attention.py on the CPU (llvm, a tiny shape): a row per (splits, pos), each output
+    equal to torch's fp32 attention within fp16 rounding, the default split count marked."""
+    import bench_decode_attention
+
+    out = tmp_path / "attn.md"
+    assert bench_decode_attention.main(["--dry-run", "--reps", "1", "--calls", "2", "--out", str(out)]) == 0
+    rows = [r.split(" | ") for r in out.read_text().splitlines() if r.startswith("| tiny")]
+    assert [(r[1], r[3]) for r in rows] == [("1", "5"), ("1", "47"), ("3", "5"), ("3", "47")]
+    assert [r[2] for r in rows] == ["", "", "**yes**", "**yes**"]
+    assert all(float(r[6].rstrip(" |")) < 2e-3 for r in rows)
