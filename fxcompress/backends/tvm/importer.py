@@ -205,7 +205,8 @@ def _convert_decode_attention(node, importer, donate: frozenset, cuda: bool, don
     one new token -> ``call_tir_inplace`` of the fused decode-attention kernel: outputs ``(out, k_cache,
     v_cache)``, the caches aliasing the inputs (written in place).  With ``attention_splits(shape) = P > 1`` (few
     blocks: flash-decoding) the ``call_tir_inplace`` kernel outputs the ``P`` splits' partial softmax states
-    (``[B, H, P, D + 2]`` fp32) instead and a ``call_tir`` of the combine kernel gives ``out``.  ``done`` collects
+    instead (``acc`` ``[B, H, P, D]``, ``state`` ``[B, H, P, 2]``, fp32) and a ``call_tir`` of the combine kernel
+    gives ``out``.  ``done`` collects
     the cache input names updated in place."""
     from tvm import relax
 

@@ -42,11 +42,14 @@ blocks) the slots are split over ``P`` blocks per head, split ``i`` taking the s
 (a split with none, e.g. ``i > pos``, leaves the state ``m = -1e30, l = 0``, sum 0).  Two kernels then do the
 work: :func:`decode_attention_primfunc` (``call_tir_inplace``, as the single kernel: it still writes ``k`` / ``v``
 into the donated caches, one block, split 0, writes slot ``pos``) stores each ``(batch, head, split)``'s partial
-online-softmax state (running max ``m``, sum ``l`` of ``exp(s - m)``, unnormalized fp32 weighted V sum) into an
-fp32 ``[B, H, P, D + 2]`` tensor, and :func:`decode_attention_combine_primfunc` rescales the splits by
-``exp(m_i - max_i m_i)``, sums and normalizes them and stores the output in ``q``'s dtype.  A decode step's
-middle layer then launches 8 kernels instead of 7 (issue 13's target: at most 8 per layer).  Both have an LLVM
-variant of the same math (CPU tests); the importer uses the same split count on LLVM and CUDA.
+online-softmax state into two fp32 tensors, ``acc`` ``[B, H, P, D]`` (the unnormalized weighted sum of V rows) and
+``state`` ``[B, H, P, 2]`` (running max ``m``, sum ``l`` of ``exp(s - m)``), and
+:func:`decode_attention_combine_primfunc` rescales the splits by ``exp(m_i - max_i m_i)``, sums and normalizes
+them and stores the output in ``q``'s dtype.  (Two tensors, so the combine has two inputs: TVM 0.27's
+``RewriteDataflowReshape`` checks every one-input ``call_tir`` for a reshape pattern, an analysis that fails on a
+hand-scheduled PrimFunc.)  A decode step's middle layer then launches 8 kernels instead of 7 (issue 13's target:
+at most 8 per layer; the 2048-wide model's step: 38 launches, per layer [12, 8, 8, 8], was 34, [11, 7, 7, 7]).
+Both have an LLVM variant of the same math (CPU tests); the importer uses the same split count on LLVM and CUDA.
 """
 from __future__ import annotations
 
@@ -266,9 +269,9 @@ def decode_attention_primfunc(shape: AttentionShape, scale: float, cuda: bool, *
 
     ``splits`` (default 1: this one kernel; :func:`attention_splits` gives the importer's choice): ``P > 1`` splits
     the slots over ``P`` blocks per head (split ``i`` takes slots ``j = i, i + P, i + 2P, .. <= pos``) and the
-    function's last parameter is instead ``partials``: ``[B, H, P, D + 2]`` fp32, per split the unnormalized
-    weighted sum of V rows (``[..., :D]``), its running max ``m`` (``[..., D]``, -1e30 for an empty split) and sum
-    ``l`` of ``exp(s - m)`` (``[..., D + 1]``); :func:`decode_attention_combine_primfunc` then gives ``out``.  The
+    function's last parameter ``out`` is replaced by two, fp32, per split: ``acc`` ``[B, H, P, D]``, the
+    unnormalized weighted sum of V rows, and ``state`` ``[B, H, P, 2]``, its running max ``m`` (-1e30 for an empty
+    split) and sum ``l`` of ``exp(s - m)``; :func:`decode_attention_combine_primfunc` then gives ``out``.  The
     caches are still written by this kernel, by one block (split 0).  ``name``: the global symbol (default
     ``fxc_decode_attention``, ``fxc_decode_attention_split`` when split)."""
     reason = attention_supports(shape)
