@@ -12,7 +12,8 @@ tvm = pytest.importorskip("tvm")
 from fxcompress.backends.tvm import TVMBackendError, build_tvm  # noqa: E402
 from fxcompress.backends.tvm.base import make_target  # noqa: E402
 from fxcompress.backends.tvm.kernels.decode_attention import (AttentionShape, Source,  # noqa: E402
-                                                              attention_supports, attention_warps,
+                                                              attention_splits, attention_supports, attention_warps,
+                                                              decode_attention_combine_primfunc,
                                                               decode_attention_primfunc, heads_per_block)
 from fxcompress.lm.attention import (FUSED_ATTENTION_OP, _rope, _unflatten, cached_attention,  # noqa: E402
                                      decode_attention, with_fused_decode_attention)
@@ -41,16 +42,34 @@ def _inputs(b, h, kvh, s, d, dtype, seed=0):
     return r(b, h, 1, d), r(b, kvh, 1, d), r(b, kvh, 1, d), r(b, kvh, s, d), r(b, kvh, s, d)
 
 
-def _compile(shape, scale, target, **kw):
-    f = decode_attention_primfunc(shape, scale, cuda=target == "cuda", **kw)
-    return tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=make_target(target))
+def _compile(shape, scale, target, splits=1, **kw):
+    """The attention kernel as ``main``; split (``splits > 1``): the split kernel as ``main`` and the combine kernel
+    as ``combine``, one module."""
+    cuda = target == "cuda"
+    funcs = {"main": decode_attention_primfunc(shape, scale, cuda=cuda, splits=splits, **kw)}
+    if splits > 1:
+        funcs["combine"] = decode_attention_combine_primfunc(shape, splits, cuda)
+    mod = tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()})
+    return tvm.compile(mod, target=make_target(target))
 
 
-def _run(mod, dev, q, k, v, kc, vc, pos):
+def _attend(mod, dev, shape, splits, ins, out):
+    """``out`` = the attention of the kernel(s) on the TVM tensors ``ins`` (the caches written in place)."""
+    if splits == 1:
+        mod["main"](*ins, out)
+        return
+    b, h, d = shape.batch, shape.heads, shape.head_dim
+    acc = tvm.runtime.tensor(torch.full((b, h, splits, d), float("nan")).numpy(), dev)  # every element written
+    state = tvm.runtime.tensor(torch.full((b, h, splits, 2), float("nan")).numpy(), dev)
+    mod["main"](*ins, acc, state)
+    mod["combine"](acc, state, out)
+
+
+def _run(mod, dev, q, k, v, kc, vc, pos, shape=None, splits=1):
     """(out, k_cache, v_cache) after one call; the caches are the input buffers, written in place."""
     tv = [tvm.runtime.tensor(x.numpy(), dev) for x in (q, k, v, kc, vc, torch.tensor([pos]))]
     out = tvm.runtime.tensor(torch.zeros_like(q).numpy(), dev)
-    mod["main"](*tv, out)
+    _attend(mod, dev, shape, splits, tv, out)
     return tuple(torch.from_numpy(t.numpy()) for t in (out, tv[3], tv[4]))
 
 
@@ -91,17 +110,18 @@ def test_llvm_kernel_casts_new_keys_to_the_cache_dtype():
     assert torch.equal(kcn, ref[1]) and torch.equal(vcn, ref[2])
 
 
-def _check_rows_and_rope(target, dev, dt, rope_dt, rows):
+def _check_rows_and_rope(target, dev, dt, rope_dt, rows, splits=1):
     """q / k / v read from the rows of one fused q/k/v output and rotated as they are read, against the torch
     reference of the same op (``decode_attention``: slices, views and ``x * cos + rotate_half(x) * sin`` with
-    torch's dtypes, then ``cached_attention``); fp16 x with fp32 cos promotes the attention to fp32."""
+    torch's dtypes, then ``cached_attention``); fp16 x with fp32 cos promotes the attention to fp32.  ``splits``:
+    the split kernel + combine kernel."""
     b, h, kvh, s, d = 2, 6, 2, 12, 48
     width = 8 + (h + 2 * kvh) * d
     offs = [8, 8 + h * d, 8 + (h + kvh) * d]
     shape = AttentionShape(b, h, kvh, s, d, Source(dt, width, offs[0]), Source(dt, width, offs[1]),
                            Source(dt, width, offs[2]), dt, dt, "int64", rows, rope_dt)
     assert shape.q_dtype == ("float32" if "float32" in (dt, rope_dt) else dt)
-    mod = _compile(shape, 0.3, target)
+    mod = _compile(shape, 0.3, target, splits)
     g = torch.Generator().manual_seed(rows)
     rows_t = torch.randn(b, width, generator=g).to(DTYPES[dt])
     cos, sin = (torch.randn(rows, d, generator=g).to(DTYPES[rope_dt]) for _ in range(2))
@@ -110,7 +130,7 @@ def _check_rows_and_rope(target, dev, dt, rope_dt, rows):
         tv = [tvm.runtime.tensor(x.numpy(), dev)
               for x in (rows_t, rows_t, rows_t, kc, vc, torch.tensor([pos]), cos, sin)]
         out = tvm.runtime.tensor(torch.zeros(b, h, 1, d, dtype=DTYPES[shape.q_dtype]).numpy(), dev)
-        mod["main"](*tv, out)
+        _attend(mod, dev, shape, splits, tv, out)
         ref = decode_attention(rows_t, rows_t, rows_t, kc, vc, torch.tensor([pos]), cos, sin, 0.3, h, offs)
         got = torch.from_numpy(out.numpy())
         assert got.dtype == ref[0].dtype
@@ -159,9 +179,11 @@ def test_kernel_rejects_what_it_does_not_handle():
     assert attention_warps(_shape(1, 4, 4, 3, 128, "float16")) == 2  # no more warps than slots
 
 
-def _steps(dtype=None):
+def _steps(dtype=None, max_seq_len=32):
+    """The tiny model's cached steps: 4 query heads, 2 KV heads, ``max_seq_len`` cache slots (32: the importer splits
+    the decode attention in 2, :func:`attention_splits`; 24: one kernel)."""
     m = tiny_causal_lm(seed=0, vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2)
-    return build_steps(m, batch=1, max_seq_len=32, prefill_chunk=8, dtype=dtype)
+    return build_steps(m, batch=1, max_seq_len=max_seq_len, prefill_chunk=8, dtype=dtype)
 
 
 def test_only_one_token_steps_with_donated_caches_get_the_fused_op():
@@ -237,23 +259,31 @@ def test_rotary_with_different_tables_for_q_and_k_is_left_in_the_graph():
     torch.testing.assert_close(torch.from_dlpack(res[0]), ref[0], rtol=1e-4, atol=1e-4)
 
 
-def test_decode_step_has_one_attention_kernel_per_layer_and_matches_torch():
+@pytest.mark.parametrize("slots", [24, 32])
+def test_decode_step_has_one_attention_kernel_per_layer_and_matches_torch(slots):
+    """24 cache slots: one attention kernel per layer; 32: the attention split in 2 (a split kernel, which writes
+    the caches in place, and a combine kernel per layer)."""
     from tvm import relax
 
-    _, dec, spec = _steps()
+    _, dec, spec = _steps(max_seq_len=slots)
     fused, _ = with_fused_decode_attention(dec, spec.input_names[2:])
     b = build_tvm(fused, example_inputs(spec, 1), target="llvm", donate=spec.input_names[2:])
     assert sorted(b.info["inplace_inputs"]) == sorted(spec.input_names[2:])
     names = b.primfunc_names()
-    assert "fxc_decode_attention" in names
+    split = attention_splits(_shape(1, 4, 2, slots, 16, "float32")) > 1
+    assert split == (slots == 32)
+    attention = ["fxc_decode_attention_combine", "fxc_decode_attention_split"] if split else ["fxc_decode_attention"]
+    assert [n for n in names if "attention" in n] == attention, names
     assert not [n for n in names if "scatter" in n or "softmax" in n or n.startswith("fxc_kv_write")], names
     main = b.scheduled["main"].script()
-    assert main.count("R.call_tir_inplace(") == len(spec.cache), main
+    assert main.count("R.call_tir_inplace(") == len(spec.cache) == 2, main  # one per layer, writing both caches
+    for name in attention:
+        assert main.count(f"({name}, (") == len(spec.cache), main  # each attention kernel: once per layer
     vm = relax.VirtualMachine(b.executable, tvm.cpu(0))
     g = torch.Generator().manual_seed(1)
     caches = [torch.randn(c.shape, generator=g) for c in empty_caches(spec)]
     ids = torch.tensor([[7]])
-    for pos in (0, 13, 31):
+    for pos in (0, 1, 13, slots - 1):
         with torch.no_grad():
             ref = dec(ids, torch.tensor([pos]), *[c.clone() for c in caches])
         tv = [tvm.runtime.tensor(x.numpy()) for x in (ids, torch.tensor([pos]), *caches)]
@@ -324,7 +354,9 @@ def test_cuda_kernel_grid_per_query_head_or_per_kv_head():
 
 @pytest.mark.skipif(not NVCC, reason="needs nvcc to build CUDA code")
 def test_cuda_decode_step_launches_one_attention_kernel_per_layer():
-    _, dec, spec = _steps(torch.float16)
+    """A cache too short to split (24 slots): one attention kernel per layer
+    (tests/test_tvm_decode_attention_split.py: the split)."""
+    _, dec, spec = _steps(torch.float16, max_seq_len=24)
     fused, _ = with_fused_decode_attention(dec, spec.input_names[2:])
     b = build_tvm(fused, example_inputs(spec, 1), target="cuda", dtype=torch.float16, donate=spec.input_names[2:])
     kernels = b.kernel_names()

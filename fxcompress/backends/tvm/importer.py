@@ -13,7 +13,9 @@ stay int8 constants**; a conv whose input is a quantized activation runs int8 x 
 A cached LM step may also carry the op ``fxc_lm::decode_attention`` (put there by
 :func:`fxcompress.lm.attention.with_fused_decode_attention` for one-token steps whose caches are donated): it is
 lowered to ONE kernel, :func:`.kernels.decode_attention.decode_attention_primfunc`, called with
-``call_tir_inplace`` (the caches are written in place, the attention output is a new tensor).  Its caches must be
+``call_tir_inplace`` (the caches are written in place, the attention output is a new tensor), or, when the shape
+has few blocks (:func:`.kernels.decode_attention.attention_splits`), to two: that kernel over splits of the cache
+slots (writing the caches and each split's partial softmax state) and a combine kernel.  Its caches must be
 donated inputs (``donate``) read by nothing else.
 """
 from __future__ import annotations
@@ -201,11 +203,15 @@ def _convert_cumsum(node, importer):
 def _convert_decode_attention(node, importer, donate: frozenset, cuda: bool, done: list):
     """``fxc_lm::decode_attention(q, k, v, k_cache, v_cache, cache_position, cos, sin, scale, heads, offsets)`` of
     one new token -> ``call_tir_inplace`` of the fused decode-attention kernel: outputs ``(out, k_cache,
-    v_cache)``, the caches aliasing the inputs (written in place).  ``done`` collects the cache input names updated
-    in place."""
+    v_cache)``, the caches aliasing the inputs (written in place).  With ``attention_splits(shape) = P > 1`` (few
+    blocks: flash-decoding) the ``call_tir_inplace`` kernel outputs the ``P`` splits' partial softmax states
+    instead (``acc`` ``[B, H, P, D]``, ``state`` ``[B, H, P, 2]``, fp32) and a ``call_tir`` of the combine kernel
+    gives ``out``.  ``done`` collects
+    the cache input names updated in place."""
     from tvm import relax
 
-    from .kernels.decode_attention import AttentionShape, Source, attention_supports, decode_attention_primfunc
+    from .kernels.decode_attention import (AttentionShape, Source, attention_splits, attention_supports,
+                                           decode_attention_combine_primfunc, decode_attention_primfunc)
 
     where = f"attention node {node.name!r} (fxc_lm::decode_attention, the fused decode attention)"
     for i in (3, 4):
@@ -248,10 +254,24 @@ def _convert_decode_attention(node, importer, donate: frozenset, cuda: bool, don
     if reason is not None:
         raise TVMBackendError(f"{where}: {reason}")
     bb = importer.block_builder
-    gv = bb.add_func(decode_attention_primfunc(shape, scale, cuda), "fxc_decode_attention")
+    splits = attention_splits(shape)
     done += [node.args[3].name, node.args[4].name]
-    return bb.emit(relax.call_tir_inplace(gv, relax.Tuple([q, k, v, kc, vc, pos, *rope]), inplace_indices=[-1, 3, 4],
-                                          out_ty=[relax.TensorType([b, heads, 1, d], shape.q_dtype), kc.ty, vc.ty]))
+    args = relax.Tuple([q, k, v, kc, vc, pos, *rope])
+    if splits == 1:
+        gv = bb.add_func(decode_attention_primfunc(shape, scale, cuda), "fxc_decode_attention")
+        return bb.emit(relax.call_tir_inplace(gv, args, inplace_indices=[-1, 3, 4],
+                                              out_ty=[relax.TensorType([b, heads, 1, d], shape.q_dtype), kc.ty, vc.ty]))
+    # the splits' states in two tensors (weighted V sums; max and sum), which the combine kernel takes as two inputs
+    # (TVM 0.27's RewriteDataflowReshape checks every one-input call_tir for a reshape pattern, an analysis that
+    # fails on a hand-scheduled PrimFunc)
+    gv = bb.add_func(decode_attention_primfunc(shape, scale, cuda, splits=splits), "fxc_decode_attention_split")
+    res = bb.emit(relax.call_tir_inplace(gv, args, inplace_indices=[-1, -1, 3, 4],
+                                         out_ty=[relax.TensorType([b, heads, splits, d], "float32"),
+                                                 relax.TensorType([b, heads, splits, 2], "float32"), kc.ty, vc.ty]))
+    gc = bb.add_func(decode_attention_combine_primfunc(shape, splits, cuda), "fxc_decode_attention_combine")
+    parts = relax.Tuple([bb.emit(relax.TupleGetItem(res, 0)), bb.emit(relax.TupleGetItem(res, 1))])
+    out = bb.emit(relax.call_tir(gc, parts, out_ty=relax.TensorType([b, heads, 1, d], shape.q_dtype)))
+    return bb.emit(relax.Tuple([out, bb.emit(relax.TupleGetItem(res, 2)), bb.emit(relax.TupleGetItem(res, 3))]))
 
 
 def _as_tuple(example_inputs) -> tuple:
