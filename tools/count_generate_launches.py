@@ -62,6 +62,10 @@ def main(argv=None) -> int:
     for lab, g in groups:
         for i, name, k in g:
             what = ("KV-cache write in place (donated cache)" if name.startswith("fxc_kv_write") else
+                    "attention, split over the slots: K/V cache write in place + each split's partial softmax state"
+                    if name.startswith("fxc_decode_attention_split") else
+                    "attention: merges the splits' partial states (rescaled by exp(m_i - max m)), writes the output"
+                    if name.startswith("fxc_decode_attention_combine") else
                     "attention: K/V cache write in place + scores, softmax, P.V (one kernel)"
                     if name.startswith("fxc_decode_attention") else describe(name))
             lines.append(f"| {i} | {lab} | `{name[:90]}` | {k} | {what} |")

@@ -66,6 +66,8 @@ def describe(name: str) -> str:
     """What the kernel of PrimFunc ``name`` does (from the op names FuseOps put in it)."""
     for key, what in _WHAT:
         if key in name:
+            if "fxc_packed" in name and "_rms" in name:
+                what = "RMSNorm prologue + " + what
             if key.startswith("fxc_packed") and name.endswith("_res"):
                 return what + " + residual-add epilogue"
             if key.startswith("fxc_packed") and name.endswith("_f32"):
