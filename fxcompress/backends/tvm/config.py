@@ -12,6 +12,7 @@ DECODE_MODES = ("magic", "convert")
 GEMV_CUDA_KEYS = ("TS", "TR", "TILE_R", "VEC_C", "VEC_LOAD", "UNROLL", "LOAD_V_SHARED", "LOAD_V_VEC")
 TILE_CASES = ("batch1", "batch1_large_k", "batch4", "batch")
 MMA_TILE_CASES = ("small", "batch")
+MMA_BATCH_TILE_CASES = ("rows16", "rows32")  # kernels.mma_batch.BATCH_TILE_CASES: up to 16 rows / 17..32 rows
 MS_COST_MODELS = ("auto", "xgb", "random")
 
 
@@ -36,6 +37,11 @@ class TVMBuildConfig:
     ``tiles``: CUDA-core kernel tile overrides by case (:data:`TILE_CASES`), e.g. ``{"batch": Tile(8, 4, 1)}``.
     ``mma_min_m``: batch sizes from here up use the tensor-core kernel; ``mma_tiles``: its (warps, prefetch) by
     case (:data:`MMA_TILE_CASES`).
+    ``mma_batch``: layers with ``mma_batch_min_m``..32 rows (int4 / int8, fp16) use the tensor-core batch kernel
+    :mod:`.kernels.mma_batch` ("fxc_mma_batch": each warp reuses an activation fragment for several 16-feature row
+    tiles); False keeps :mod:`.kernels.mma_gemv` ("fxc_mma") for every batch it takes.  ``mma_batch_tiles``: its
+    ``(row_tiles, warps, prefetch)`` by case (:data:`MMA_BATCH_TILE_CASES`: "rows16" = up to 16 rows, "rows32" =
+    17..32), ints with row_tiles 1..8, warps 1..16, prefetch 1..16 (None: ``kernels.mma_batch.DEFAULT_BATCH_TILES``).
     ``ms_builder_timeout_s``: MetaSchedule's per-candidate build timeout (``tune="meta_schedule"``; its 30 s default
     times out most CUDA candidates); ``ms_cost_model``: "auto" (xgboost when installed, else random), "xgb" or
     "random"; ``ms_compete``: on CUDA, each hand-written quantized-linear kernel competes with the MetaSchedule-tuned
@@ -57,6 +63,9 @@ class TVMBuildConfig:
     tiles: Mapping | None = None
     mma_min_m: int = 1
     mma_tiles: Mapping | None = None
+    mma_batch: bool = True
+    mma_batch_min_m: int = 5
+    mma_batch_tiles: Mapping | None = None
     ms_builder_timeout_s: float = 120.0
     ms_cost_model: str = "auto"
     ms_compete: bool = True
@@ -75,6 +84,11 @@ class TVMBuildConfig:
             raise ValueError(f"TVMBuildConfig.ms_builder_timeout_s must be a number > 0, got {self.ms_builder_timeout_s!r}")
         if self.ms_cost_model not in MS_COST_MODELS:
             raise ValueError(f"TVMBuildConfig.ms_cost_model must be one of {MS_COST_MODELS}, got {self.ms_cost_model!r}")
+        if not isinstance(self.mma_batch, bool):
+            raise ValueError(f"TVMBuildConfig.mma_batch must be a bool, got {self.mma_batch!r}")
+        if isinstance(self.mma_batch_min_m, bool) or not isinstance(self.mma_batch_min_m, int) \
+                or not 1 <= self.mma_batch_min_m <= 32:
+            raise ValueError(f"TVMBuildConfig.mma_batch_min_m must be an int in 1..32, got {self.mma_batch_min_m!r}")
         if not isinstance(self.ms_compete, bool):
             raise ValueError(f"TVMBuildConfig.ms_compete must be a bool, got {self.ms_compete!r}")
         try:
@@ -89,7 +103,8 @@ class TVMBuildConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"TVMBuildConfig.{name} must be an int >= 0, got {v!r}")
-        for name, keys in (("gemv_cuda", GEMV_CUDA_KEYS), ("tiles", TILE_CASES), ("mma_tiles", MMA_TILE_CASES)):
+        for name, keys in (("gemv_cuda", GEMV_CUDA_KEYS), ("tiles", TILE_CASES), ("mma_tiles", MMA_TILE_CASES),
+                           ("mma_batch_tiles", MMA_BATCH_TILE_CASES)):
             v = getattr(self, name)
             if v is None:
                 continue
@@ -103,3 +118,10 @@ class TVMBuildConfig:
             for case, t in self.mma_tiles.items():
                 if not (isinstance(t, tuple) and len(t) == 2 and all(isinstance(i, int) and i > 0 for i in t)):
                     raise ValueError(f"TVMBuildConfig.mma_tiles[{case!r}] must be (warps, prefetch) ints > 0, got {t!r}")
+        if self.mma_batch_tiles is not None:
+            for case, t in self.mma_batch_tiles.items():
+                ok = isinstance(t, tuple) and len(t) == 3 and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                  for i in t)
+                if not ok or not (1 <= t[0] <= 8 and 1 <= t[1] <= 16 and 1 <= t[2] <= 16):
+                    raise ValueError(f"TVMBuildConfig.mma_batch_tiles[{case!r}] must be (row_tiles 1..8, warps 1..16, "
+                                     f"prefetch 1..16) ints, got {t!r}")

@@ -226,7 +226,7 @@ def _match_swiglu(y, uses, params):
     """``split(y, 2 halves, last axis) -> g, u; fp16(g32 * sigmoid(g32)) * u`` with ``g32 = astype(g, fp32)`` (the
     export of ``F.silu(g) * u`` in fp16), every intermediate read only inside the chain.  Returns the final
     multiply's var or None."""
-    if params["kind"] != "fxc_mma":
+    if params["kind"] not in ("fxc_mma", "fxc_mma_batch"):  # the tensor-core kernels (swiglu_row_order tiles)
         return None
     shape, dtype = _shape_dtype(y)
     if shape is None or dtype != "float16":

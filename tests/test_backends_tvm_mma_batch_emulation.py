@@ -1,0 +1,243 @@
+"""The tensor-core batch kernel's index math (fxcompress/backends/tvm/kernels/mma_batch.py), checked on the CPU: a
+numpy emulation that follows the kernel's loads, decode, fragment stores, per-row-tile cross-warp sums and epilogue
+stores expression by expression, with mma.m16n8k16 modelled from the PTX ISA's fragment layouts (the model of
+tests/test_backends_tvm_mma_emulation.py, written independently of the packing code), against a plain float
+reference; its tile choice, config knobs and dispatch; and the CUDA build (nvcc) of the kernel."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fxcompress.backends.tvm.config import TVMBuildConfig
+from fxcompress.backends.tvm.kernels.epilogue import swiglu_row_order
+from fxcompress.backends.tvm.kernels.mma_batch import (DEFAULT_BATCH_TILES, MAX_M, batch_supports, batch_tile,
+                                                       packed_mma_batch_primfunc)
+from fxcompress.backends.tvm.kernels.mma_gemv import mma_prefetch_groups
+from fxcompress.backends.tvm.packing import mma_k_per_load, pack_mma_words
+from test_backends_tvm_mma_emulation import LANES, _mma
+
+_L = np.arange(LANES)
+
+
+def _store(kind, acc, up=None, res=None):
+    """The epilogue's stored value (kernels/epilogue.py ``Epilogue.store``) in numpy, with its rounding points."""
+    f16, f32 = np.float16, np.float32
+    if kind == "none":
+        return f16(acc)
+    if kind == "float32":
+        return f32(f16(acc))
+    if kind == "residual":
+        return f16(f32(f16(acc)) + f32(res))
+    g = f32(f16(acc))
+    return f16(g * (f32(1) / (f32(1) + np.exp(-g)))) * f16(up)
+
+
+def emulate_batch(x, words, scale, zp, bias, res=None, *, m, k, n, bits, qmin, group_size, tiles=None,
+                  epilogue="none"):
+    """What ``packed_mma_batch_primfunc`` computes, following its index expressions (lanes as a numpy axis)."""
+    rt, warps, prefetch = batch_tile(m, k, n, bits, tiles)
+    nt = -(-m // 8)
+    na = nt * 8
+    kpl = mma_k_per_load(bits)
+    rpw, spl, cmask = 16 // bits, kpl // 16, (1 << bits) - 1
+    kq_w = k // kpl // warps
+    pf, tail = mma_prefetch_groups(kq_w, prefetch)
+    groups = [(g * pf, pf) for g in range(kq_w // pf)] + ([(kq_w - tail, tail)] if tail else [])
+    threads = warps * LANES
+    swiglu = epilogue == "swiglu"
+    per_tile = 8 if swiglu else 16
+    outs = per_tile * na
+    cw = 16 * na
+    off = np.float16(1024 - qmin)
+    x32 = np.ascontiguousarray(x.astype(np.float16)).view(np.uint32).reshape(m, k // 2)
+    srows = scale.shape[0]
+    n_out = n // 2 if swiglu else n
+    y = np.zeros((m, n_out), np.float32 if epilogue == "float32" else np.float16)
+    for bx in range(n // 16 // rt):
+        cf = np.zeros((warps, rt * nt * 4, LANES), np.float32)
+        for ty in range(warps):
+            for q0, cnt in groups:
+                wv = np.zeros((cnt * rt * 4, LANES), np.uint32)
+                for p in range(cnt):
+                    for r in range(rt):
+                        wv[(p * rt + r) * 4:(p * rt + r) * 4 + 4] = words[bx * rt + r, ty * kq_w + q0 + p].T
+                for p in range(cnt):
+                    q = ty * kq_w + q0 + p
+                    sz = np.zeros((rt * 4, LANES), np.float16)
+                    for r in range(rt):
+                        for h in range(2):
+                            row = np.minimum((bx * rt + r) * 16 + _L // 4 + h * 8, srows - 1)
+                            sz[r * 4 + h * 2] = scale[row, q * kpl // group_size]
+                            sz[r * 4 + h * 2 + 1] = zp[row, q * kpl // group_size] if zp is not None else 0
+                    for j in range(spl):
+                        bu = np.zeros((nt * 2, LANES), np.uint32)
+                        for t2 in range(nt):
+                            for hb in range(2):
+                                ok = t2 * 8 + _L // 4 < m
+                                bu[t2 * 2 + hb] = np.where(ok, x32[np.minimum(t2 * 8 + _L // 4, m - 1),
+                                                                   (q * kpl + j * 16 + (_L % 4) * 2 + hb * 8) // 2], 0)
+                        for r in range(rt):
+                            au = np.stack([((wv[(p * rt + r) * 4 + j * (4 // rpw) + i // rpw] >> np.uint32(bits * (i % rpw)))
+                                            & np.uint32(cmask | (cmask << 16))) | np.uint32(0x64006400)
+                                           for i in range(4)])
+                            ah = au.T.copy().view(np.float16).T  # (8, lanes): a_e = half e % 2 of register e // 2
+                            for e in range(8):
+                                ah[e] = (ah[e] - off - sz[r * 4 + (e // 2) % 2 * 2 + 1]) * sz[r * 4 + (e // 2) % 2 * 2]
+                            for t2 in range(nt):
+                                b = bu[t2 * 2:t2 * 2 + 2].T.copy().view(np.float16).T  # (4, lanes)
+                                c = (r * nt + t2) * 4
+                                cf[ty, c:c + 4] = _mma(ah, b, cf[ty, c:c + 4])
+        for r in range(rt):
+            red = np.full(warps * cw, np.nan, np.float32)
+            for ty in range(warps):
+                for t2 in range(nt):
+                    for c in range(4):
+                        red[ty * cw + (_L // 4 + (c // 2) * 8) * na + t2 * 8 + (_L % 4) * 2 + c % 2] = \
+                            cf[ty, (r * nt + t2) * 4 + c]
+            for o in range(-(-outs // threads)):
+                for tid in range(threads):
+                    idx = o * threads + tid
+                    if not (idx < outs and idx % na < m):
+                        continue
+                    acc = np.float32(sum(red[wi * cw + idx] for wi in range(warps)))
+                    row = (bx * rt + r) * 16 + idx // na
+                    if bias is not None:
+                        acc = acc + np.float32(bias[row])
+                    if swiglu:
+                        up = np.float32(sum(red[wi * cw + 8 * na + idx] for wi in range(warps)))
+                        if bias is not None:
+                            up = up + np.float32(bias[row + 8])
+                        y[idx % na, (bx * rt + r) * 8 + idx // na] = _store("swiglu", acc, up)
+                    else:
+                        y[idx % na, row] = _store(epilogue, acc, res=None if res is None else res[idx % na, row])
+    return y
+
+
+def _layer(rng, *, n, k, bits, group_size, zero_point, bias):
+    qmin = -(1 << (bits - 1))
+    codes = rng.integers(qmin, 1 << (bits - 1), size=(n, k))
+    gs = group_size or k
+    scale = rng.uniform(0.005, 0.02, size=(n, k // gs)).astype(np.float16)
+    zp = rng.integers(-2, 3, size=(n, k // gs)).astype(np.float16) if zero_point else None
+    b = rng.standard_normal(n).astype(np.float16) if bias else None
+    w = (codes - (0 if zp is None else np.repeat(zp.astype(np.float32), gs, 1))) \
+        * np.repeat(scale.astype(np.float32), gs, 1)
+    return codes, qmin, gs, scale, zp, b, w
+
+
+VARIANTS = [(4, 128, True), (4, None, False), (8, None, True), (8, 128, False)]  # bits, group size, zero point
+
+
+@pytest.mark.parametrize("m", [5, 8, 9, 16, 24, 32])
+@pytest.mark.parametrize("bits,group_size,zero_point", VARIANTS)
+def test_emulated_batch_kernel_matches_reference(m, bits, group_size, zero_point):
+    """2 row tiles a warp, 2 warps splitting K, 3 loads in flight (groups of 3 and a last 1 for int4)."""
+    rng = np.random.default_rng(m * 10 + bits)
+    k, n = 512, 64
+    codes, qmin, gs, scale, zp, bias, w = _layer(rng, n=n, k=k, bits=bits, group_size=group_size,
+                                                 zero_point=zero_point, bias=zero_point)
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    ref = x.astype(np.float32) @ w.T + (0 if bias is None else bias.astype(np.float32))
+    tiles = {"rows16": (2, 2, 3), "rows32": (2, 2, 3)}
+    assert batch_tile(m, k, n, bits, tiles) == (2, 2, 3)
+    y = emulate_batch(x, pack_mma_words(codes, qmin, bits), scale, zp, bias, m=m, k=k, n=n, bits=bits, qmin=qmin,
+                      group_size=gs, tiles=tiles)
+    assert np.abs(y.astype(np.float32) - ref).max() <= 2e-3 * np.abs(ref).max() + 1e-3
+
+
+@pytest.mark.parametrize("m", [5, 16, 32])
+@pytest.mark.parametrize("epilogue", ["residual", "float32", "swiglu"])
+def test_emulated_batch_kernel_epilogues(m, epilogue):
+    """Each epilogue at the default tile (4 row tiles of 16 features over n = 128), int4 g64 with a zero point and a
+    bias; swiglu on the gate/up weight reordered by swiglu_row_order."""
+    rng = np.random.default_rng(m + len(epilogue))
+    k, n, bits = 256, 128, 4
+    codes, qmin, gs, scale, zp, bias, w = _layer(rng, n=n, k=k, bits=bits, group_size=64, zero_point=True,
+                                                 bias=True)
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    full = x.astype(np.float32) @ w.T + bias.astype(np.float32)
+    res = rng.standard_normal((m, n)).astype(np.float16) if epilogue == "residual" else None
+    if epilogue == "swiglu":
+        o = swiglu_row_order(n)
+        codes, scale, zp, bias = codes[o], scale[o], zp[o], bias[o]
+        g, u = full[:, :n // 2], full[:, n // 2:]
+        ref = g / (1 + np.exp(-g)) * u
+    elif epilogue == "residual":
+        ref = full + res.astype(np.float32)
+    else:
+        ref = full
+    y = emulate_batch(x, pack_mma_words(codes, qmin, bits), scale, zp, bias, res, m=m, k=k, n=n, bits=bits,
+                      qmin=qmin, group_size=gs, epilogue=epilogue)
+    assert y.dtype == (np.float32 if epilogue == "float32" else np.float16)
+    assert np.abs(y.astype(np.float32) - ref).max() <= 4e-3 * np.abs(ref).max() + 1e-3
+
+
+def test_batch_tile_adapts_to_the_layer():
+    assert batch_tile(16, 8192, 8192) == DEFAULT_BATCH_TILES["rows16"]
+    assert batch_tile(32, 8192, 28672) == DEFAULT_BATCH_TILES["rows32"]
+    assert batch_tile(16, 4096, 16 * 6, tiles={"rows16": (4, 8, 2)}) == (3, 8, 2)  # 6 row tiles: 4 -> 3
+    assert batch_tile(16, 4096, 32, tiles={"rows16": (4, 8, 2)}) == (2, 8, 2)  # only 2 row tiles
+    assert batch_tile(9, 64 * 6, 64, tiles={"rows16": (2, 8, 2)}) == (2, 2, 2)  # 6 K loads: 8 -> 4 -> 2 warps
+    assert batch_tile(17, 4096, 4096, tiles={"rows16": (1, 1, 1)}) == DEFAULT_BATCH_TILES["rows32"]
+
+
+def test_batch_supports_names_the_reason():
+    ok = dict(m=16, k=4096, n=4096, bits=4, group_size=128, dtype="float16")
+    assert MAX_M == 32
+    assert all(batch_supports(**{**ok, "m": m}) is None for m in (1, 5, 16, 24, 32))
+    assert "batch 33" in batch_supports(**{**ok, "m": 33})
+    assert "float32" in batch_supports(**{**ok, "dtype": "float32"})
+    assert "2-bit" in batch_supports(**{**ok, "bits": 2})
+    assert "group size 32" in batch_supports(**{**ok, "group_size": 32})
+    with pytest.raises(ValueError, match="batch 40"):
+        packed_mma_batch_primfunc(m=40, k=4096, n=4096, qmin=-8, group_size=128, scale_rows=4096,
+                                  has_zero_point=False, has_bias=False)
+
+
+@pytest.mark.parametrize("bad", [dict(mma_batch_tiles={"rows8": (2, 4, 2)}), dict(mma_batch_tiles={"rows16": (2, 4)}),
+                                 dict(mma_batch_tiles={"rows16": (9, 4, 2)}), dict(mma_batch_tiles={"rows32": [2, 4, 2]}),
+                                 dict(mma_batch_tiles={"rows16": (2, 0, 2)}), dict(mma_batch=1),
+                                 dict(mma_batch_min_m=0), dict(mma_batch_min_m=33)])
+def test_config_rejects_bad_batch_knobs(bad):
+    (field,) = bad
+    with pytest.raises(ValueError, match=f"TVMBuildConfig.{field}"):
+        TVMBuildConfig(**bad)
+
+
+def test_dispatch_picks_the_batch_kernel_from_5_rows():
+    pytest.importorskip("tvm")
+    from fxcompress.backends.tvm.emit import fxc_kind
+
+    shape = dict(k=4096, n=4096, bits=4, gs=128, dtype="float16")
+    assert [fxc_kind(m, **shape) for m in (1, 4, 5, 16, 32, 33)] == \
+        ["fxc_mma"] * 2 + ["fxc_mma_batch"] * 3 + [None]
+    assert fxc_kind(16, **shape, config=TVMBuildConfig(mma_batch=False)) == "fxc_mma"  # the fallback knob
+    assert fxc_kind(8, **shape, config=TVMBuildConfig(mma_batch_min_m=9)) == "fxc_mma"
+    assert fxc_kind(2, **shape, config=TVMBuildConfig(mma_batch_min_m=2)) == "fxc_mma_batch"
+    assert fxc_kind(8, **{**shape, "bits": 2}) == "fxc_gemv"  # int2: CUDA cores
+    assert fxc_kind(8, **shape, config=TVMBuildConfig(mma_min_m=99)) == "fxc_gemv"  # tensor cores off
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build CUDA code")
+@pytest.mark.parametrize("m,bits", [(16, 4), (24, 8), (5, 4)])
+def test_cuda_build_uses_the_batch_kernel(m, bits):
+    """A fp16 int4 / int8 linear at 5..32 rows builds with the batch kernel (mma.sync, 16-byte weight loads); the
+    kernel is named in the build's layer info; mma_batch=False builds the fxc_mma kernel instead."""
+    pytest.importorskip("tvm")
+    from fxcompress.backends.tvm import build_tvm
+    from fxcompress.nn import QuantLinear
+    from fxcompress.quant import QuantSpec
+
+    torch.manual_seed(0)
+    q = nn.Sequential(QuantLinear.from_linear(nn.Linear(512, 256), QuantSpec(bits, False, "per_group", 128)))
+    x = torch.randn(1, m, 512)
+    b = build_tvm(q, (x,), target="cuda", dtype=torch.float16)
+    assert [layer["kernel"] for layer in b.info["layers"]] == ["fxc_mma_batch"]
+    assert b.kernel_names() == ["fxc_packed_mma_batch_kernel"]
+    src = b.device_source()
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src and "uint4" in src
+    old = build_tvm(q, (x,), target="cuda", dtype=torch.float16, config=TVMBuildConfig(mma_batch=False))
+    assert [layer["kernel"] for layer in old.info["layers"]] == ["fxc_mma"]
+    assert old.kernel_names() == ["fxc_packed_mma_kernel"]
