@@ -10,6 +10,9 @@ import pytest
 import torch
 from torch import nn
 
+from fxcompress.nn import QuantLinear
+from fxcompress.quant import QuantSpec
+
 from fxcompress.backends.tvm.config import TVMBuildConfig
 from fxcompress.backends.tvm.kernels.epilogue import swiglu_row_order
 from fxcompress.backends.tvm.kernels.mma_batch import (DEFAULT_BATCH_TILES, MAX_M, batch_supports, batch_tile,
@@ -227,8 +230,6 @@ def test_cuda_build_uses_the_batch_kernel(m, bits):
     kernel is named in the build's layer info; mma_batch=False builds the fxc_mma kernel instead."""
     pytest.importorskip("tvm")
     from fxcompress.backends.tvm import build_tvm
-    from fxcompress.nn import QuantLinear
-    from fxcompress.quant import QuantSpec
 
     torch.manual_seed(0)
     q = nn.Sequential(QuantLinear.from_linear(nn.Linear(512, 256), QuantSpec(bits, False, "per_group", 128)))
@@ -241,3 +242,46 @@ def test_cuda_build_uses_the_batch_kernel(m, bits):
     old = build_tvm(q, (x,), target="cuda", dtype=torch.float16, config=TVMBuildConfig(mma_batch=False))
     assert [layer["kernel"] for layer in old.info["layers"]] == ["fxc_mma"]
     assert old.kernel_names() == ["fxc_packed_mma_kernel"]
+
+
+class _Block(nn.Module):
+    """x -> down(silu(gate(x)) * up(x)) + x with gate/up one fused int4 linear: the residual and swiglu epilogues."""
+
+    def __init__(self, d=256, f=512):
+        super().__init__()
+        spec = QuantSpec(4, False, "per_group", 128)
+        self.gu = QuantLinear.from_linear(nn.Linear(d, 2 * f, bias=False), spec)
+        self.down = QuantLinear.from_linear(nn.Linear(f, d, bias=False), spec)
+        self.f = f
+
+    def forward(self, x):
+        g, u = self.gu(x).split(self.f, dim=-1)
+        return x + self.down(torch.nn.functional.silu(g) * u)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build CUDA code")
+def test_cuda_build_fuses_epilogues_into_the_batch_kernel():
+    """At 16 rows the epilogue passes (kernels/epilogue.py via transforms.gemv_epilogue_pass) rewrite the batch
+    kernel as they do fxc_mma: a swiglu kernel for gate/up and a residual kernel for down, no split / add left."""
+    pytest.importorskip("tvm")
+    from fxcompress.backends.tvm import build_tvm
+
+    torch.manual_seed(0)
+    b = build_tvm(_Block().eval(), (torch.randn(1, 16, 256),), target="cuda", dtype=torch.float16)
+    assert [layer["kernel"] for layer in b.info["layers"]] == ["fxc_mma_batch"] * 2
+    names = b.kernel_names()
+    assert any(k.startswith("fxc_packed_mma_batch") and "swiglu" in k for k in names), names
+    assert any(k.startswith("fxc_packed_mma_batch") and "_res" in k for k in names), names
+    assert not [k for k in names if k.startswith(("add", "split", "multiply", "sigmoid"))], names
+
+
+def test_compete_times_the_batch_kernel_with_its_own_generator():
+    """tune='meta_schedule' competes each hand kernel with a tuned te kernel: fxc_mma_batch layers are generated
+    by the batch kernel's function (with the config's tiles), not fxc_mma's."""
+    pytest.importorskip("tvm")
+    from fxcompress.backends.tvm.compete import _hand_func
+
+    cfg = TVMBuildConfig(mma_batch_tiles={"rows16": (2, 2, 2)})
+    f = _hand_func((16, 512, 256, 4, 128, False, 256), "fxc_mma_batch", -8, cfg)
+    assert f.attrs["global_symbol"] == "main"
+    assert 'T.thread_binding(8, thread="blockIdx.x")' in f.script()  # 256 / 16 / 2 row tiles = 8 blocks
