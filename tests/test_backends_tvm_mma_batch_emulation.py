@@ -15,8 +15,8 @@ from fxcompress.quant import QuantSpec
 
 from fxcompress.backends.tvm.config import TVMBuildConfig
 from fxcompress.backends.tvm.kernels.epilogue import swiglu_row_order
-from fxcompress.backends.tvm.kernels.mma_batch import (DEFAULT_BATCH_TILES, MAX_M, batch_supports, batch_tile,
-                                                       packed_mma_batch_primfunc)
+from fxcompress.backends.tvm.kernels.mma_batch import (DEFAULT_BATCH_TILES, MAX_M, STAGE_PAD, batch_supports,
+                                                       batch_tile, packed_mma_batch_primfunc, smem_bytes)
 from fxcompress.backends.tvm.kernels.mma_gemv import mma_prefetch_groups
 from fxcompress.backends.tvm.packing import mma_k_per_load, pack_mma_words
 from test_backends_tvm_mma_emulation import LANES, _mma
@@ -40,7 +40,7 @@ def _store(kind, acc, up=None, res=None):
 def emulate_batch(x, words, scale, zp, bias, res=None, *, m, k, n, bits, qmin, group_size, tiles=None,
                   epilogue="none"):
     """What ``packed_mma_batch_primfunc`` computes, following its index expressions (lanes as a numpy axis)."""
-    rt, warps, prefetch = batch_tile(m, k, n, bits, tiles)
+    rt, warps, prefetch, stage = batch_tile(m, k, n, bits, tiles)
     nt = -(-m // 8)
     na = nt * 8
     kpl = mma_k_per_load(bits)
@@ -53,6 +53,8 @@ def emulate_batch(x, words, scale, zp, bias, res=None, *, m, k, n, bits, qmin, g
     per_tile = 8 if swiglu else 16
     outs = per_tile * na
     cw = 16 * na
+    ldw = (kpl + STAGE_PAD) // 2
+    units, upr = m * kpl // 8, kpl // 8
     off = np.float16(1024 - qmin)
     x32 = np.ascontiguousarray(x.astype(np.float16)).view(np.uint32).reshape(m, k // 2)
     srows = scale.shape[0]
@@ -74,13 +76,26 @@ def emulate_batch(x, words, scale, zp, bias, res=None, *, m, k, n, bits, qmin, g
                             row = np.minimum((bx * rt + r) * 16 + _L // 4 + h * 8, srows - 1)
                             sz[r * 4 + h * 2] = scale[row, q * kpl // group_size]
                             sz[r * 4 + h * 2 + 1] = zp[row, q * kpl // group_size] if zp is not None else 0
+                    if stage:  # the warp's rows of the shared buffer (its own region: ty * na rows on)
+                        xs = np.full((warps * na * ldw,), 0xFFFFFFFF, np.uint32)  # garbage where not written
+                        for u in range(-(-units // LANES)):
+                            for lane in range(LANES):
+                                if u * LANES + lane < units:
+                                    for v in range(4):
+                                        xs[(ty * na + (u * LANES + lane) // upr) * ldw + (u * LANES + lane) % upr * 4
+                                           + v] = x32[(u * LANES + lane) // upr,
+                                                      q * kpl // 2 + (u * LANES + lane) % upr * 4 + v]
                     for j in range(spl):
                         bu = np.zeros((nt * 2, LANES), np.uint32)
                         for t2 in range(nt):
                             for hb in range(2):
                                 ok = t2 * 8 + _L // 4 < m
-                                bu[t2 * 2 + hb] = np.where(ok, x32[np.minimum(t2 * 8 + _L // 4, m - 1),
-                                                                   (q * kpl + j * 16 + (_L % 4) * 2 + hb * 8) // 2], 0)
+                                row = np.minimum(t2 * 8 + _L // 4, m - 1)
+                                if stage:
+                                    val = xs[(ty * na + row) * ldw + (j * 16 + (_L % 4) * 2 + hb * 8) // 2]
+                                else:
+                                    val = x32[row, (q * kpl + j * 16 + (_L % 4) * 2 + hb * 8) // 2]
+                                bu[t2 * 2 + hb] = np.where(ok, val, 0)
                         for r in range(rt):
                             au = np.stack([((wv[(p * rt + r) * 4 + j * (4 // rpw) + i // rpw] >> np.uint32(bits * (i % rpw)))
                                             & np.uint32(cmask | (cmask << 16))) | np.uint32(0x64006400)
@@ -133,18 +148,20 @@ def _layer(rng, *, n, k, bits, group_size, zero_point, bias):
 VARIANTS = [(4, 128, True), (4, None, False), (8, None, True), (8, 128, False)]  # bits, group size, zero point
 
 
+@pytest.mark.parametrize("stage", [0, 1])
 @pytest.mark.parametrize("m", [5, 8, 9, 16, 24, 32])
 @pytest.mark.parametrize("bits,group_size,zero_point", VARIANTS)
-def test_emulated_batch_kernel_matches_reference(m, bits, group_size, zero_point):
-    """2 row tiles a warp, 2 warps splitting K, 3 loads in flight (groups of 3 and a last 1 for int4)."""
+def test_emulated_batch_kernel_matches_reference(m, bits, group_size, zero_point, stage):
+    """2 row tiles a warp, 2 warps splitting K, 3 loads in flight (groups of 3 and a last 1 for int4); the
+    activations staged in shared memory (stage 1) or read from global memory (stage 0)."""
     rng = np.random.default_rng(m * 10 + bits)
     k, n = 512, 64
     codes, qmin, gs, scale, zp, bias, w = _layer(rng, n=n, k=k, bits=bits, group_size=group_size,
                                                  zero_point=zero_point, bias=zero_point)
     x = rng.standard_normal((m, k)).astype(np.float16)
     ref = x.astype(np.float32) @ w.T + (0 if bias is None else bias.astype(np.float32))
-    tiles = {"rows16": (2, 2, 3), "rows32": (2, 2, 3)}
-    assert batch_tile(m, k, n, bits, tiles) == (2, 2, 3)
+    tiles = {"rows16": (2, 2, 3, stage), "rows32": (2, 2, 3, stage)}
+    assert batch_tile(m, k, n, bits, tiles) == (2, 2, 3, stage)
     y = emulate_batch(x, pack_mma_words(codes, qmin, bits), scale, zp, bias, m=m, k=k, n=n, bits=bits, qmin=qmin,
                       group_size=gs, tiles=tiles)
     assert np.abs(y.astype(np.float32) - ref).max() <= 2e-3 * np.abs(ref).max() + 1e-3
@@ -180,10 +197,14 @@ def test_emulated_batch_kernel_epilogues(m, epilogue):
 def test_batch_tile_adapts_to_the_layer():
     assert batch_tile(16, 8192, 8192) == DEFAULT_BATCH_TILES["rows16"]
     assert batch_tile(32, 8192, 28672) == DEFAULT_BATCH_TILES["rows32"]
-    assert batch_tile(16, 4096, 16 * 6, tiles={"rows16": (4, 8, 2)}) == (3, 8, 2)  # 6 row tiles: 4 -> 3
-    assert batch_tile(16, 4096, 32, tiles={"rows16": (4, 8, 2)}) == (2, 8, 2)  # only 2 row tiles
-    assert batch_tile(9, 64 * 6, 64, tiles={"rows16": (2, 8, 2)}) == (2, 2, 2)  # 6 K loads: 8 -> 4 -> 2 warps
-    assert batch_tile(17, 4096, 4096, tiles={"rows16": (1, 1, 1)}) == DEFAULT_BATCH_TILES["rows32"]
+    assert batch_tile(16, 4096, 16 * 6, tiles={"rows16": (4, 8, 2, 0)}) == (3, 8, 2, 0)  # 6 row tiles: 4 -> 3
+    assert batch_tile(16, 4096, 32, tiles={"rows16": (4, 8, 2, 1)}) == (2, 8, 2, 1)  # only 2 row tiles
+    assert batch_tile(9, 64 * 6, 64, tiles={"rows16": (2, 8, 2, 1)}) == (2, 2, 2, 1)  # 6 K loads: 8 -> 4 -> 2 warps
+    assert batch_tile(17, 4096, 4096, tiles={"rows16": (1, 1, 1, 0)}) == DEFAULT_BATCH_TILES["rows32"]
+    # staged at 32 rows: 16 warps x 32 rows x (64 + 8) fp16 = 72 KiB > 48 KiB -> 8 warps (36 KiB)
+    assert smem_bytes(32, 4, 16, 1) > 48 * 1024 >= smem_bytes(32, 4, 8, 1)
+    assert batch_tile(32, 8192, 8192, tiles={"rows32": (4, 16, 2, 1)}) == (4, 8, 2, 1)
+    assert batch_tile(32, 8192, 8192, tiles={"rows32": (4, 16, 2, 0)}) == (4, 16, 2, 0)
 
 
 def test_batch_supports_names_the_reason():
@@ -199,9 +220,12 @@ def test_batch_supports_names_the_reason():
                                   has_zero_point=False, has_bias=False)
 
 
-@pytest.mark.parametrize("bad", [dict(mma_batch_tiles={"rows8": (2, 4, 2)}), dict(mma_batch_tiles={"rows16": (2, 4)}),
-                                 dict(mma_batch_tiles={"rows16": (9, 4, 2)}), dict(mma_batch_tiles={"rows32": [2, 4, 2]}),
-                                 dict(mma_batch_tiles={"rows16": (2, 0, 2)}), dict(mma_batch=1),
+@pytest.mark.parametrize("bad", [dict(mma_batch_tiles={"rows8": (2, 4, 2, 1)}),
+                                 dict(mma_batch_tiles={"rows16": (2, 4, 2)}),
+                                 dict(mma_batch_tiles={"rows16": (9, 4, 2, 1)}),
+                                 dict(mma_batch_tiles={"rows32": [2, 4, 2, 1]}),
+                                 dict(mma_batch_tiles={"rows16": (2, 0, 2, 1)}),
+                                 dict(mma_batch_tiles={"rows16": (2, 4, 2, 2)}), dict(mma_batch=1),
                                  dict(mma_batch_min_m=0), dict(mma_batch_min_m=33)])
 def test_config_rejects_bad_batch_knobs(bad):
     (field,) = bad
@@ -281,7 +305,7 @@ def test_compete_times_the_batch_kernel_with_its_own_generator():
     pytest.importorskip("tvm")
     from fxcompress.backends.tvm.compete import _hand_func
 
-    cfg = TVMBuildConfig(mma_batch_tiles={"rows16": (2, 2, 2)})
+    cfg = TVMBuildConfig(mma_batch_tiles={"rows16": (2, 2, 2, 1)})
     f = _hand_func((16, 512, 256, 4, 128, False, 256), "fxc_mma_batch", -8, cfg)
     assert f.attrs["global_symbol"] == "main"
     assert 'T.thread_binding(8, thread="blockIdx.x")' in f.script()  # 256 / 16 / 2 row tiles = 8 blocks

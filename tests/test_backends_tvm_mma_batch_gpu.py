@@ -30,11 +30,13 @@ class _Branches(nn.Module):
 
 
 MMA_VARIANTS = [(bits, gran, zp) for bits in (4, 8) for gran in ("per_group", "per_channel") for zp in (False, True)]
-# the default tiles; 3 row tiles x 4 warps with 3 loads in flight (a last partial load group); 1 row tile x 2 warps
-TILES = [None, {"rows16": (3, 4, 3), "rows32": (3, 4, 3)}, {"rows16": (1, 2, 8), "rows32": (2, 1, 4)}]
+# the default tiles (staged); 3 row tiles x 4 warps with 3 loads in flight (a last partial load group), staged and
+# not; 1 row tile x 2 warps / 2 row tiles x 1 warp, not staged
+TILES = [None, {"rows16": (3, 4, 3, 1), "rows32": (3, 4, 3, 1)}, {"rows16": (3, 4, 3, 0), "rows32": (3, 4, 3, 0)},
+         {"rows16": (1, 2, 8, 0), "rows32": (2, 1, 4, 0)}]
 
 
-@pytest.mark.parametrize("tiles", TILES, ids=["default", "r3w4pf3", "small"])
+@pytest.mark.parametrize("tiles", TILES, ids=["default", "r3w4pf3-staged", "r3w4pf3", "small"])
 @pytest.mark.parametrize("m", [5, 8, 9, 16, 24, 32])
 def test_cuda_mma_batch_5_to_32_rows_matches_reference(m, tiles):
     """Every variant at 5..32 rows (1..4 n8 tiles), N = 384 (24 row tiles), K = 1024, through a whole build."""
@@ -63,10 +65,12 @@ def _run(f, arrays, out):
     return args[-1].numpy()
 
 
+@pytest.mark.parametrize("stage", [0, 1])
 @pytest.mark.parametrize("m", [5, 16, 32])
 @pytest.mark.parametrize("epilogue", ["none", "residual", "float32", "swiglu"])
-def test_cuda_mma_batch_epilogues_match_reference(m, epilogue):
-    """The kernel alone, each epilogue (int4 g128, zero point, bias, 4 row tiles a warp), against numpy."""
+def test_cuda_mma_batch_epilogues_match_reference(m, epilogue, stage):
+    """The kernel alone, each epilogue (int4 g128, zero point, bias, 4 row tiles x 8 warps, activations staged in
+    shared memory or not), against numpy."""
     rng = np.random.default_rng(m)
     k, n, bits, gs, qmin = 2048, 512, 4, 128, -8
     codes = rng.integers(-8, 8, size=(n, k))
@@ -89,9 +93,10 @@ def test_cuda_mma_batch_epilogues_match_reference(m, epilogue):
         res = rng.standard_normal((m, n)).astype(np.float16)
         arrays.append(res)
         ref = full + res.astype(np.float32)
-    assert batch_tile(m, k, n, bits)[0] == 4
+    tiles = {"rows16": (4, 8, 2, stage), "rows32": (4, 8, 2, stage)}
+    assert batch_tile(m, k, n, bits, tiles) == (4, 8, 2, stage)
     f = packed_mma_batch_primfunc(m=m, k=k, n=n, qmin=qmin, group_size=gs, scale_rows=n, has_zero_point=True,
-                                  has_bias=True, bits=bits, name="main", epilogue=Epilogue(epilogue))
+                                  has_bias=True, bits=bits, name="main", tiles=tiles, epilogue=Epilogue(epilogue))
     out = np.zeros((m, n_out), np.float32 if epilogue == "float32" else np.float16)
     y = _run(f, arrays, out).astype(np.float32)
     assert np.abs(y - ref).max() <= 5e-3 * np.abs(ref).max()

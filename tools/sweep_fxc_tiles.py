@@ -35,9 +35,15 @@ SHAPES = [(4096, 4096), (8192, 8192), (4096, 11008), (8192, 28672)]  # (K in, N 
 BATCHES = [1, 4, 8, 16, 32]
 GROUP = 128
 MMA_TILES = [(8, 4), (8, 8), (4, 8), (4, 4)]  # fxc_mma: (warps, prefetch)
-# fxc_mma_batch: (row tiles a warp, warps splitting K, weight loads in flight per row tile)
-BATCH_TILES = [(1, 4, 8), (2, 8, 4), (4, 8, 2), (4, 4, 4), (8, 4, 2), (8, 8, 1)]
+# fxc_mma_batch: (row tiles a warp, warps splitting K, weight loads in flight per row tile, stage: activations
+# staged in shared memory)
+BATCH_TILES = [(4, 8, 2, 1), (4, 8, 2, 0), (2, 8, 4, 1), (2, 8, 4, 0), (4, 4, 4, 1), (8, 4, 2, 1), (8, 8, 1, 1),
+               (1, 8, 4, 1)]
 KERNELS = ("gemv", "mma", "batch")
+
+
+def batch_label(tile) -> str:
+    return "batch r%d w%d pf%d s%d" % tuple(tile)
 
 
 def variants(kernels):
@@ -48,7 +54,7 @@ def variants(kernels):
     if "mma" in kernels:
         out += [(f"mma w{w} pf{p}", "fxc_mma", (w, p), range(1, 33)) for w, p in MMA_TILES]
     if "batch" in kernels:
-        out += [(f"batch r{r} w{w} pf{p}", "fxc_mma_batch", (r, w, p), range(5, 33)) for r, w, p in BATCH_TILES]
+        out += [(batch_label(t), "fxc_mma_batch", t, range(5, 33)) for t in BATCH_TILES]
     return out
 
 
@@ -71,7 +77,7 @@ def kernel_func(kind, tile, m, k, n, qmin):
         ran = "w%d pf%d" % mma_tile(m, k, 4, {"small": tile, "batch": tile})
     else:
         params["tiles"] = {batch_case(m): list(tile)}
-        ran = "r%d w%d pf%d" % batch_tile(m, k, n, 4, {batch_case(m): tile})
+        ran = batch_label(batch_tile(m, k, n, 4, {batch_case(m): tile}))
     return fxc_primfunc(params, Epilogue(), "main").with_attr("global_symbol", "main"), ran
 
 
@@ -84,7 +90,7 @@ def default_column(m, k, n):
 
     kind = fxc_kind(m, k, n, 4, GROUP, "float16", TVMBuildConfig())
     if kind == "fxc_mma_batch":
-        return kind, "batch r%d w%d pf%d" % DEFAULT_BATCH_TILES[batch_case(m)]
+        return kind, batch_label(DEFAULT_BATCH_TILES[batch_case(m)])
     if kind == "fxc_mma":
         return kind, "mma w%d pf%d" % DEFAULT_MMA_TILES["small" if m <= 4 else "batch"]
     return kind, "cuda-core gemv" if kind == "fxc_gemv" else None
@@ -162,11 +168,13 @@ def main(argv=None) -> int:
              "",
              "One linear, K(in) x N(out), M rows; each cell `cold / hot` µs of the kernel alone (CUDA events; cold: "
              "L2 flushed before each call). torch fp16 = `F.linear` (cuBLAS). mma wW pfP = `fxc_mma` (W warps "
-             "splitting K, P 16-byte weight loads in flight per lane); batch rR wW pfP = `fxc_mma_batch` (R "
+             "splitting K, P 16-byte weight loads in flight per lane); batch rR wW pfP sS = `fxc_mma_batch` (R "
              "16-feature row tiles a warp, each activation fragment reused for R weight fragments; W warps split K; "
-             "P loads in flight per row tile); cuda-core gemv = the packed GEMV at its default tile. Best cold per "
-             "row in bold; `default` = the kernel (and tile) a default build emits, its cold speed vs torch fp16, "
-             "the issue-13 target and whether it is met; max relative error of every cell vs an fp32 reference in the last column.", "",
+             "P loads in flight per row tile; S = 1: the activations of each K block staged in shared memory with "
+             "16-byte loads, 0: B fragments straight from global memory); cuda-core gemv = the packed GEMV at its "
+             "default tile. Best cold per row in bold; `default` = the kernel (and tile) a default build emits, its "
+             "cold speed vs torch fp16, the issue-13 target and whether it is met; max relative error of every cell "
+             "vs an fp32 reference in the last column.", "",
              f"| K x N | M | torch fp16 µs | {' | '.join(f'{lab} µs' for lab in labels)} | best cold vs torch | "
              "default: kernel, cold vs torch | target | met | max err |",
              "|---|---|---|" + "---|" * len(labels) + "---|---|---|---|---|"]

@@ -40,8 +40,9 @@ class TVMBuildConfig:
     ``mma_batch``: layers with ``mma_batch_min_m``..32 rows (int4 / int8, fp16) use the tensor-core batch kernel
     :mod:`.kernels.mma_batch` ("fxc_mma_batch": each warp reuses an activation fragment for several 16-feature row
     tiles); False keeps :mod:`.kernels.mma_gemv` ("fxc_mma") for every batch it takes.  ``mma_batch_tiles``: its
-    ``(row_tiles, warps, prefetch)`` by case (:data:`MMA_BATCH_TILE_CASES`: "rows16" = up to 16 rows, "rows32" =
-    17..32), ints with row_tiles 1..8, warps 1..16, prefetch 1..16 (None: ``kernels.mma_batch.DEFAULT_BATCH_TILES``).
+    ``(row_tiles, warps, prefetch, stage)`` by case (:data:`MMA_BATCH_TILE_CASES`: "rows16" = up to 16 rows,
+    "rows32" = 17..32), ints with row_tiles 1..8, warps 1..16, prefetch 1..16, stage 0 / 1 (activations read from
+    global memory / staged in shared memory); None: ``kernels.mma_batch.DEFAULT_BATCH_TILES``.
     ``ms_builder_timeout_s``: MetaSchedule's per-candidate build timeout (``tune="meta_schedule"``; its 30 s default
     times out most CUDA candidates); ``ms_cost_model``: "auto" (xgboost when installed, else random), "xgb" or
     "random"; ``ms_compete``: on CUDA, each hand-written quantized-linear kernel competes with the MetaSchedule-tuned
@@ -120,8 +121,8 @@ class TVMBuildConfig:
                     raise ValueError(f"TVMBuildConfig.mma_tiles[{case!r}] must be (warps, prefetch) ints > 0, got {t!r}")
         if self.mma_batch_tiles is not None:
             for case, t in self.mma_batch_tiles.items():
-                ok = isinstance(t, tuple) and len(t) == 3 and all(isinstance(i, int) and not isinstance(i, bool)
+                ok = isinstance(t, tuple) and len(t) == 4 and all(isinstance(i, int) and not isinstance(i, bool)
                                                                   for i in t)
-                if not ok or not (1 <= t[0] <= 8 and 1 <= t[1] <= 16 and 1 <= t[2] <= 16):
+                if not ok or not (1 <= t[0] <= 8 and 1 <= t[1] <= 16 and 1 <= t[2] <= 16 and t[3] in (0, 1)):
                     raise ValueError(f"TVMBuildConfig.mma_batch_tiles[{case!r}] must be (row_tiles 1..8, warps 1..16, "
-                                     f"prefetch 1..16) ints, got {t!r}")
+                                     f"prefetch 1..16, stage 0 / 1) ints, got {t!r}")

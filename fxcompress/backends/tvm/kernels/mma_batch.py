@@ -8,10 +8,12 @@ instructions per 16-byte weight load -- and every block re-reads all of ``x`` fr
 fp16 values: 4x the int4 weight bytes at 16 rows).  Here each warp covers ``R`` row tiles (``16 R`` output
 features): it loads the B fragments (activations) of a K slice once and runs them against ``R`` decoded A
 fragments (weights), so the activation loads and the L2 traffic of ``x`` drop ``R``-fold, while the weight
-stream keeps ``R x prefetch`` 16-byte loads in flight per lane.  Warps split K and are summed through shared
-memory as in :mod:`.mma_gemv`; the epilogues are those of :mod:`.epilogue`.
+stream keeps ``R x prefetch`` 16-byte loads in flight per lane.  With ``stage`` each warp first copies the
+activations of a K block (``m`` rows x 64 / 32 K) to its rows of shared memory with coalesced 16-byte loads and
+takes the B fragments from there (a 4-byte global load of a B fragment touches 8 rows, 8 cache lines).  Warps split
+K and are summed through shared memory as in :mod:`.mma_gemv`; the epilogues are those of :mod:`.epilogue`.
 
-Tile ``(row_tiles, warps, prefetch)`` by case (:data:`BATCH_TILE_CASES`: up to 16 rows / 17..32 rows), from
+Tile ``(row_tiles, warps, prefetch, stage)`` by case (:data:`BATCH_TILE_CASES`: up to 16 rows / 17..32 rows), from
 ``TVMBuildConfig.mma_batch_tiles`` or :data:`DEFAULT_BATCH_TILES`; :func:`batch_tile` adapts it to the layer.
 """
 from __future__ import annotations
@@ -24,32 +26,49 @@ from .mma_gemv import mma_prefetch_groups
 
 LANES = 32  # threads per warp
 MAX_M = 32  # up to 4 n8 tiles of mma.m16n8k16
-MAX_WARPS = 16  # 512 threads a block; the cross-warp sums of one row tile: warps x 16 x 32 fp32 <= 32 KiB shared
+MAX_WARPS = 16  # 512 threads a block
+SMEM_LIMIT = 48 * 1024  # bytes of static shared memory a kernel may declare
+STAGE_PAD = 8  # fp16 pad per staged activation row: row stride 36 (int4) / 20 (int8) words, no bank conflicts
 BATCH_TILE_CASES = ("rows16", "rows32")
-# (row tiles a warp covers, warps splitting K, 16-byte weight loads per row tile a lane issues before decoding).
+# (row tiles a warp covers, warps splitting K, 16-byte weight loads per row tile a lane issues before decoding,
+# stage: 1 = the warp copies the activations of each K block to shared memory with 16-byte loads first, 0 = B
+# fragments straight from global memory as 4-byte loads).
 # Reasoning (H100, 132 SMs; unmeasured until tools/sweep_fxc_tiles.py runs): 4 row tiles = 64 output features a
 # block cut the activation reads 4-fold (8192x8192 at 16 rows: x from L2 falls from 4x to 1x the int4 weight
 # bytes) and still give 128 blocks at N = 8192 (one wave); 8 warps a block keep 8 warps an SM, each lane with
 # 4 x 2 = 8 weight loads in flight (as the current kernel's best batch tile: 8 loads a lane); at 17..32 rows the
-# 4 x 4 n8 accumulators (64 fp32 registers) leave room for only 2 loads per row tile.
-DEFAULT_BATCH_TILES = {"rows16": (4, 8, 2), "rows32": (4, 8, 2)}
+# 4 x 4 n8 accumulators (64 fp32 registers) leave room for only 2 loads per row tile.  Staged: a 4-byte B load
+# touches 8 activation rows (8 cache lines, 8 L1 wavefronts for 128 useful bytes); the staged copy is coalesced
+# 16-byte loads (4 lines a request) and the B fragments then come from conflict-free 4-byte shared loads.
+DEFAULT_BATCH_TILES = {"rows16": (4, 8, 2, 1), "rows32": (4, 8, 2, 1)}
 
 
 def batch_case(m: int) -> str:
     return "rows16" if m <= 16 else "rows32"
 
 
-def batch_tile(m: int, k: int, n: int, bits: int = 4, tiles=None) -> tuple[int, int, int]:
-    """``(row_tiles, warps, prefetch)`` for ``m`` rows of a ``K x N`` layer: the configured tile of ``m``'s case
-    (``tiles``: ``TVMBuildConfig.mma_batch_tiles``; else :data:`DEFAULT_BATCH_TILES`), with ``row_tiles`` lowered
-    to a divisor of ``N / 16`` and ``warps`` halved until they divide the K loads."""
-    rt, warps, pf = (tiles or {}).get(batch_case(m), DEFAULT_BATCH_TILES[batch_case(m)])
+def smem_bytes(m: int, bits: int, warps: int, stage: int) -> int:
+    """Shared memory of the kernel: the cross-warp sums of one row tile (``warps x 16 x na`` fp32), aliased with
+    the staged activations when ``stage`` (``warps x na`` rows of ``kpl + STAGE_PAD`` fp16)."""
+    na = -(-m // 8) * 8
+    red = warps * 16 * na * 4
+    return max(red, warps * na * (mma_k_per_load(bits) + STAGE_PAD) * 2) if stage else red
+
+
+def batch_tile(m: int, k: int, n: int, bits: int = 4, tiles=None) -> tuple[int, int, int, int]:
+    """``(row_tiles, warps, prefetch, stage)`` for ``m`` rows of a ``K x N`` layer: the configured tile of ``m``'s
+    case (``tiles``: ``TVMBuildConfig.mma_batch_tiles``; else :data:`DEFAULT_BATCH_TILES`), with ``row_tiles``
+    lowered to a divisor of ``N / 16`` and ``warps`` halved until they divide the K loads and the shared memory
+    (:func:`smem_bytes`) fits in :data:`SMEM_LIMIT`."""
+    rt, warps, pf, stage = (tiles or {}).get(batch_case(m), DEFAULT_BATCH_TILES[batch_case(m)])
     rt = max(1, min(rt, n // 16))
     while (n // 16) % rt:
         rt -= 1
     while warps > 1 and (k // mma_k_per_load(bits)) % warps:
         warps //= 2
-    return rt, warps, pf
+    while warps > 1 and smem_bytes(m, bits, warps, stage) > SMEM_LIMIT:
+        warps //= 2
+    return rt, warps, pf, stage
 
 
 def batch_supports(*, m: int, k: int, n: int, bits: int, group_size: int, dtype: str, tiles=None) -> str | None:
@@ -65,9 +84,10 @@ def batch_supports(*, m: int, k: int, n: int, bits: int, group_size: int, dtype:
         return f"{n}x{k} is not a multiple of 16 x {kpl}"
     if group_size % kpl:
         return f"group size {group_size} is not a multiple of {kpl}"
-    rt, warps, pf = batch_tile(m, k, n, bits, tiles)
-    if not (1 <= warps <= MAX_WARPS and 1 <= rt <= 8 and 1 <= pf <= 16):
-        return f"tile (row_tiles={rt}, warps={warps}, prefetch={pf}) is outside 1..8 / 1..{MAX_WARPS} / 1..16"
+    rt, warps, pf, stage = batch_tile(m, k, n, bits, tiles)
+    if not (1 <= warps <= MAX_WARPS and 1 <= rt <= 8 and 1 <= pf <= 16 and stage in (0, 1)):
+        return (f"tile (row_tiles={rt}, warps={warps}, prefetch={pf}, stage={stage}) is outside 1..8 / "
+                f"1..{MAX_WARPS} / 1..16 / 0..1")
     return None
 
 
@@ -80,9 +100,11 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
 
     Block ``bx`` covers row tiles ``bx R .. bx R + R`` (``16 R`` features); warp ``ty`` the K loads
     ``ty kq_w .. (ty + 1) kq_w``.  Per group of ``pf`` K loads a lane issues ``R pf`` 16-byte weight loads, then per
-    16-wide K slice loads its B fragments (``2 ceil(m / 8)`` fp16 pairs) once and, per row tile, decodes the A
-    fragment (``(h - (1024 - qmin) - zp) * scale``) and runs one ``mma`` per n8 tile into that tile's fp32
-    accumulators.  Rows past ``m`` of the last n8 tile are zeros."""
+    16-wide K slice loads its B fragments (``2 ceil(m / 8)`` fp16 pairs; with ``stage`` from the warp's rows of
+    shared memory, filled per K block with 16-byte loads between two block barriers) once and, per row tile,
+    decodes the A fragment (``(h - (1024 - qmin) - zp) * scale``) and runs one ``mma`` per n8 tile into that tile's
+    fp32 accumulators.  Rows past ``m`` of the last n8 tile are zeros.  Then per row tile the warps' accumulators
+    are summed through shared memory (aliasing the staging rows) and stored through ``epilogue``."""
     if not isinstance(epilogue, Epilogue):
         raise ValueError(f"tensor-core batch kernel: epilogue must be an Epilogue, got {type(epilogue).__name__}")
     reason = batch_supports(m=m, k=k, n=n, bits=bits, group_size=group_size, dtype="float16", tiles=tiles)
@@ -93,7 +115,8 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
         raise ValueError(f"tensor-core batch kernel: leading dims {lead} do not hold {m} rows")
     from tvm.script import tirx as T
 
-    rt, warps, prefetch = batch_tile(m, k, n, bits, tiles)
+    rt, warps, prefetch, stage = batch_tile(m, k, n, bits, tiles)
+    staged = bool(stage)  # a Python bool: TVMScript resolves ``if staged`` while parsing
     nt = -(-m // 8)  # n8 tiles of activation rows (1..4)
     na = nt * 8  # activation columns of the C tile
     kpl = mma_k_per_load(bits)  # K per 16-byte lane load
@@ -110,6 +133,11 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
     outs = per_tile * na  # (feature, activation row) outputs per row tile, padded rows included
     red_iters = -(-outs // threads)
     cw = 16 * na  # one warp's partial sums of one row tile in shared memory
+    ldw = (kpl + STAGE_PAD) // 2  # words per staged activation row
+    units = m * kpl // 8  # 16-byte pieces of the activations of one K block (all rows)
+    unit_iters = -(-units // LANES)
+    upr = kpl // 8  # 16-byte pieces per activation row
+    smem_words = smem_bytes(m, bits, warps, stage) // 4
     zshape = (scale_rows, k // group_size)
     xshape, yshape = (*lead, k), (*lead, n_out)
     off = float(1024 - qmin)  # fp16 1024 + u  ->  u + qmin (exact: u < 256)
@@ -121,7 +149,7 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
         return v + T.Cast("float32", b[row]) if has_bias else v
 
     @T.macro
-    def kgroup(q0, cnt, w, s, z, x32, wv, sz, au, ah, bu, cf, bx, ty, tx):
+    def kgroup(q0, cnt, w, s, z, x32, xs, wv, sz, au, ah, bu, cf, bx, ty, tx):
         # a warp's loads q0 .. q0 + cnt of its K range, for each of the block's R row tiles: issue them all, then
         # per K slice load the activation fragments once and run them against every row tile's decoded weights
         for p in T.unroll(cnt):
@@ -138,14 +166,30 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
                                                   (ty * kq_w + q0 + p) * kpl // group_size]
                     else:
                         sz[r * 4 + h * 2 + 1] = T.float16(0)
+            if staged:  # this K block's activations (m rows x kpl) -> the warp's rows of xs, 16 bytes a lane
+                for u in T.unroll(unit_iters):
+                    if u * LANES + tx < units:
+                        for v in T.vectorized(4):
+                            xs[(ty * na + (u * LANES + tx) // upr) * ldw + (u * LANES + tx) % upr * 4 + v] = \
+                                x32[(u * LANES + tx) // upr, (ty * kq_w + q0 + p) * kpl // 2 + (u * LANES + tx) % upr * 4
+                                    + v]
+                # a block barrier: TVM's ThreadSync pass would insert one anyway (it sees shared memory, not that
+                # each warp reads only its own rows)
+                T.tvm_storage_sync("shared")
             for j in T.unroll(spl):  # 16-wide K slice
                 for t2 in T.unroll(nt):  # B fragments: once per slice for all row tiles
                     for hb in T.unroll(2):
-                        bu[t2 * 2 + hb] = T.if_then_else(
-                            t2 * 8 + tx // 4 < m,
-                            x32[T.min(t2 * 8 + tx // 4, m - 1),
-                                ((ty * kq_w + q0 + p) * kpl + j * 16 + (tx % 4) * 2 + hb * 8) // 2],
-                            T.uint32(0))
+                        if staged:
+                            bu[t2 * 2 + hb] = T.if_then_else(
+                                t2 * 8 + tx // 4 < m,
+                                xs[(ty * na + T.min(t2 * 8 + tx // 4, m - 1)) * ldw + (j * 16 + (tx % 4) * 2 + hb * 8) // 2],
+                                T.uint32(0))
+                        else:
+                            bu[t2 * 2 + hb] = T.if_then_else(
+                                t2 * 8 + tx // 4 < m,
+                                x32[T.min(t2 * 8 + tx // 4, m - 1),
+                                    ((ty * kq_w + q0 + p) * kpl + j * 16 + (tx % 4) * 2 + hb * 8) // 2],
+                                T.uint32(0))
                 for r in T.unroll(rt):
                     for i in T.unroll(4):
                         au[i] = ((wv[(p * rt + r) * 4 + j * (4 // rpw) + i // rpw] >> T.Cast("uint32", bits * (i % rpw)))
@@ -156,6 +200,8 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
                         T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
                                                     au.data, 0, bu.data, t2 * 2, cf.data, (r * nt + t2) * 4, False,
                                                     dtype="float32"))
+            if staged:  # every lane has read xs before the next K block overwrites it
+                T.tvm_storage_sync("shared")
 
     @T.macro
     def body(xin, w, s, z, b, rin, yout):
@@ -166,7 +212,9 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
         for bx in T.thread_binding(n // 16 // rt, thread="blockIdx.x"):
             for ty in T.thread_binding(warps, thread="threadIdx.y"):
                 for tx in T.thread_binding(LANES, thread="threadIdx.x"):
-                    red = T.alloc_buffer((warps * cw,), "float32", scope="shared")
+                    sm = T.alloc_buffer((smem_words,), "uint32", scope="shared")
+                    red = T.decl_buffer((smem_words,), "float32", data=sm.data, scope="shared")
+                    xs = T.decl_buffer((smem_words,), "uint32", data=sm.data, scope="shared")
                     cf = T.alloc_buffer((rt * nt * 4,), "float32", scope="local")
                     wv = T.alloc_buffer((pf * rt * 4,), "uint32", scope="local")
                     au = T.alloc_buffer((4,), "uint32", scope="local")
@@ -177,9 +225,9 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
                     for c in T.unroll(rt * nt * 4):
                         cf[c] = T.float32(0)
                     for qo in T.serial(kq_w // pf):
-                        kgroup(qo * pf, pf, w, s, z, x32, wv, sz, au, ah, bu, cf, bx, ty, tx)
+                        kgroup(qo * pf, pf, w, s, z, x32, xs, wv, sz, au, ah, bu, cf, bx, ty, tx)
                     if tail > 0:
-                        kgroup(kq_w - tail, tail, w, s, z, x32, wv, sz, au, ah, bu, cf, bx, ty, tx)
+                        kgroup(kq_w - tail, tail, w, s, z, x32, xs, wv, sz, au, ah, bu, cf, bx, ty, tx)
                     # per row tile r: C fragments -> shared red[warp][row][act] (c0, c1: row tx // 4, acts
                     # 2 (tx % 4) + {0, 1}; c2, c3: row + 8), then one thread per output sums the warps
                     for r in T.unroll(rt):
