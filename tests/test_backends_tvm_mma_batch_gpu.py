@@ -32,14 +32,16 @@ class _Branches(nn.Module):
 MMA_VARIANTS = [(bits, gran, zp) for bits in (4, 8) for gran in ("per_group", "per_channel") for zp in (False, True)]
 # the default tiles (staged); 3 row tiles x 4 warps with 3 loads in flight (a last partial load group), staged and
 # not; 1 row tile x 2 warps / 2 row tiles x 1 warp, not staged
-TILES = [None, {"rows16": (3, 4, 3, 1), "rows32": (3, 4, 3, 1)}, {"rows16": (3, 4, 3, 0), "rows32": (3, 4, 3, 0)},
-         {"rows16": (1, 2, 8, 0), "rows32": (2, 1, 4, 0)}]
+TILES = {"r3w4pf3-staged": {"rows16": (3, 4, 3, 1), "rows32": (3, 4, 3, 1)},
+         "r3w4pf3": {"rows16": (3, 4, 3, 0), "rows32": (3, 4, 3, 0)},
+         "small": {"rows16": (1, 2, 8, 0), "rows32": (2, 1, 4, 0)}}
+CASES = [(m, "default") for m in (5, 8, 9, 16, 24, 32)] + [(m, t) for t in TILES for m in (9, 32)]
 
 
-@pytest.mark.parametrize("tiles", TILES, ids=["default", "r3w4pf3-staged", "r3w4pf3", "small"])
-@pytest.mark.parametrize("m", [5, 8, 9, 16, 24, 32])
-def test_cuda_mma_batch_5_to_32_rows_matches_reference(m, tiles):
-    """Every variant at 5..32 rows (1..4 n8 tiles), N = 384 (24 row tiles), K = 1024, through a whole build."""
+@pytest.mark.parametrize("m,tile", CASES)
+def test_cuda_mma_batch_5_to_32_rows_matches_reference(m, tile):
+    """Every variant at 5..32 rows (1..4 n8 tiles), N = 384 (24 row tiles), K = 1024, through a whole build: the
+    default tile at each row count, the other tiles at 9 and 32 rows."""
     torch.manual_seed(m)
     k, n = 1024, 384
     layers = [QuantLinear.from_linear(nn.Linear(k, n, bias=zp), QuantSpec(bits, not zp, gran,
@@ -47,7 +49,8 @@ def test_cuda_mma_batch_5_to_32_rows_matches_reference(m, tiles):
               for bits, gran, zp in MMA_VARIANTS]
     model = _Branches(layers).eval()
     x = torch.randn(1, m, k)
-    r = compile_tvm(model, (x,), target="cuda", dtype=torch.float16, config=TVMBuildConfig(mma_batch_tiles=tiles))
+    r = compile_tvm(model, (x,), target="cuda", dtype=torch.float16,
+                    config=TVMBuildConfig(mma_batch_tiles=TILES.get(tile)))
     assert [layer["kernel"] for layer in r.info["layers"]] == ["fxc_mma_batch"] * len(layers)
     y = r(x.half().cuda()).float().cpu()
     for i, (layer, variant) in enumerate(zip(layers, MMA_VARIANTS)):
