@@ -76,7 +76,8 @@ def emulate_batch(x, words, scale, zp, bias, res=None, *, m, k, n, bits, qmin, g
                             row = np.minimum((bx * rt + r) * 16 + _L // 4 + h * 8, srows - 1)
                             sz[r * 4 + h * 2] = scale[row, q * kpl // group_size]
                             sz[r * 4 + h * 2 + 1] = zp[row, q * kpl // group_size] if zp is not None else 0
-                    if stage:  # the warp's rows of the shared buffer (its own region: ty * na rows on)
+                    if stage:  # the warp's rows of the shared buffer (its own region: ty * na rows on); the kernel
+                        # loads K block q into registers while block q - 1 is computed, then stores them here
                         xs = np.full((warps * na * ldw,), 0xFFFFFFFF, np.uint32)  # garbage where not written
                         for u in range(-(-units // LANES)):
                             for lane in range(LANES):

@@ -101,7 +101,8 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
     Block ``bx`` covers row tiles ``bx R .. bx R + R`` (``16 R`` features); warp ``ty`` the K loads
     ``ty kq_w .. (ty + 1) kq_w``.  Per group of ``pf`` K loads a lane issues ``R pf`` 16-byte weight loads, then per
     16-wide K slice loads its B fragments (``2 ceil(m / 8)`` fp16 pairs; with ``stage`` from the warp's rows of
-    shared memory, filled per K block with 16-byte loads between two block barriers) once and, per row tile,
+    shared memory, filled per K block from registers between two block barriers, the next K block's 16-byte
+    loads issued before this one is computed) once and, per row tile,
     decodes the A fragment (``(h - (1024 - qmin) - zp) * scale``) and runs one ``mma`` per n8 tile into that tile's
     fp32 accumulators.  Rows past ``m`` of the last n8 tile are zeros.  Then per row tile the warps' accumulators
     are summed through shared memory (aliasing the staging rows) and stored through ``epilogue``."""
@@ -149,14 +150,41 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
         return v + T.Cast("float32", b[row]) if has_bias else v
 
     @T.macro
-    def kgroup(q0, cnt, w, s, z, x32, xs, wv, sz, au, ah, bu, cf, bx, ty, tx):
+    def fetch_x(q, x32, xr, ty, tx):
+        # the activations of the warp's K block q (m rows x kpl), 16 bytes a lane, into registers
+        for u in T.unroll(unit_iters):
+            if u * LANES + tx < units:
+                for v in T.vectorized(4):
+                    xr[u * 4 + v] = x32[(u * LANES + tx) // upr, (ty * kq_w + q) * kpl // 2 + (u * LANES + tx) % upr * 4
+                                        + v]
+
+    @T.macro
+    def put_x(xs, xr, ty, tx):
+        # ... and from registers to the warp's rows of xs (row stride ldw words: conflict-free B reads)
+        for u in T.unroll(unit_iters):
+            if u * LANES + tx < units:
+                for v in T.vectorized(4):
+                    xs[(ty * na + (u * LANES + tx) // upr) * ldw + (u * LANES + tx) % upr * 4 + v] = xr[u * 4 + v]
+
+    @T.macro
+    def kgroup(q0, cnt, w, s, z, x32, xs, xr, wv, sz, au, ah, bu, cf, bx, ty, tx):
         # a warp's loads q0 .. q0 + cnt of its K range, for each of the block's R row tiles: issue them all, then
         # per K slice load the activation fragments once and run them against every row tile's decoded weights
         for p in T.unroll(cnt):
             for r in T.unroll(rt):
                 for v in T.vectorized(4):
                     wv[(p * rt + r) * 4 + v] = w[bx * rt + r, ty * kq_w + q0 + p, tx, v]
+        if staged:
+            fetch_x(q0, x32, xr, ty, tx)
         for p in T.unroll(cnt):
+            if staged:  # K block p: registers -> xs between two block barriers (TVM's ThreadSync pass would insert
+                # them anyway: it sees shared memory, not that each warp touches only its own rows); then the
+                # next K block's activations are loaded while this one is computed
+                T.tvm_storage_sync("shared")
+                put_x(xs, xr, ty, tx)
+                T.tvm_storage_sync("shared")
+                if p + 1 < cnt:
+                    fetch_x(q0 + p + 1, x32, xr, ty, tx)
             for r in T.unroll(rt):
                 for h in T.unroll(2):  # scale / zero point of rows g and g + 8 of row tile r, this K block
                     sz[r * 4 + h * 2] = s[srow((bx * rt + r) * 16 + tx // 4 + h * 8),
@@ -166,16 +194,6 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
                                                   (ty * kq_w + q0 + p) * kpl // group_size]
                     else:
                         sz[r * 4 + h * 2 + 1] = T.float16(0)
-            if staged:  # this K block's activations (m rows x kpl) -> the warp's rows of xs, 16 bytes a lane
-                for u in T.unroll(unit_iters):
-                    if u * LANES + tx < units:
-                        for v in T.vectorized(4):
-                            xs[(ty * na + (u * LANES + tx) // upr) * ldw + (u * LANES + tx) % upr * 4 + v] = \
-                                x32[(u * LANES + tx) // upr, (ty * kq_w + q0 + p) * kpl // 2 + (u * LANES + tx) % upr * 4
-                                    + v]
-                # a block barrier: TVM's ThreadSync pass would insert one anyway (it sees shared memory, not that
-                # each warp reads only its own rows)
-                T.tvm_storage_sync("shared")
             for j in T.unroll(spl):  # 16-wide K slice
                 for t2 in T.unroll(nt):  # B fragments: once per slice for all row tiles
                     for hb in T.unroll(2):
@@ -200,8 +218,6 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
                         T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
                                                     au.data, 0, bu.data, t2 * 2, cf.data, (r * nt + t2) * 4, False,
                                                     dtype="float32"))
-            if staged:  # every lane has read xs before the next K block overwrites it
-                T.tvm_storage_sync("shared")
 
     @T.macro
     def body(xin, w, s, z, b, rin, yout):
@@ -215,6 +231,7 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
                     sm = T.alloc_buffer((smem_words,), "uint32", scope="shared")
                     red = T.decl_buffer((smem_words,), "float32", data=sm.data, scope="shared")
                     xs = T.decl_buffer((smem_words,), "uint32", data=sm.data, scope="shared")
+                    xr = T.alloc_buffer((unit_iters * 4,), "uint32", scope="local")
                     cf = T.alloc_buffer((rt * nt * 4,), "float32", scope="local")
                     wv = T.alloc_buffer((pf * rt * 4,), "uint32", scope="local")
                     au = T.alloc_buffer((4,), "uint32", scope="local")
@@ -225,9 +242,11 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
                     for c in T.unroll(rt * nt * 4):
                         cf[c] = T.float32(0)
                     for qo in T.serial(kq_w // pf):
-                        kgroup(qo * pf, pf, w, s, z, x32, xs, wv, sz, au, ah, bu, cf, bx, ty, tx)
+                        kgroup(qo * pf, pf, w, s, z, x32, xs, xr, wv, sz, au, ah, bu, cf, bx, ty, tx)
                     if tail > 0:
-                        kgroup(kq_w - tail, tail, w, s, z, x32, xs, wv, sz, au, ah, bu, cf, bx, ty, tx)
+                        kgroup(kq_w - tail, tail, w, s, z, x32, xs, xr, wv, sz, au, ah, bu, cf, bx, ty, tx)
+                    if staged:  # red aliases xs: every warp is done with its activations
+                        T.tvm_storage_sync("shared")
                     # per row tile r: C fragments -> shared red[warp][row][act] (c0, c1: row tx // 4, acts
                     # 2 (tx % 4) + {0, 1}; c2, c3: row + 8), then one thread per output sums the warps
                     for r in T.unroll(rt):
