@@ -168,11 +168,12 @@ def test_emulated_batch_kernel_matches_reference(m, bits, group_size, zero_point
     assert np.abs(y.astype(np.float32) - ref).max() <= 2e-3 * np.abs(ref).max() + 1e-3
 
 
+@pytest.mark.parametrize("stage", [0, 1])
 @pytest.mark.parametrize("m", [5, 16, 32])
 @pytest.mark.parametrize("epilogue", ["residual", "float32", "swiglu"])
-def test_emulated_batch_kernel_epilogues(m, epilogue):
-    """Each epilogue at the default tile (4 row tiles of 16 features over n = 128), int4 g64 with a zero point and a
-    bias; swiglu on the gate/up weight reordered by swiglu_row_order."""
+def test_emulated_batch_kernel_epilogues(m, epilogue, stage):
+    """Each epilogue with 4 row tiles of 16 features a warp (2 blocks over n = 128) and 2 warps, int4 g64 with a
+    zero point and a bias; swiglu on the gate/up weight reordered by swiglu_row_order."""
     rng = np.random.default_rng(m + len(epilogue))
     k, n, bits = 256, 128, 4
     codes, qmin, gs, scale, zp, bias, w = _layer(rng, n=n, k=k, bits=bits, group_size=64, zero_point=True,
@@ -190,18 +191,23 @@ def test_emulated_batch_kernel_epilogues(m, epilogue):
     else:
         ref = full
     y = emulate_batch(x, pack_mma_words(codes, qmin, bits), scale, zp, bias, res, m=m, k=k, n=n, bits=bits,
-                      qmin=qmin, group_size=gs, epilogue=epilogue)
+                      qmin=qmin, group_size=gs, epilogue=epilogue,
+                      tiles={"rows16": (4, 2, 2, stage), "rows32": (4, 2, 2, stage)})
     assert y.dtype == (np.float32 if epilogue == "float32" else np.float16)
     assert np.abs(y.astype(np.float32) - ref).max() <= 4e-3 * np.abs(ref).max() + 1e-3
 
 
 def test_batch_tile_adapts_to_the_layer():
-    assert batch_tile(16, 8192, 8192) == DEFAULT_BATCH_TILES["rows16"]
+    assert batch_tile(16, 8192, 8192) == DEFAULT_BATCH_TILES["rows16"]  # 128 blocks of 4 row tiles
     assert batch_tile(32, 8192, 28672) == DEFAULT_BATCH_TILES["rows32"]
+    r, w, p, s = DEFAULT_BATCH_TILES["rows16"]
+    assert r == 4 and batch_tile(16, 4096, 4096) == (2, w, 2 * p, s)  # default: >= 128 blocks, same loads in flight
+    assert batch_tile(16, 2048, 2048) == (1, w, 4 * p, s)
+    assert batch_tile(16, 4096, 4096, tiles={"rows16": (4, 8, 2, 1)}) == (4, 8, 2, 1)  # a configured tile: as given
     assert batch_tile(16, 4096, 16 * 6, tiles={"rows16": (4, 8, 2, 0)}) == (3, 8, 2, 0)  # 6 row tiles: 4 -> 3
     assert batch_tile(16, 4096, 32, tiles={"rows16": (4, 8, 2, 1)}) == (2, 8, 2, 1)  # only 2 row tiles
     assert batch_tile(9, 64 * 6, 64, tiles={"rows16": (2, 8, 2, 1)}) == (2, 2, 2, 1)  # 6 K loads: 8 -> 4 -> 2 warps
-    assert batch_tile(17, 4096, 4096, tiles={"rows16": (1, 1, 1, 0)}) == DEFAULT_BATCH_TILES["rows32"]
+    assert batch_tile(17, 8192, 8192, tiles={"rows16": (1, 1, 1, 0)}) == DEFAULT_BATCH_TILES["rows32"]  # other case
     # staged at 32 rows: 16 warps x 32 rows x (64 + 8) fp16 = 72 KiB > 48 KiB -> 8 warps (36 KiB)
     assert smem_bytes(32, 4, 16, 1) > 48 * 1024 >= smem_bytes(32, 4, 8, 1)
     assert batch_tile(32, 8192, 8192, tiles={"rows32": (4, 16, 2, 1)}) == (4, 8, 2, 1)

@@ -85,12 +85,12 @@ def default_column(m, k, n):
     """(kernel, column label) of what a build with the default TVMBuildConfig emits for this layer."""
     from fxcompress.backends.tvm import TVMBuildConfig
     from fxcompress.backends.tvm.emit import fxc_kind
-    from fxcompress.backends.tvm.kernels.mma_batch import DEFAULT_BATCH_TILES, batch_case
+    from fxcompress.backends.tvm.kernels.mma_batch import batch_tile
     from fxcompress.backends.tvm.kernels.mma_gemv import DEFAULT_MMA_TILES
 
     kind = fxc_kind(m, k, n, 4, GROUP, "float16", TVMBuildConfig())
     if kind == "fxc_mma_batch":
-        return kind, batch_label(DEFAULT_BATCH_TILES[batch_case(m)])
+        return kind, batch_label(batch_tile(m, k, n, 4))  # the default tile as adapted to this layer
     if kind == "fxc_mma":
         return kind, "mma w%d pf%d" % DEFAULT_MMA_TILES["small" if m <= 4 else "batch"]
     return kind, "cuda-core gemv" if kind == "fxc_gemv" else None

@@ -30,6 +30,7 @@ MAX_WARPS = 16  # 512 threads a block
 SMEM_LIMIT = 48 * 1024  # bytes of static shared memory a kernel may declare
 STAGE_PAD = 8  # fp16 pad per staged activation row: row stride 36 (int4) / 20 (int8) words, no bank conflicts
 BATCH_TILE_CASES = ("rows16", "rows32")
+MIN_BLOCKS = 128  # the default tile gives a layer at least this many blocks where it can (about one an H100 SM)
 # (row tiles a warp covers, warps splitting K, 16-byte weight loads per row tile a lane issues before decoding,
 # stage: 1 = the warp copies the activations of each K block to shared memory with 16-byte loads first, 0 = B
 # fragments straight from global memory as 4-byte loads).
@@ -59,11 +60,18 @@ def batch_tile(m: int, k: int, n: int, bits: int = 4, tiles=None) -> tuple[int, 
     """``(row_tiles, warps, prefetch, stage)`` for ``m`` rows of a ``K x N`` layer: the configured tile of ``m``'s
     case (``tiles``: ``TVMBuildConfig.mma_batch_tiles``; else :data:`DEFAULT_BATCH_TILES`), with ``row_tiles``
     lowered to a divisor of ``N / 16`` and ``warps`` halved until they divide the K loads and the shared memory
-    (:func:`smem_bytes`) fits in :data:`SMEM_LIMIT`."""
-    rt, warps, pf, stage = (tiles or {}).get(batch_case(m), DEFAULT_BATCH_TILES[batch_case(m)])
-    rt = max(1, min(rt, n // 16))
-    while (n // 16) % rt:
+    (:func:`smem_bytes`) fits in :data:`SMEM_LIMIT`.  The default tile also gives up row tiles (raising
+    ``prefetch`` to keep ``row_tiles x prefetch`` loads in flight) until the layer has :data:`MIN_BLOCKS` blocks
+    or one row tile a warp: 4096 features at 4 row tiles would be 64 blocks, half an H100 idle."""
+    configured = (tiles or {}).get(batch_case(m))
+    rt, warps, pf, stage = configured or DEFAULT_BATCH_TILES[batch_case(m)]
+    tiles16 = n // 16
+    rt = max(1, min(rt, tiles16))
+    while tiles16 % rt:
         rt -= 1
+    while configured is None and rt > 1 and tiles16 // rt < MIN_BLOCKS:
+        smaller = next(d for d in range(rt - 1, 0, -1) if tiles16 % d == 0)
+        rt, pf = smaller, min(16, pf * rt // smaller)
     while warps > 1 and (k // mma_k_per_load(bits)) % warps:
         warps //= 2
     while warps > 1 and smem_bytes(m, bits, warps, stage) > SMEM_LIMIT:
