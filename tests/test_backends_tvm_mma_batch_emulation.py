@@ -48,6 +48,7 @@ def emulate_batch(x, words, scale, zp, bias, res=None, *, m, k, n, bits, qmin, g
     kq_w = k // kpl // warps
     pf, tail = mma_prefetch_groups(kq_w, prefetch)
     groups = [(g * pf, pf) for g in range(kq_w // pf)] + ([(kq_w - tail, tail)] if tail else [])
+    reuse_sz = (kq_w * kpl) % group_size == 0 and (pf * kpl) % group_size == 0
     threads = warps * LANES
     swiglu = epilogue == "swiglu"
     per_tile = 8 if swiglu else 16
@@ -70,12 +71,13 @@ def emulate_batch(x, words, scale, zp, bias, res=None, *, m, k, n, bits, qmin, g
                         wv[(p * rt + r) * 4:(p * rt + r) * 4 + 4] = words[bx * rt + r, ty * kq_w + q0 + p].T
                 for p in range(cnt):
                     q = ty * kq_w + q0 + p
-                    sz = np.zeros((rt * 4, LANES), np.float16)
-                    for r in range(rt):
-                        for h in range(2):
-                            row = np.minimum((bx * rt + r) * 16 + _L // 4 + h * 8, srows - 1)
-                            sz[r * 4 + h * 2] = scale[row, q * kpl // group_size]
-                            sz[r * 4 + h * 2 + 1] = zp[row, q * kpl // group_size] if zp is not None else 0
+                    if not reuse_sz or p == 0 or p * kpl % group_size == 0:  # else: the previous load's scales
+                        sz = np.zeros((rt * 4, LANES), np.float16)
+                        for r in range(rt):
+                            for h in range(2):
+                                row = np.minimum((bx * rt + r) * 16 + _L // 4 + h * 8, srows - 1)
+                                sz[r * 4 + h * 2] = scale[row, q * kpl // group_size]
+                                sz[r * 4 + h * 2 + 1] = zp[row, q * kpl // group_size] if zp is not None else 0
                     if stage:  # the warp's rows of the shared buffer (its own region: ty * na rows on); the kernel
                         # loads K block q into registers while block q - 1 is computed, then stores them here
                         xs = np.full((warps * na * ldw,), 0xFFFFFFFF, np.uint32)  # garbage where not written
@@ -164,6 +166,25 @@ def test_emulated_batch_kernel_matches_reference(m, bits, group_size, zero_point
     tiles = {"rows16": (2, 2, 3, stage), "rows32": (2, 2, 3, stage)}
     assert batch_tile(m, k, n, bits, tiles) == (2, 2, 3, stage)
     y = emulate_batch(x, pack_mma_words(codes, qmin, bits), scale, zp, bias, m=m, k=k, n=n, bits=bits, qmin=qmin,
+                      group_size=gs, tiles=tiles)
+    assert np.abs(y.astype(np.float32) - ref).max() <= 2e-3 * np.abs(ref).max() + 1e-3
+
+
+@pytest.mark.parametrize("bits,group_size,pf", [(4, 128, 4), (8, 64, 4), (4, 128, 2)])
+def test_emulated_scales_are_reused_within_a_scale_group(bits, group_size, pf):
+    """Loads of a group that stay in one scale group reuse its scales (int4 g128, 4 loads: scales loaded at loads 0
+    and 2; int8 g64: 2 loads a scale group): the emulation reloads exactly where the kernel does, so reusing
+    across a group boundary would miss the reference."""
+    rng = np.random.default_rng(bits * pf)
+    k, n, m = 1024, 64, 16
+    codes, qmin, gs, scale, zp, bias, w = _layer(rng, n=n, k=k, bits=bits, group_size=group_size, zero_point=True,
+                                                 bias=False)
+    x = rng.standard_normal((m, k)).astype(np.float16)
+    ref = x.astype(np.float32) @ w.T
+    tiles = {"rows16": (2, 2, pf, 1)}
+    kq_w = k // mma_k_per_load(bits) // 2
+    assert (kq_w * mma_k_per_load(bits)) % gs == 0 and (pf * mma_k_per_load(bits)) % gs == 0  # reuse is on
+    y = emulate_batch(x, pack_mma_words(codes, qmin, bits), scale, zp, None, m=m, k=k, n=n, bits=bits, qmin=qmin,
                       group_size=gs, tiles=tiles)
     assert np.abs(y.astype(np.float32) - ref).max() <= 2e-3 * np.abs(ref).max() + 1e-3
 

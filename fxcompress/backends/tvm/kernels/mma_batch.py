@@ -135,6 +135,9 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
     kq = k // kpl  # 16-byte lane loads per row tile
     kq_w = kq // warps  # per warp
     pf, tail = mma_prefetch_groups(kq_w, prefetch)
+    # every group of pf loads (and every warp's first load) starts a scale group: the scales of load p are those
+    # of load p - 1 unless p starts a group
+    reuse_sz = (kq_w * kpl) % group_size == 0 and (pf * kpl) % group_size == 0
     threads = warps * LANES
     n_out = epilogue.out_features(n)
     swiglu = epilogue.kind == "swiglu"
@@ -156,6 +159,17 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
 
     def acc_plus_bias(b, v, row):
         return v + T.Cast("float32", b[row]) if has_bias else v
+
+    @T.macro
+    def load_sz(q, s, z, sz, bx, ty, tx):
+        for r in T.unroll(rt):
+            for h in T.unroll(2):  # scale / zero point of rows g and g + 8 of row tile r, the warp's K block q
+                sz[r * 4 + h * 2] = s[srow((bx * rt + r) * 16 + tx // 4 + h * 8), (ty * kq_w + q) * kpl // group_size]
+                if has_zero_point:
+                    sz[r * 4 + h * 2 + 1] = z[srow((bx * rt + r) * 16 + tx // 4 + h * 8),
+                                              (ty * kq_w + q) * kpl // group_size]
+                else:
+                    sz[r * 4 + h * 2 + 1] = T.float16(0)
 
     @T.macro
     def fetch_x(q, x32, xr, ty, tx):
@@ -193,15 +207,11 @@ def packed_mma_batch_primfunc(*, m: int, k: int, n: int, qmin: int, group_size: 
                 T.tvm_storage_sync("shared")
                 if p + 1 < cnt:
                     fetch_x(q0 + p + 1, x32, xr, ty, tx)
-            for r in T.unroll(rt):
-                for h in T.unroll(2):  # scale / zero point of rows g and g + 8 of row tile r, this K block
-                    sz[r * 4 + h * 2] = s[srow((bx * rt + r) * 16 + tx // 4 + h * 8),
-                                          (ty * kq_w + q0 + p) * kpl // group_size]
-                    if has_zero_point:
-                        sz[r * 4 + h * 2 + 1] = z[srow((bx * rt + r) * 16 + tx // 4 + h * 8),
-                                                  (ty * kq_w + q0 + p) * kpl // group_size]
-                    else:
-                        sz[r * 4 + h * 2 + 1] = T.float16(0)
+            if reuse_sz:  # group boundaries fall on static p: load only where a new scale group starts
+                if p == 0 or p * kpl % group_size == 0:
+                    load_sz(q0 + p, s, z, sz, bx, ty, tx)
+            else:
+                load_sz(q0 + p, s, z, sz, bx, ty, tx)
             for j in T.unroll(spl):  # 16-wide K slice
                 for t2 in T.unroll(nt):  # B fragments: once per slice for all row tiles
                     for hb in T.unroll(2):
