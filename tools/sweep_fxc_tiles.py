@@ -2,13 +2,16 @@
 small-batch GEMM, weights cold (L2 flushed before each timed call) and hot beside it, next to torch fp16 (cuBLAS)
 in the same run: the CUDA-core packed GEMV (its default tile, 1..16 rows), the tensor-core kernel ``fxc_mma`` at
 several ``(warps, prefetch)`` tiles, and the tensor-core batch kernel ``fxc_mma_batch`` at several
-``(row_tiles, warps, prefetch)`` tiles (5..32 rows).  The defaults (kernels.mma_gemv.DEFAULT_MMA_TILES,
+``(row_tiles, warps, prefetch, stage)`` tiles (5..32 rows).  The defaults (kernels.mma_gemv.DEFAULT_MMA_TILES,
 kernels.mma_batch.DEFAULT_BATCH_TILES, kernels.cuda_core_gemv.tile_for) come from this table.
 
     PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/sweep_fxc_tiles.py --out tools/results/fxc_tile_sweep.md
-    # in pieces (each under 10 minutes), e.g. the batch kernel only, two shapes per run:
+    # in pieces (each well under 10 minutes), e.g. the tensor-core kernels at 8..32 rows, two shapes per run:
     PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/sweep_fxc_tiles.py --kernels mma,batch --batches 8,16,32 \\
-        --shapes 4096x4096,4096x11008 --out tools/results/fxc_tile_sweep_batch_a.md
+        --shapes 4096x4096,8192x8192 --out tools/results/fxc_tile_sweep_batch_a.md
+
+Cost: one nvcc build and about 300 timed calls per cell, roughly 2 s a cell, plus up to a minute per shape to make
+and pack the weights (8192x28672); the default run has 192 cells (about 8 minutes), the piece above 72.
 
 Each kernel is generated alone (``emit.fxc_primfunc``, no epilogue) and compiled with ``tvm.compile``; one cell =
 ``cold / hot`` µs (tools/gpu_timing.py: cold = each call alone after writing a buffer of twice the L2 size, CUDA
