@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,8 @@ KERNELS = ("gemv", "mma", "batch")
 
 
 def batch_label(tile) -> str:
-    return "batch r%d w%d pf%d s%d" % tuple(tile)
+    r, w, p, st = tile
+    return f"batch r{r} w{w} pf{p} s{st}"
 
 
 def variants(kernels):
@@ -77,7 +78,8 @@ def kernel_func(kind, tile, m, k, n, qmin):
         ran = str(t)
     elif kind == "fxc_mma":
         params["tiles"] = {"small": list(tile), "batch": list(tile)}
-        ran = "w%d pf%d" % mma_tile(m, k, 4, {"small": tile, "batch": tile})
+        w, p = mma_tile(m, k, 4, {"small": tile, "batch": tile})
+        ran = f"w{w} pf{p}"
     else:
         params["tiles"] = {batch_case(m): list(tile)}
         ran = batch_label(batch_tile(m, k, n, 4, {batch_case(m): tile}))
@@ -95,7 +97,8 @@ def default_column(m, k, n):
     if kind == "fxc_mma_batch":
         return kind, batch_label(batch_tile(m, k, n, 4))  # the default tile as adapted to this layer
     if kind == "fxc_mma":
-        return kind, "mma w%d pf%d" % DEFAULT_MMA_TILES["small" if m <= 4 else "batch"]
+        w, p = DEFAULT_MMA_TILES["small" if m <= 4 else "batch"]
+        return kind, f"mma w{w} pf{p}"
     return kind, "cuda-core gemv" if kind == "fxc_gemv" else None
 
 
@@ -199,7 +202,7 @@ def main(argv=None) -> int:
         default = f"{dk[0]}, {dratio:.2f}x" if dt else f"{dk[0]}, not swept"
         met = "-" if not (tg and dt) else "yes" if dratio >= tg else "no"
         lines.append(f"| {shape} | {m} | {t_torch.cold.median:.2f} / {t_torch.hot.median:.2f} | {' | '.join(vals)} "
-                     f"| {ratio} | {default} | {'>= %.1fx' % tg if tg else '-'} | {met} | {err:.1e} |")
+                     f"| {ratio} | {default} | {f'>= {tg:.1f}x' if tg else '-'} | {met} | {err:.1e} |")
     write_table(args.out, lines, total)
     return 0
 
