@@ -42,12 +42,12 @@ def test_cuda_build_small_batch_uses_gemv_schedule(m, kernel):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build CUDA code")
-@pytest.mark.parametrize("m,bits,kernel", [(1, 4, "fxc_mma"), (4, 4, "fxc_mma"), (16, 4, "fxc_mma"),
-                                            (1, 8, "fxc_mma"), (16, 8, "fxc_mma"),
+@pytest.mark.parametrize("m,bits,kernel", [(1, 4, "fxc_mma"), (4, 4, "fxc_mma"), (16, 4, "fxc_mma_batch"),
+                                            (1, 8, "fxc_mma"), (16, 8, "fxc_mma_batch"),
                                             (1, 2, "fxc_gemv"), (4, 2, "fxc_gemv")])
 def test_cuda_build_fp16_small_batch_uses_fxc_kernels(m, bits, kernel):
-    """fp16, 1..16 rows: one hand-scheduled kernel (int4 / int8: tensor cores; int2: CUDA-core GEMV), weights
-    packed."""
+    """fp16, 1..16 rows: one hand-scheduled kernel (int4 / int8: tensor cores, the batch kernel from 5 rows; int2:
+    CUDA-core GEMV), weights packed."""
     torch.manual_seed(0)
     lin = nn.Linear(512, 256, bias=True)
     q = nn.Sequential(QuantLinear.from_linear(lin, QuantSpec(bits, True, "per_group", 128)), nn.SiLU())
@@ -56,7 +56,7 @@ def test_cuda_build_fp16_small_batch_uses_fxc_kernels(m, bits, kernel):
     assert f"{kernel.replace('fxc_', 'fxc_packed_')}_kernel" in b.kernel_names()
     assert not [k for k in b.kernel_names() if "decode_matmul" in k or "reshape" in k]
     src = b.device_source()
-    if kernel == "fxc_mma":
+    if kernel.startswith("fxc_mma"):
         assert "mma.sync.aligned.m16n8k16" in src
     else:
         assert "__shfl_down_sync" in src and ("uint4" in src or m > 4)  # 16-byte loads at batch <= 4
@@ -87,12 +87,12 @@ def test_fxc_gemv_supports_names_the_reason():
     (4, True, "per_tensor", False, 1, 512, 264, "fxc_gemv"),
     (4, False, "per_group", True, 16, 4096, 264, "fxc_gemv"),  # N % 16 != 0: CUDA-core batch tile, K in chunks
     (8, True, "per_group", False, 7, 1152, 264, "fxc_gemv"),
-    (4, False, "per_group", True, 16, 4096, 272, "fxc_mma"),  # tensor cores
-    (4, True, "per_group", False, 5, 1024, 272, "fxc_mma"),
-    (4, False, "per_channel", False, 9, 512, 64, "fxc_mma"),
+    (4, False, "per_group", True, 16, 4096, 272, "fxc_mma_batch"),  # tensor cores, 5..32 rows: the batch kernel
+    (4, True, "per_group", False, 5, 1024, 272, "fxc_mma_batch"),
+    (4, False, "per_channel", False, 9, 512, 64, "fxc_mma_batch"),
     (4, True, "per_group", False, 1, 1152, 272, "fxc_mma"),  # K/64 = 18: 2 warps split K
     (8, False, "per_group", True, 4, 2048, 272, "fxc_mma"),
-    (8, True, "per_channel", False, 16, 1024, 64, "fxc_mma"),
+    (8, True, "per_channel", False, 16, 1024, 64, "fxc_mma_batch"),
     (8, True, "per_group", False, 1, 4096, 4096, "fxc_mma"),
     (4, False, "per_group", True, 3, 5632, 272, "fxc_mma"),
 ])
@@ -164,8 +164,9 @@ MMA_VARIANTS = [(bits, gran, zp) for bits in (4, 8) for gran in ("per_group", "p
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 24, 32])
 def test_cuda_mma_1_to_32_rows_matches_reference(m):
-    """The tensor-core kernel at 1..32 rows (1..4 n8 tiles per decoded weight fragment), int4 / int8 x group /
-    channel x zero point off / on, each against the float reference of its QuantLinear."""
+    """The tensor-core kernel (kernels/mma_gemv.py; ``mma_batch=False``: the batch kernel has its own test in
+    tests/test_backends_tvm_mma_batch_gpu.py) at 1..32 rows (1..4 n8 tiles per decoded weight fragment), int4 /
+    int8 x group / channel x zero point off / on, each against the float reference of its QuantLinear."""
     torch.manual_seed(m)
     k, n = 1024, 272
     layers = [QuantLinear.from_linear(nn.Linear(k, n, bias=zp), QuantSpec(bits, not zp, gran,
@@ -173,7 +174,7 @@ def test_cuda_mma_1_to_32_rows_matches_reference(m):
               for bits, gran, zp in MMA_VARIANTS]
     model = _Branches(layers).eval()
     x = torch.randn(1, m, k)
-    r = compile_tvm(model, (x,), target="cuda", dtype=torch.float16)
+    r = compile_tvm(model, (x,), target="cuda", dtype=torch.float16, config=TVMBuildConfig(mma_batch=False))
     assert [layer["kernel"] for layer in r.info["layers"]] == ["fxc_mma"] * len(layers)
     assert [layer["zero_point"] != "none" for layer in r.info["layers"]] == [zp for *_, zp in MMA_VARIANTS]
     y = r(x.half().cuda()).float().cpu()

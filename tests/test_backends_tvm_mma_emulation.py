@@ -148,15 +148,17 @@ def test_mma_supports_1_to_32_rows():
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc to build CUDA code")
 @pytest.mark.parametrize("m,bits", [(24, 4), (32, 8)])
 def test_cuda_build_17_to_32_rows_uses_tensor_cores(m, bits):
-    """17..32 rows: the tensor-core kernel with 3-4 n8 tiles (one mma per tile per decoded weight fragment)."""
+    """17..32 rows: the tensor-core kernel with 3-4 n8 tiles (one mma per tile per decoded weight fragment); built
+    with ``mma_batch=False`` (by default these rows get kernels/mma_batch.py)."""
     pytest.importorskip("tvm")
-    from fxcompress.backends.tvm import build_tvm
+    from fxcompress.backends.tvm import TVMBuildConfig, build_tvm
     from fxcompress.nn import QuantLinear
     from fxcompress.quant import QuantSpec
 
     torch.manual_seed(0)
     q = nn.Sequential(QuantLinear.from_linear(nn.Linear(512, 256), QuantSpec(bits, False, "per_group", 128)))
-    b = build_tvm(q, (torch.randn(1, m, 512),), target="cuda", dtype=torch.float16)
+    b = build_tvm(q, (torch.randn(1, m, 512),), target="cuda", dtype=torch.float16,
+                  config=TVMBuildConfig(mma_batch=False))
     assert [layer["kernel"] for layer in b.info["layers"]] == ["fxc_mma"]
     assert b.kernel_names() == ["fxc_packed_mma_kernel"]
     src = b.device_source()

@@ -28,6 +28,9 @@ from fxcompress.quant import QuantSpec  # noqa: E402
 from test_backends_tvm_mma_emulation import LANES, emulate  # noqa: E402
 from test_tvm_decode_epilogue import _calls, _lm  # noqa: E402
 
+PROLOGUE = TVMBuildConfig(fuse_epilogues=True, fuse_norm_prologue=True)  # the prologue is off by default
+UNFUSED = TVMBuildConfig(fuse_epilogues=False)
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from profile_decode_gpu import launch_list, per_layer  # noqa: E402
 
@@ -223,7 +226,8 @@ class _NormLinear(nn.Module):
 
 def _norm_calls(mode, rows=1):
     bits = {"int2": 2, "int8": 8}.get(mode, 4)
-    return _calls(_NormLinear(mode, bits=bits).eval(), torch.randn(1, 5 if mode == "rows5" else rows, 256), True)
+    return _calls(_NormLinear(mode, bits=bits).eval(), torch.randn(1, 5 if mode == "rows5" else rows, 256), True,
+                  norm_prologue=True)
 
 
 @pytest.mark.parametrize("mode,fused", [("norm", True), ("residual", True), ("int8", True), ("three_linears", True),
@@ -282,7 +286,7 @@ def test_hf_llama_decode_step_norms_become_prologues():
     dec, _ = with_fused_decode_attention(dec, spec.input_names[2:])
     mod, _ = lower_to_relax(dec, example_inputs(spec, 1), dtype=torch.float16, cuda=True, donate=spec.input_names[2:])
     with tvm.target.Target("cuda"):
-        mod = tvm.transform.Sequential(fuse_passes(True))(mod)
+        mod = tvm.transform.Sequential(fuse_passes(True, norm_prologue=True))(mod)
     names = [b.value.args[0].name_hint for blk in mod["main"].body.blocks for b in blk.bindings
              if isinstance(b.value, relax.Call) and isinstance(b.value.op, tvm.ir.Op)
              and b.value.op.name in ("relax.call_tir", "relax.call_tir_inplace")]
@@ -299,7 +303,7 @@ def test_hf_llama_decode_step_norms_become_prologues():
 @pytest.mark.skipif(not NVCC, reason="needs nvcc to build CUDA code")
 def test_cuda_build_drops_the_norm_kernels_and_two_launches_per_layer():
     dm, ids = _lm()
-    b = build_tvm(dm, (ids,), target="cuda", dtype=torch.float16, config=TVMBuildConfig(fuse_epilogues=True))
+    b = build_tvm(dm, (ids,), target="cuda", dtype=torch.float16, config=PROLOGUE)
     kn = b.kernel_names()
     assert "fxc_packed_mma_rms_kernel" in kn and [k for k in kn if k.endswith("_rms_swiglu_kernel")], kn
     assert len([k for k in kn if "rsqrt" in k]) <= 1, kn  # the final norm only
@@ -317,7 +321,7 @@ def test_cuda_build_drops_the_norm_kernels_and_two_launches_per_layer():
 @pytest.mark.parametrize("mode,rows", [("int8", 4), ("residual", 3)])
 def test_cuda_build_prologue_int8_and_with_the_residual_epilogue(mode, rows):
     b = build_tvm(_NormLinear(mode, bits=8 if mode == "int8" else 4).eval(), (torch.randn(1, rows, 256),),
-                  target="cuda", dtype=torch.float16)
+                  target="cuda", dtype=torch.float16, config=PROLOGUE)
     kn = b.kernel_names()
     assert [k for k in kn if "_rms" in k and k.startswith("fxc_packed_mma")] and not [k for k in kn if "rsqrt" in k], kn
 
@@ -336,7 +340,7 @@ def test_gpu_prologue_kernel_matches_unfused_and_torch(m, mode, bits, k):
     x = torch.randn(1, m, k) * 3
     outs = {}
     for fuse in (False, True):
-        r = compile_tvm(model, (x,), target="cuda", dtype=torch.float16, config=TVMBuildConfig(fuse_epilogues=fuse))
+        r = compile_tvm(model, (x,), target="cuda", dtype=torch.float16, config=(PROLOGUE if fuse else UNFUSED))
         y = r(x.half().cuda())
         outs[fuse] = (y[0] if isinstance(y, (list, tuple)) else y).float().cpu()
     ref = model(x)
@@ -379,7 +383,7 @@ def test_gpu_compile_lm_fp16_decode_with_prologues_matches_unfused_and_torch():
     graphs = _fuse_linears({"prefill": pre, "decode": dec}, spec)
     lms = {}
     for fuse in (True, False):
-        ex = build_steps_tvm(graphs, spec, "cuda", torch.float16, config=TVMBuildConfig(fuse_epilogues=fuse))
+        ex = build_steps_tvm(graphs, spec, "cuda", torch.float16, config=(PROLOGUE if fuse else UNFUSED))
         lms[fuse] = CompiledLM(TVMSteps(ex, spec, "cuda"), spec, "tvm", "cuda")
     ref_ids = greedy_reference(m, ids, 24)
     ref = logits_of(m, ref_ids).float()

@@ -80,7 +80,7 @@ def _fused(mod, target, config: TVMBuildConfig, donate=()):
     if donate:
         mod = inplace_scatter(mod, donate, cuda=target.kind.name == "cuda")
     with target:
-        return tvm.transform.Sequential(fuse_passes(epilogues=config.fuse_epilogues))(mod)
+        return tvm.transform.Sequential(fuse_passes(epilogues=config.fuse_epilogues, norm_prologue=config.fuse_norm_prologue))(mod)
 
 
 def _schedule(mod, target, tune: str, trials: int, work_dir, config: TVMBuildConfig, donate=()):

@@ -62,6 +62,7 @@ def _te_func(sig, codes, qmin, scale, zero, config):
 
 def _hand_func(sig, kind, qmin, config):
     from .kernels.cuda_core_gemv import packed_gemv_primfunc, tile_for
+    from .kernels.mma_batch import packed_mma_batch_primfunc
     from .kernels.mma_gemv import packed_mma_primfunc
 
     rows, k, n, bits, gs, zp, srows = sig
@@ -69,6 +70,8 @@ def _hand_func(sig, kind, qmin, config):
                   bits=bits, name="main")
     if kind == "fxc_mma":
         return packed_mma_primfunc(**common, tiles=config.mma_tiles)
+    if kind == "fxc_mma_batch":
+        return packed_mma_batch_primfunc(**common, tiles=config.mma_batch_tiles)
     return packed_gemv_primfunc(**common, tile=tile_for(rows, k, n, config.tiles))
 
 
@@ -90,6 +93,7 @@ def compete_hand_kernels(layers: list[dict], target, records: Path, trials: int,
     from tvm.s_tir import meta_schedule as ms
 
     from .base import cuda_available
+    from .emit import MMA_KINDS
     from .packing import pack_mma_words, pack_words
 
     hand = {}
@@ -120,7 +124,7 @@ def compete_hand_kernels(layers: list[dict], target, records: Path, trials: int,
         x = (rng.standard_normal((rows, k)) * 0.5).astype(np.float16)
         y = np.zeros((rows, n), np.float16)
         extra = [zero] if zero is not None else []
-        hand_words = pack_mma_words(codes, qmin, bits) if kind == "fxc_mma" else pack_words(codes, bits, qmin)
+        hand_words = pack_mma_words(codes, qmin, bits) if kind in MMA_KINDS else pack_words(codes, bits, qmin)
         hand_us = _time_us(_hand_func(sig, kind, qmin, config), target, [x, hand_words, scale, *extra, y])
         tuned_us = None
         if sch is not None:

@@ -3,9 +3,9 @@
 Each quantized linear becomes ONE PrimFunc (``fused_decode_matmul``): a ``dequantize`` block that decodes
 ``(q - zero_point) * scale`` from the packed ``uint32`` words (:mod:`.packing`) and a ``matmul`` reduction block
 that reads it (accumulating in float32, then a cast block when activations are fp16).  On CUDA, fp16 layers with
-1..32 rows (int4 / int8, tensor cores) or 1..16 rows (CUDA cores) are emitted as the hand-scheduled kernels of
-:mod:`.kernels` where they apply
-(``TVMBuildConfig.gemv_kernel``).
+1..32 rows (int4 / int8, tensor cores: :mod:`.kernels.mma_batch` from ``TVMBuildConfig.mma_batch_min_m`` rows,
+:mod:`.kernels.mma_gemv` below) or 1..16 rows (CUDA cores) are emitted as the hand-scheduled kernels of
+:mod:`.kernels` where they apply (``TVMBuildConfig.gemv_kernel``).
 """
 from __future__ import annotations
 
@@ -20,13 +20,15 @@ from .base import TVMBackendError, require_tvm
 from .config import TVMBuildConfig
 from .kernels.cuda_core_gemv import Tile, packed_gemv_primfunc, supports, tile_for
 from .kernels.epilogue import Epilogue
+from .kernels.mma_batch import batch_supports, packed_mma_batch_primfunc
 from .kernels.mma_gemv import mma_supports, packed_mma_primfunc
 from .kernels.prologue import Prologue
 from .packing import pack_mma_words, pack_words, unpack_words
 
 __all__ = ["emit_packed_linear", "emit_quant_linear", "fxc_kind", "fxc_kernel_params", "fxc_kernel_parts",
-           "fxc_primfunc", "LayerInfo", "FXC_KERNEL_ATTR", "FXC_PARTS_ATTR"]
+           "fxc_primfunc", "LayerInfo", "FXC_KERNEL_ATTR", "FXC_PARTS_ATTR", "MMA_KINDS"]
 
+MMA_KINDS = ("fxc_mma", "fxc_mma_batch")  # the tensor-core kernels: weights in pack_mma_words' fragment order
 FXC_KERNEL_ATTR = "fxc_kernel"  # PrimFunc attribute: the JSON generator arguments of a hand-written kernel
 FXC_PARTS_ATTR = "fxc_kernel_parts"  # PrimFunc attribute: JSON {"epilogue": kind, "prologue": {kind, eps}}
 
@@ -44,8 +46,8 @@ class LayerInfo:
     packed_bytes: int
     primfunc: str = ""
     rows: int = 0  # activation rows (the product of the input's leading dims; -1 when dynamic)
-    kernel: str = "te"  # "fxc_gemv" / "fxc_mma" (hand-scheduled CUDA kernels) or "te" (fused decode+matmul,
-    # scheduled later)
+    kernel: str = "te"  # "fxc_gemv" / "fxc_mma" / "fxc_mma_batch" (hand-scheduled CUDA kernels) or "te" (fused
+    # decode+matmul, scheduled later)
 
 
 def emit_quant_linear(bb, x, q: QuantLinear, name: str, accum_dtype: str = "float32", cuda: bool = False,
@@ -77,7 +79,7 @@ def emit_packed_linear(bb, x, words: np.ndarray, scale: np.ndarray, zero_point: 
     ``words``: ``uint32 (N, ceil(K / (32 // bits)))`` from :func:`pack_words`; ``scale`` / ``zero_point``:
     ``(rows, groups)`` with rows 1 or N (``zero_point`` None or all zero: no zero-point tensor).
     ``cuda``: the build targets CUDA, so the hand-scheduled GEMV (``config.gemv_kernel``) may be used; which
-    kernel was emitted is appended to ``used`` ("fxc_gemv", "fxc_mma" or "te").
+    kernel was emitted is appended to ``used`` ("fxc_gemv", "fxc_mma", "fxc_mma_batch" or "te").
     """
     require_tvm()
     from tvm import relax, te, tirx
@@ -159,10 +161,15 @@ def emit_packed_linear(bb, x, words: np.ndarray, scale: np.ndarray, zero_point: 
 
 def fxc_kind(m: int, k: int, n: int, bits: int, gs: int, dtype: str,
              config: TVMBuildConfig = DEFAULT_CONFIG) -> str | None:
-    """Which hand-scheduled CUDA kernel takes this layer: "fxc_mma" (int4 / int8 tensor cores, from
-    ``config.mma_min_m`` rows), "fxc_gemv" (CUDA cores) or None (dlight's schedules)."""
+    """Which hand-scheduled CUDA kernel takes this layer: "fxc_mma_batch" (int4 / int8 tensor cores, an activation
+    fragment reused for several row tiles; from ``config.mma_batch_min_m`` rows when ``config.mma_batch``),
+    "fxc_mma" (int4 / int8 tensor cores, from ``config.mma_min_m`` rows), "fxc_gemv" (CUDA cores) or None
+    (dlight's schedules)."""
     if m <= 0:
         return None
+    if config.mma_batch and m >= max(config.mma_min_m, config.mma_batch_min_m) and batch_supports(
+            m=m, k=k, n=n, bits=bits, group_size=gs, dtype=dtype, tiles=config.mma_batch_tiles) is None:
+        return "fxc_mma_batch"
     if m >= config.mma_min_m and mma_supports(m=m, k=k, n=n, bits=bits, group_size=gs, dtype=dtype) is None:
         return "fxc_mma"
     tile = tile_for(m, k, n, config.tiles)
@@ -193,19 +200,21 @@ def _add_kernel(bb, f, key: str):
 def _emit_fxc_gemv(bb, x, xshape, words, scale, zero_point, bias, *, bits, qmin, n_out, k_in, gs, kind,
                    config: TVMBuildConfig):
     """``call_tir`` of a hand-scheduled kernel (already scheduled; FuseOps leaves it alone): ``kind`` "fxc_mma"
-    = the int4 / int8 tensor-core kernel (its own weight layout), "fxc_gemv" = the CUDA-core packed GEMV."""
+    / "fxc_mma_batch" = the int4 / int8 tensor-core kernels (their own weight layout), "fxc_gemv" = the CUDA-core
+    packed GEMV."""
     from tvm import relax
 
     m_rows = int(np.prod(xshape[:-1]))
     params = dict(kind=kind, m=m_rows, k=k_in, n=n_out, bits=bits, qmin=qmin, group_size=gs,
                   scale_rows=int(scale.shape[0]), has_zero_point=zero_point is not None, has_bias=bias is not None,
                   lead=[int(d) for d in xshape[:-1]])
-    if kind == "fxc_mma":
-        params["tiles"] = None if config.mma_tiles is None else {c: list(t) for c, t in config.mma_tiles.items()}
+    if kind in MMA_KINDS:
+        tiles = config.mma_tiles if kind == "fxc_mma" else config.mma_batch_tiles
+        params["tiles"] = None if tiles is None else {c: list(t) for c, t in tiles.items()}
         words = pack_mma_words(unpack_words(words, bits, k_in, qmin), qmin, bits)
     else:
         params["tile"] = asdict(tile_for(m_rows, k_in, n_out, config.tiles))
-    f = fxc_primfunc(params, Epilogue(), "fxc_packed_mma" if kind == "fxc_mma" else "fxc_packed_gemv")
+    f = fxc_primfunc(params, Epilogue(), kind.replace("fxc_", "fxc_packed_"))
     gv = _add_kernel(bb, f, json.dumps(params, sort_keys=True))
     args = [x, relax.const(np.ascontiguousarray(words, dtype=np.uint32)), relax.const(scale.astype(np.float16))]
     if zero_point is not None:
@@ -225,10 +234,16 @@ def fxc_primfunc(params: dict, epilogue: Epilogue, name: str, prologue: Prologue
                   scale_rows=params["scale_rows"], has_zero_point=params["has_zero_point"],
                   has_bias=params["has_bias"], lead=tuple(params["lead"]), bits=params["bits"], name=name,
                   epilogue=epilogue)
-    if params["kind"] == "fxc_mma":
+    if params["kind"] in MMA_KINDS:
         tiles = params.get("tiles")
-        f = packed_mma_primfunc(**common, tiles=None if tiles is None else {c: tuple(t) for c, t in tiles.items()},
-                                prologue=prologue)
+        tiles = None if tiles is None else {c: tuple(t) for c, t in tiles.items()}
+        if params["kind"] == "fxc_mma":
+            f = packed_mma_primfunc(**common, tiles=tiles, prologue=prologue)
+        elif prologue.kind != "none":
+            raise TVMBackendError(f"the tensor-core batch kernel has no {prologue.kind} prologue (up to "
+                                  "MAX_PROLOGUE_M rows: the 1..4-row kernel only)")
+        else:
+            f = packed_mma_batch_primfunc(**common, tiles=tiles)
     elif params["kind"] == "fxc_gemv":
         if prologue.kind != "none":
             raise TVMBackendError(f"the CUDA-core kernel has no {prologue.kind} prologue (tensor-core kernel only)")

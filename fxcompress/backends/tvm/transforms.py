@@ -230,7 +230,7 @@ def _match_swiglu(y, uses, params):
     """``split(y, 2 halves, last axis) -> g, u; fp16(g32 * sigmoid(g32)) * u`` with ``g32 = astype(g, fp32)`` (the
     export of ``F.silu(g) * u`` in fp16), every intermediate read only inside the chain.  Returns the final
     multiply's var or None."""
-    if params["kind"] != "fxc_mma":
+    if params["kind"] not in ("fxc_mma", "fxc_mma_batch"):  # the tensor-core kernels (swiglu_row_order tiles)
         return None
     shape, dtype = _shape_dtype(y)
     if shape is None or dtype != "float16":
@@ -675,16 +675,17 @@ def rms_norm_fusion_pass():
     return relax.transform.FuseOpsByPattern(pats, bind_constants=False, annotate_codegen=False)
 
 
-def fuse_passes(epilogues: bool = False):
+def fuse_passes(epilogues: bool = False, norm_prologue: bool = False):
     """The Relax pass list from import to fused TIR.  ``epilogues``: the launch-saving rewrites above
-    (``TVMBuildConfig.fuse_epilogues``, on by default there)."""
+    (``TVMBuildConfig.fuse_epilogues``, on by default there); ``norm_prologue`` (with ``epilogues``): the RMSNorm
+    prologue too (``TVMBuildConfig.fuse_norm_prologue``, off by default there)."""
     from tvm import relax
 
     # no FoldConstant: it would decode the constant packed weights at build time (back to float)
     # DispatchSortScan: cumsum / sort / topk to their TOPI scan kernels (LegalizeOps leaves them, and the VM then
     # fails on e.g. the bool-mask cumsum of Hugging Face position ids), as TVM's default pipelines do
-    fewer = [gemv_epilogue_pass(), rms_norm_prologue_pass(), split_to_slices_pass(), rms_norm_fusion_pass()] \
-        if epilogues else []
+    fewer = [gemv_epilogue_pass(), *([rms_norm_prologue_pass()] if norm_prologue else []), split_to_slices_pass(),
+             rms_norm_fusion_pass()] if epilogues else []
     return [small_int_power_pass(), constant_transpose_pass(), *fewer, relax.backend.DispatchSortScan(),
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),
