@@ -50,15 +50,15 @@ def batch_label(tile) -> str:
     return f"batch r{r} w{w} pf{p} s{st}"
 
 
-def variants(kernels):
+def variants(kernels, mma_tiles=MMA_TILES, batch_tiles=BATCH_TILES):
     """(label, kind, tile-or-None, rows it applies to) per column."""
     out = []
     if "gemv" in kernels:
         out.append(("cuda-core gemv", "fxc_gemv", None, range(1, 17)))
     if "mma" in kernels:
-        out += [(f"mma w{w} pf{p}", "fxc_mma", (w, p), range(1, 33)) for w, p in MMA_TILES]
+        out += [(f"mma w{w} pf{p}", "fxc_mma", (w, p), range(1, 33)) for w, p in mma_tiles]
     if "batch" in kernels:
-        out += [(batch_label(t), "fxc_mma_batch", t, range(5, 33)) for t in BATCH_TILES]
+        out += [(batch_label(t), "fxc_mma_batch", t, range(5, 33)) for t in batch_tiles]
     return out
 
 
@@ -108,9 +108,21 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN comma list")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)), help="comma list of rows (1..32)")
     ap.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list of {','.join(KERNELS)}")
+    ap.add_argument("--mma-tiles", default=None, help="fxc_mma tiles as WxP comma list (default: "
+                    + ",".join(f"{w}x{p}" for w, p in MMA_TILES) + ")")
+    ap.add_argument("--batch-tiles", default=None, help="fxc_mma_batch tiles as RxWxPxS comma list (default: "
+                    + ",".join("x".join(map(str, t)) for t in BATCH_TILES) + ")")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--calls", type=int, default=20)
     args = ap.parse_args(argv)
+
+    def tiles(text, default, size):
+        if text is None:
+            return default
+        out = [tuple(int(v) for v in t.split("x")) for t in text.split(",")]
+        if any(len(t) != size for t in out):
+            raise SystemExit(f"tiles {text!r}: each needs {size} numbers joined by 'x'")
+        return out
     import tvm
 
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
@@ -129,7 +141,7 @@ def main(argv=None) -> int:
     dev = tvm.cuda(0)
     gpu = torch.cuda.get_device_name(0)
     flush = L2Flush()
-    cols = variants(kernels)
+    cols = variants(kernels, tiles(args.mma_tiles, MMA_TILES, 2), tiles(args.batch_tiles, BATCH_TILES, 4))
     rng = np.random.default_rng(0)
     rows = []
     for k, n in shapes:
