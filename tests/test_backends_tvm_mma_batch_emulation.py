@@ -219,11 +219,12 @@ def test_emulated_batch_kernel_epilogues(m, epilogue, stage):
 
 
 def test_batch_tile_adapts_to_the_layer():
-    assert batch_tile(16, 8192, 8192) == DEFAULT_BATCH_TILES["rows16"]  # 128 blocks of 4 row tiles
+    assert batch_tile(16, 8192, 8192) == DEFAULT_BATCH_TILES["rows16"]  # 256 blocks of 2 row tiles
     assert batch_tile(32, 8192, 28672) == DEFAULT_BATCH_TILES["rows32"]
     r, w, p, s = DEFAULT_BATCH_TILES["rows16"]
-    assert r == 4 and batch_tile(16, 4096, 4096) == (2, w, 2 * p, s)  # default: >= 128 blocks, same loads in flight
-    assert batch_tile(16, 2048, 2048) == (1, w, 4 * p, s)
+    assert r == 2 and batch_tile(16, 4096, 4096) == (2, w, p, s)  # 128 blocks: kept
+    assert batch_tile(16, 2048, 2048) == (1, w, 2 * p, s)  # default: >= 128 blocks, same loads in flight
+    assert batch_tile(16, 8192, 8192, tiles={"rows16": (4, 8, 2, 1)}) == (4, 8, 2, 1)
     assert batch_tile(16, 4096, 4096, tiles={"rows16": (4, 8, 2, 1)}) == (4, 8, 2, 1)  # a configured tile: as given
     assert batch_tile(16, 4096, 16 * 6, tiles={"rows16": (4, 8, 2, 0)}) == (3, 8, 2, 0)  # 6 row tiles: 4 -> 3
     assert batch_tile(16, 4096, 32, tiles={"rows16": (4, 8, 2, 1)}) == (2, 8, 2, 1)  # only 2 row tiles

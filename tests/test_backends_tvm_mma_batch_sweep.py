@@ -33,4 +33,4 @@ def test_each_column_kernel_compiles_for_cuda(m):
         assert "uint4" in src or kind == "fxc_gemv", label
         assert ran, label
     assert S.default_column(m, 8192, 8192) == (
-        ("fxc_mma", "mma w8 pf8") if m == 4 else ("fxc_mma_batch", "batch r4 w8 pf2 s1"))
+        ("fxc_mma", "mma w8 pf8") if m == 4 else ("fxc_mma_batch", "batch r2 w8 pf4 s1"))

@@ -34,14 +34,13 @@ MIN_BLOCKS = 128  # the default tile gives a layer at least this many blocks whe
 # (row tiles a warp covers, warps splitting K, 16-byte weight loads per row tile a lane issues before decoding,
 # stage: 1 = the warp copies the activations of each K block to shared memory with 16-byte loads first, 0 = B
 # fragments straight from global memory as 4-byte loads).
-# Reasoning (H100, 132 SMs; unmeasured until tools/sweep_fxc_tiles.py runs): 4 row tiles = 64 output features a
-# block cut the activation reads 4-fold (8192x8192 at 16 rows: x from L2 falls from 4x to 1x the int4 weight
-# bytes) and still give 128 blocks at N = 8192 (one wave); 8 warps a block keep 8 warps an SM, each lane with
-# 4 x 2 = 8 weight loads in flight (as the current kernel's best batch tile: 8 loads a lane); at 17..32 rows the
-# 4 x 4 n8 accumulators (64 fp32 registers) leave room for only 2 loads per row tile.  Staged: a 4-byte B load
-# touches 8 activation rows (8 cache lines, 8 L1 wavefronts for 128 useful bytes); the staged copy is coalesced
-# 16-byte loads (4 lines a request) and the B fragments then come from conflict-free 4-byte shared loads.
-DEFAULT_BATCH_TILES = {"rows16": (4, 8, 2, 1), "rows32": (4, 8, 2, 1)}
+# Measured (tools/results/fxc_tile_sweep_batch.md, H100, weights cold): 2 row tiles a warp, 8 warps, 4 weight loads
+# in flight per row tile, activations staged in shared memory was the fastest of the 6 tiles swept at 16 and 32 rows
+# on 8192x8192 and 8192x28672 (e.g. 31.8 µs at 8192x8192 / 16 rows against 48.8 for the 4-row-tile tile first chosen
+# by reasoning): half the row tiles give twice the blocks (256 at N = 8192) with the same 8 loads a lane in flight.
+# Staging: a 4-byte B load from global touches 8 activation rows (8 cache lines for 128 useful bytes); the staged
+# copy is coalesced 16-byte loads and the B fragments then come from conflict-free 4-byte shared loads.
+DEFAULT_BATCH_TILES = {"rows16": (2, 8, 4, 1), "rows32": (2, 8, 4, 1)}
 
 
 def batch_case(m: int) -> str:
