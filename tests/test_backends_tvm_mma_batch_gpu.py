@@ -14,22 +14,11 @@ from fxcompress.backends.tvm.kernels.mma_batch import batch_tile, packed_mma_bat
 from fxcompress.backends.tvm.packing import pack_mma_words  # noqa: E402
 from fxcompress.nn import QuantLinear  # noqa: E402
 from fxcompress.quant import QuantSpec  # noqa: E402
+from test_backends_tvm_kernels import MMA_VARIANTS, _Branches  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
 
-class _Branches(nn.Module):
-    """Several quantized linears reading the same input, outputs concatenated: one build covers all variants."""
-
-    def __init__(self, layers):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, x):
-        return torch.cat([layer(x) for layer in self.layers], dim=-1)
-
-
-MMA_VARIANTS = [(bits, gran, zp) for bits in (4, 8) for gran in ("per_group", "per_channel") for zp in (False, True)]
 # the default tiles (staged); 3 row tiles x 4 warps with 3 loads in flight (a last partial load group), staged and
 # not; 1 row tile x 2 warps / 2 row tiles x 1 warp, not staged
 TILES = {"r3w4pf3-staged": {"rows16": (3, 4, 3, 1), "rows32": (3, 4, 3, 1)},

@@ -22,10 +22,10 @@ import math
 
 from ..packing import MMA_BITS, mma_k_per_load, pack_mma_words  # noqa: F401  (pack_mma_words: the layout it reads)
 from .epilogue import Epilogue, primfunc_with_params
-from .mma_gemv import mma_prefetch_groups
+from .mma_gemv import MAX_M as MMA_MAX_M, mma_prefetch_groups, mma_supports
 
 LANES = 32  # threads per warp
-MAX_M = 32  # up to 4 n8 tiles of mma.m16n8k16
+MAX_M = MMA_MAX_M  # up to 4 n8 tiles of mma.m16n8k16 (the 1..32-row kernel's limit)
 MAX_WARPS = 16  # 512 threads a block
 SMEM_LIMIT = 48 * 1024  # bytes of static shared memory a kernel may declare
 STAGE_PAD = 8  # fp16 pad per staged activation row: row stride 36 (int4) / 20 (int8) words, no bank conflicts
@@ -79,18 +79,11 @@ def batch_tile(m: int, k: int, n: int, bits: int = 4, tiles=None) -> tuple[int, 
 
 
 def batch_supports(*, m: int, k: int, n: int, bits: int, group_size: int, dtype: str, tiles=None) -> str | None:
-    """None when this kernel handles the layer, else the reason."""
-    if dtype != "float16":
-        return f"activations are {dtype} (the kernel takes float16)"
-    if bits not in MMA_BITS:
-        return f"{bits}-bit codes (the tensor-core kernel takes {MMA_BITS})"
-    if not 1 <= m <= MAX_M:
-        return f"batch {m} is outside 1..{MAX_M}"
-    kpl = mma_k_per_load(bits)
-    if n % 16 or k % kpl:
-        return f"{n}x{k} is not a multiple of 16 x {kpl}"
-    if group_size % kpl:
-        return f"group size {group_size} is not a multiple of {kpl}"
+    """None when this kernel handles the layer, else the reason (the 1..32-row kernel's conditions, same packing,
+    and a tile that fits)."""
+    reason = mma_supports(m=m, k=k, n=n, bits=bits, group_size=group_size, dtype=dtype)
+    if reason is not None:
+        return reason
     rt, warps, pf, stage = batch_tile(m, k, n, bits, tiles)
     if not (1 <= warps <= MAX_WARPS and 1 <= rt <= 8 and 1 <= pf <= 16 and stage in (0, 1)):
         return (f"tile (row_tiles={rt}, warps={warps}, prefetch={pf}, stage={stage}) is outside 1..8 / "
