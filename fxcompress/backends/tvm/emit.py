@@ -22,7 +22,7 @@ from .kernels.cuda_core_gemv import Tile, packed_gemv_primfunc, supports, tile_f
 from .kernels.epilogue import Epilogue
 from .kernels.mma_batch import batch_supports, packed_mma_batch_primfunc
 from .kernels.mma_gemv import mma_supports, packed_mma_primfunc
-from .kernels.prologue import Prologue
+from .kernels.prologue import MAX_PROLOGUE_M, Prologue
 from .packing import pack_mma_words, pack_words, unpack_words
 
 __all__ = ["emit_packed_linear", "emit_quant_linear", "fxc_kind", "fxc_kernel_params", "fxc_kernel_parts",
@@ -240,8 +240,8 @@ def fxc_primfunc(params: dict, epilogue: Epilogue, name: str, prologue: Prologue
         if params["kind"] == "fxc_mma":
             f = packed_mma_primfunc(**common, tiles=tiles, prologue=prologue)
         elif prologue.kind != "none":
-            raise TVMBackendError(f"the tensor-core batch kernel has no {prologue.kind} prologue (up to "
-                                  "MAX_PROLOGUE_M rows: the 1..4-row kernel only)")
+            raise TVMBackendError(f"the tensor-core batch kernel has no {prologue.kind} prologue (only fxc_mma, "
+                                  f"1..{MAX_PROLOGUE_M} rows, has)")
         else:
             f = packed_mma_batch_primfunc(**common, tiles=tiles)
     elif params["kind"] == "fxc_gemv":

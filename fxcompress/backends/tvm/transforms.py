@@ -230,7 +230,9 @@ def _match_swiglu(y, uses, params):
     """``split(y, 2 halves, last axis) -> g, u; fp16(g32 * sigmoid(g32)) * u`` with ``g32 = astype(g, fp32)`` (the
     export of ``F.silu(g) * u`` in fp16), every intermediate read only inside the chain.  Returns the final
     multiply's var or None."""
-    if params["kind"] not in ("fxc_mma", "fxc_mma_batch"):  # the tensor-core kernels (swiglu_row_order tiles)
+    from .emit import MMA_KINDS
+
+    if params["kind"] not in MMA_KINDS:  # the tensor-core kernels (swiglu_row_order tiles)
         return None
     shape, dtype = _shape_dtype(y)
     if shape is None or dtype != "float16":
@@ -350,19 +352,20 @@ def gemv_epilogue_pass():
                 res = _match_residual(var, uses, params)
                 if res is not None:
                     target_var, r = res
-                    new_funcs.append((target_var, params, Epilogue("residual"), pro, args + [r],
-                                      kgv.name_hint + "_res"))
+                    epi = Epilogue("residual")
+                    new_funcs.append((target_var, params, epi, pro, args + [r], kgv.name_hint + epi.name_suffix))
                     continue
                 cast_var = _match_float32(var, uses, params)
                 if cast_var is not None:
-                    new_funcs.append((cast_var, params, Epilogue("float32"), pro, args, kgv.name_hint + "_f32"))
+                    epi = Epilogue("float32")
+                    new_funcs.append((cast_var, params, epi, pro, args, kgv.name_hint + epi.name_suffix))
                     continue
                 out_var = _match_swiglu(var, uses, params)
                 if out_var is not None:
                     sargs = _swiglu_args(args, params)
                     if sargs is not None:
-                        new_funcs.append((out_var, params, Epilogue("swiglu"), pro, sargs,
-                                          kgv.name_hint + "_swiglu"))
+                        epi = Epilogue("swiglu")
+                        new_funcs.append((out_var, params, epi, pro, sargs, kgv.name_hint + epi.name_suffix))
             new_funcs = [nf for nf in new_funcs if nf[0] in uses.in_dataflow]
             if new_funcs:
                 plans[gv] = new_funcs
@@ -587,8 +590,6 @@ def rms_norm_prologue_pass():
     from .emit import fxc_kernel_parts
     from .kernels.prologue import MAX_PROLOGUE_M, Prologue
 
-    _suffix = {"none": "", "residual": "_res", "swiglu": "_swiglu", "float32": "_f32"}
-
     @tvm.transform.module_pass(opt_level=0, name="FxcRmsNormPrologue")
     def _pass(mod, _ctx):
         plans = {}
@@ -624,7 +625,7 @@ def rms_norm_prologue_pass():
                     pro = Prologue("rms_norm", eps)
                     for u, kgv, params, args, epi in calls:
                         name = kgv.name_hint
-                        suffix = _suffix[epi.kind]
+                        suffix = epi.name_suffix
                         if suffix and name.endswith(suffix):
                             name = name[:-len(suffix)]
                         new_funcs.append((u, params, epi, pro, [x, *args[1:], g], name + "_rms" + suffix))

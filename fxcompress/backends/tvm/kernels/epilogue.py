@@ -47,6 +47,11 @@ class Epilogue:
         return self.kind == "residual"
 
     @property
+    def name_suffix(self) -> str:
+        """What a kernel's name gets for this epilogue ("", "_res", "_swiglu", "_f32")."""
+        return {"none": "", "residual": "_res", "swiglu": "_swiglu", "float32": "_f32"}[self.kind]
+
+    @property
     def out_dtype(self) -> str:
         return "float32" if self.kind == "float32" else "float16"
 
