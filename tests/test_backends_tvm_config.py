@@ -18,7 +18,8 @@ from fxcompress.backends.tvm.kernels import Tile, tile_for
     (dict(tiles={"batch8": Tile()}), "tiles"), (dict(mma_tiles={"small": (8,)}), "mma_tiles"),
     (dict(gemv_cuda=[("TS", 4)]), "gemv_cuda"),
     (dict(ms_builder_timeout_s=0), "ms_builder_timeout_s"), (dict(ms_cost_model="mlp"), "ms_cost_model"),
-    (dict(ms_compete="yes"), "ms_compete"), (dict(te_linears={(1, 2, 3)}), "te_linears"),
+    (dict(ms_compete="yes"), "ms_compete"), (dict(ms_compete_trials=-1), "ms_compete_trials"),
+    (dict(te_linears={(1, 2, 3)}), "te_linears"),
     (dict(te_linears={("a", 2, 3, 4, 5)}), "te_linears"),
 ])
 def test_bad_values_name_the_field(kwargs, field):

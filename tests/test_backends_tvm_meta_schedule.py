@@ -9,11 +9,11 @@ from torch import nn
 
 tvm = pytest.importorskip("tvm")
 
-from fxcompress.backends.tvm import TVMBuildConfig, compile_tvm, meta_schedule_usable  # noqa: E402
-from fxcompress.backends.tvm.meta_schedule import FFI_PIN, _ffi_version, records_dir  # noqa: E402
-from fxcompress.nn import QuantLinear  # noqa: E402
-from fxcompress.quant import QuantSpec  # noqa: E402
-from fxcompress.runtime import check_parity  # noqa: E402
+from fxcompress.backends.tvm import TVMBuildConfig, compile_tvm, meta_schedule_usable
+from fxcompress.backends.tvm.meta_schedule import FFI_PIN, _ffi_version, records_dir
+from fxcompress.nn import QuantLinear
+from fxcompress.quant import QuantSpec
+from fxcompress.runtime import check_parity
 
 USABLE, WHY = meta_schedule_usable()
 needs_ms = pytest.mark.skipif(not USABLE, reason=f"MetaSchedule is not usable here: {WHY}")
@@ -183,3 +183,59 @@ def test_hand_scheduled_kernels_are_not_tuning_tasks(tmp_path):
     # logging setup: an unnamed handler on its global logger)
     _, stats = tune_meta_schedule(mod, _llvm(), 0, tmp_path, cost_model="random")
     assert stats["tasks"] == 1 and stats["tuned"] == 0, stats
+
+
+@needs_ms
+def test_warm_builder_reuses_its_worker_across_batches():
+    """MetaSchedule's LocalBuilder starts new worker processes for every batch (each re-imports TVM's tensor
+    intrinsics, 13-20 s); the warm builder keeps its worker, and builds what LocalBuilder builds."""
+    from tvm import te
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+    from tvm.s_tir.meta_schedule.builder import BuilderInput
+    from tvm.s_tir.meta_schedule.runner import LocalRunner, RunnerInput
+
+    from fxcompress.backends.tvm.ms_builder import warm_builder
+
+    a = te.placeholder((64,), "float32", name="a")
+    mod = tvm.IRModule({"main": te.create_prim_func([a, te.compute((64,), lambda i: a[i] * 2.0, name="b")])})
+    builder = warm_builder(1, 60.0)
+    try:
+        first = builder.build([BuilderInput(mod, _llvm())])
+        pids = [w._proc.pid for w in builder.pool._worker_map.values()]
+        second = builder.build([BuilderInput(mod, _llvm()), BuilderInput(mod, _llvm())])
+        assert [w._proc.pid for w in builder.pool._worker_map.values()] == pids and len(pids) == 1
+    finally:
+        builder.shutdown()
+    results = first + second
+    assert all(r.error_msg is None and r.artifact_path for r in results), [r.error_msg for r in results]
+    runner = LocalRunner()
+    (fut,) = runner.run([RunnerInput(first[0].artifact_path, "cpu", ArgInfo.from_prim_func(mod["main"]))])
+    res = fut.result()
+    assert res.error_msg is None and len(res.run_secs) >= 1
+
+
+def test_warm_builder_rejects_bad_sizes():
+    from fxcompress.backends.tvm.ms_builder import warm_builder
+
+    with pytest.raises(ValueError, match="max_workers >= 1"):
+        warm_builder(0, 10.0)
+
+
+@needs_ms
+def test_records_naming_tensor_intrinsics_load_in_a_fresh_process():
+    """A CUDA record whose trace tensorizes with wmma (the lm_head matmul of the 2048-wide decode model, tuned on an
+    H100 on 2026-11-27) loads in a process that has not tuned anything: TVM registers the intrinsics it names only
+    when ``tvm.s_tir.tensor_intrin`` is imported, and reading such records failed without that import."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data" / "ms_records_wmma"
+    code = ("from pathlib import Path; from tvm.target import Target\n"
+            "from fxcompress.backends.tvm.meta_schedule import _load_records, target_key\n"
+            f"d = Path({str(data)!r}); key = target_key(Target((d / 'target.txt').read_text().strip()))\n"
+            "usable, other_target, other_workload = _load_records(d, key, set())\n"
+            "print(len(usable), sum(other_target.values()), other_workload)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["0", "0", "1"]  # read, same target, not one of this (empty) task set's workloads

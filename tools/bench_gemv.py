@@ -95,6 +95,8 @@ def rule_used(build, m: int = 1) -> str:
     src = build.device_source() if build.target.kind.name == "cuda" else ""
     if not src:
         return "llvm (dry run)"
+    if "fxc_packed_mma_batch" in src:
+        return "fxc mma batch (tensor cores)"
     if "fxc_packed_mma" in src:
         return "fxc mma (tensor cores)"
     if "fxc_packed_gemv" in src:
@@ -396,6 +398,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tvm-kernel", default="fxc", choices=["fxc", "dlight"],
                     help="TVMBuildConfig.gemv_kernel: fxcompress's hand-scheduled kernels or dlight's")
     ap.add_argument("--rotate", action="store_true", help="cold by rotating weight copies instead of an L2 flush")
+    ap.add_argument("--flush", default="write", choices=["write", "read"], help="how the L2 flush evicts (read: "
+                    "clean lines left, as after other layers' weight reads; write: dirty lines, whose write-back "
+                    "slows the timed call; tools/gpu_timing.py L2Flush)")
     ap.add_argument("--reps", type=int, default=5, help="repeats per figure (spread = min-max of their medians)")
     ap.add_argument("--calls", type=int, default=20, help="timed calls per repeat")
     ap.add_argument("--dry-run", action="store_true", help="CPU smoke run: a tiny shape on llvm, no GPU needed")
@@ -418,7 +423,7 @@ def main(argv=None) -> int:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         batches = [int(b) for b in args.batches.split(",")]
         dev, gpu = tvm.cuda(0), torch.cuda.get_device_name(0)
-        peak, flush = hbm_peak(gpu), L2Flush()  # with --rotate: for the paths that have one weight copy
+        peak, flush = hbm_peak(gpu), L2Flush(mode=args.flush)  # with --rotate: for the paths that have one weight copy
         args.out = args.out or "tools/results/gemv_bench.md"
     t_start = time.time()
     rng = np.random.default_rng(0)
@@ -433,6 +438,8 @@ def main(argv=None) -> int:
                 run_case(k, n, m, bits, codes, words, scale, qmin, wref, args, dev, flush, rows)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+        partial = time.time() - t_start  # the table so far, in case a time limit stops the run
+        write_table(args.out, table(rows, args, gpu, peak, flush, partial, argv), partial)
     total = time.time() - t_start
     write_table(args.out, table(rows, args, gpu, peak, flush, total, argv), total)
     return 0

@@ -5,7 +5,7 @@ pushed it out of L2 since its last use.  Back-to-back calls on one weight let an
 34.6 MB) sit in the H100's 50 MB L2 while the fp16 one (134 MB) cannot, which flatters int4 by 25-40%.  So:
 
 * :func:`time_cold_hot` times each call *alone* between two CUDA events, after writing a buffer of at least
-  twice the L2 size (:class:`L2Flush`; the size comes from ``torch.cuda.get_device_properties().L2_cache_size``,
+  twice the L2 size (:class:`L2Flush`, which can also read it instead; the size comes from ``torch.cuda.get_device_properties().L2_cache_size``,
   or 256 MB when that is not reported), or, with ``rotate``, cycles through enough copies of the weights that
   none is in L2 when it is used.  That is the **cold** figure, the main column of every table.
 * The **hot** figure (back-to-back calls on one weight, batched between two events) is reported beside it.
@@ -42,22 +42,47 @@ def l2_cache_bytes(device: int = 0) -> int | None:
 
 
 class L2Flush:
-    """Evicts the L2 cache by writing a buffer of at least twice its size (256 MB if the size is unknown)."""
+    """Evicts the L2 cache before a timed call by streaming a buffer of at least twice its size through it (256 MB
+    if the size is unknown).  Neither mode is exact; weight rotation (``time_cold_hot(rotate=...)``, one copy per
+    call, as a model reads each layer once per token) is the reference, and the GEMV table uses it.
 
-    def __init__(self, nbytes: int | None = None, device: int = 0):
+    ``mode="write"`` (the default; every committed table before 2026-11-27 session 6 used it) fills the buffer: L2 is
+    left holding ~50 MB of dirty lines, whose write-back to HBM then competes with the timed call's reads.  On H100s
+    it added ~10 µs to a call against rotation: cuBLAS fp16 8192x8192 at batch 1 59.7 µs vs 50.1-52.4 rotated, the
+    int4 kernel at 8192x28672 61.6 vs 50.4-50.6 rotated (the write figures from session 5's table, another H100):
+    pessimistic for every path, and it lowers the ratio of the shorter call.  ``mode="read"`` sums the buffer: L2
+    is left holding clean lines; fp16 then agrees with rotation (50.5 µs at 8192x8192, 166.0 vs 166.5-167.2 at
+    8192x28672), but the int4 kernel measured below its rotated time on the small weight (4096x4096: 8.5-10.1 µs
+    against 13.4-21.4 rotated), as if part of an 8.6 MB weight survived the flush.  Figures:
+    tools/results/gemv_bench.md and fxc_tile_sweep_b1.md."""
+
+    MODES = ("read", "write")
+
+    def __init__(self, nbytes: int | None = None, device: int = 0, mode: str = "write"):
         import torch
 
+        if mode not in self.MODES:
+            raise ValueError(f"L2Flush mode must be one of {self.MODES}, got {mode!r}")
         l2 = l2_cache_bytes(device)
-        self.l2_bytes = l2
+        self.l2_bytes, self.mode = l2, mode
         self.nbytes = int(nbytes) if nbytes else (max(2 * l2, 64 * 2**20) if l2 else DEFAULT_FLUSH_BYTES)
-        self.buf = torch.empty(self.nbytes, dtype=torch.uint8, device=f"cuda:{device}")
+        self.nbytes -= self.nbytes % 8
+        self.buf = torch.zeros(self.nbytes, dtype=torch.uint8, device=f"cuda:{device}")  # pages touched once
+        self._words = self.buf.view(torch.int64)
+        self._sum = torch.zeros((), dtype=torch.int64, device=f"cuda:{device}")
 
     def __call__(self) -> None:
-        self.buf.zero_()  # a full write: every L2 line now holds this buffer (on the current stream)
+        import torch
+
+        if self.mode == "write":
+            self.buf.zero_()  # every L2 line now holds (dirty) lines of this buffer
+        else:
+            torch.sum(self._words, dim=0, out=self._sum)  # every L2 line now holds (clean) lines of this buffer
 
     def describe(self) -> str:
         l2 = f"L2 {self.l2_bytes / 2**20:.0f} MiB" if self.l2_bytes else "L2 size not reported"
-        return f"{self.nbytes / 2**20:.0f} MiB buffer written before each timed call ({l2})"
+        what = "read" if self.mode == "read" else "written (dirty lines left in L2)"
+        return f"{self.nbytes / 2**20:.0f} MiB buffer {what} before each timed call ({l2})"
 
 
 def copies_to_defeat_l2(bytes_per_copy: int, device: int = 0, cap: int = 64) -> int:

@@ -112,6 +112,8 @@ def main(argv=None) -> int:
                     + ",".join(f"{w}x{p}" for w, p in MMA_TILES) + ")")
     ap.add_argument("--batch-tiles", default=None, help="fxc_mma_batch tiles as RxWxPxS comma list (default: "
                     + ",".join("x".join(map(str, t)) for t in BATCH_TILES) + ")")
+    ap.add_argument("--flush", default="write", choices=["write", "read"], help="how the L2 flush evicts "
+                    "(tools/gpu_timing.py L2Flush)")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--calls", type=int, default=20)
     args = ap.parse_args(argv)
@@ -140,7 +142,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     dev = tvm.cuda(0)
     gpu = torch.cuda.get_device_name(0)
-    flush = L2Flush()
+    flush = L2Flush(mode=args.flush)
     cols = variants(kernels, tiles(args.mma_tiles, MMA_TILES, 2), tiles(args.batch_tiles, BATCH_TILES, 4))
     rng = np.random.default_rng(0)
     rows = []

@@ -115,6 +115,9 @@ def _compete(info, target, trials, work_dir, config):
     rdir = records_dir(Path(work_dir), target)
     rdir.mkdir(parents=True, exist_ok=True)
 
+    if config.ms_compete_trials is not None:
+        trials = config.ms_compete_trials
+
     def tune_fn(func, log_dir, db):
         tune_primfunc(func, target, trials, log_dir, db, builder_timeout_s=config.ms_builder_timeout_s,
                       cost_model=config.ms_cost_model)

@@ -47,7 +47,9 @@ class TVMBuildConfig:
     times out most CUDA candidates); ``ms_cost_model``: "auto" (xgboost when installed, else random), "xgb" or
     "random"; ``ms_compete``: on CUDA, each hand-written quantized-linear kernel competes with the MetaSchedule-tuned
     fused decode+matmul of the same layer (both measured on the GPU in one process; the faster one is emitted and
-    the choice is stored beside the records); False keeps the hand-written kernels untimed.
+    the choice is stored beside the records); False keeps the hand-written kernels untimed. ``ms_compete_trials``:
+    MetaSchedule trials for each competing layer's tuned kernel (None: the build's ``trials``, which is the budget
+    for the whole model).
     ``fuse_epilogues``: fewer kernels per decode step (:func:`.transforms.fuse_passes`): the residual add and
     ``silu(gate) * up`` computed inside the hand-written quantized-linear kernels, a split's parts fused into their
     consumers, each RMSNorm one kernel (unless ``fuse_norm_prologue``). On by default (their GPU parity tests, ``tests/test_tvm_decode_epilogue.py
@@ -75,6 +77,7 @@ class TVMBuildConfig:
     ms_builder_timeout_s: float = 120.0
     ms_cost_model: str = "auto"
     ms_compete: bool = True
+    ms_compete_trials: int | None = None
     te_linears: frozenset = frozenset()
     fuse_epilogues: bool = True
     fuse_norm_prologue: bool = False
@@ -100,6 +103,10 @@ class TVMBuildConfig:
             raise ValueError(f"TVMBuildConfig.mma_batch_min_m must be an int in 1..32, got {self.mma_batch_min_m!r}")
         if not isinstance(self.ms_compete, bool):
             raise ValueError(f"TVMBuildConfig.ms_compete must be a bool, got {self.ms_compete!r}")
+        if self.ms_compete_trials is not None and (isinstance(self.ms_compete_trials, bool) or not isinstance(
+                self.ms_compete_trials, int) or self.ms_compete_trials < 0):
+            raise ValueError(f"TVMBuildConfig.ms_compete_trials must be None or an int >= 0, got "
+                             f"{self.ms_compete_trials!r}")
         try:
             te = frozenset(tuple(int(v) for v in sig) for sig in self.te_linears)
         except (TypeError, ValueError):

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 from .base import TVMBackendError, require_tvm
+from .ms_builder import warm_builder
 
 __all__ = ["meta_schedule_usable", "tune_meta_schedule", "tune_primfunc", "target_key", "records_dir", "FFI_PIN"]
 
@@ -118,6 +119,7 @@ def _valid(rec) -> bool:
 
 def _load_records(work_dir: Path, key: str, ours: set[int]):
     """Records under ``work_dir`` for this target and these workloads, and counts of the ignored ones."""
+    import tvm.s_tir.tensor_intrin  # noqa: F401  (records' traces name tensor intrinsics: registered on import)
     from tvm.s_tir import meta_schedule as ms
 
     usable, other_target, other_workload = [], {}, 0
@@ -159,10 +161,13 @@ def _tune(tasks, target, trials: int, db, log_dir: Path, *, builder_timeout_s: f
     workers = max(1, min(ncpu, per_task))  # each builder worker is a process that imports TVM
     if cost_model == "auto":
         cost_model = "xgb" if importlib.util.find_spec("xgboost") else "random"
-    ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=str(log_dir), max_trials_global=int(trials),
-                  max_trials_per_task=per_task, num_trials_per_iter=min(64, per_task), database=db,
-                  builder=ms.builder.LocalBuilder(max_workers=workers, timeout_sec=builder_timeout_s),
-                  cost_model=cost_model)
+    builder = warm_builder(workers, builder_timeout_s)
+    try:
+        ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=str(log_dir), max_trials_global=int(trials),
+                      max_trials_per_task=per_task, num_trials_per_iter=min(64, per_task), database=db,
+                      builder=builder, cost_model=cost_model)
+    finally:
+        builder.shutdown()
 
 
 def tune_primfunc(func, target, trials: int, log_dir, db, *, builder_timeout_s: float = 120.0,
@@ -177,10 +182,12 @@ def tune_primfunc(func, target, trials: int, log_dir, db, *, builder_timeout_s: 
                               "pip install psutil")
     if cost_model == "auto":
         cost_model = "xgb" if importlib.util.find_spec("xgboost") else "random"
-    ms.tune_tir(func, target, str(log_dir), int(trials), num_trials_per_iter=min(64, int(trials)), database=db,
-                builder=ms.builder.LocalBuilder(max_workers=max(1, min(os.cpu_count() or 1, int(trials))),
-                                                timeout_sec=builder_timeout_s),
-                cost_model=cost_model)
+    builder = warm_builder(max(1, min(os.cpu_count() or 1, int(trials))), builder_timeout_s)
+    try:
+        ms.tune_tir(func, target, str(log_dir), int(trials), num_trials_per_iter=min(64, int(trials)), database=db,
+                    builder=builder, cost_model=cost_model)
+    finally:
+        builder.shutdown()
 
 
 def hand_scheduled(task_mod) -> bool:
