@@ -1,6 +1,10 @@
-"""MetaSchedule vs dlight, per kernel, on the 2048-wide decode model (H100; about 6 minutes at the default trials).
+"""MetaSchedule vs dlight, per kernel, on the 2048-wide decode model (H100: tuning did not finish in 545 s at the
+default trials, 160 measured; with a records directory from such a run, ~2 minutes).
 
-    PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/bench_tvm_tuning.py --out tools/results/tvm_tuning.md
+    PYTHONPATH=/tmp/gpu-site:$PWD python3 tools/bench_tvm_tuning.py --work-dir DIR --out tools/results/tvm_tuning.md
+
+Run it again with the same ``--work-dir`` to build from the records without tuning (tasks with a record are not
+tuned again; tools/results/tvm_tuning.md was made that way).
 
 Model: tools/bench_decode_gpu.py's FULL config (hidden 2048, intermediate 5632, 4 layers, vocab 32000), RTN int4 g128
 asymmetric (lm_head float), batch 1, one token, fp16.  Two builds of the same model:
