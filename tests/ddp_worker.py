@@ -50,6 +50,7 @@ def worker(rank, world, out_dir):
     if rank == 0:
         dm = fxc.convert_l4q(ddp)
         torch.save(dm(x).detach(), os.path.join(out_dir, "converted_out.pt"))
+    dist.barrier()  # rank 1 must not tear gloo down while rank 0 still converts (it aborted once: SIGABRT in CI)
     dist.destroy_process_group()
 
 
