@@ -119,11 +119,13 @@ def _valid(rec) -> bool:
 
 def _load_records(work_dir: Path, key: str, ours: set[int]):
     """Records under ``work_dir`` for this target and these workloads, and counts of the ignored ones."""
-    import tvm.s_tir.tensor_intrin  # noqa: F401  (records' traces name tensor intrinsics: registered on import)
     from tvm.s_tir import meta_schedule as ms
 
     usable, other_target, other_workload = [], {}, 0
-    for d in _record_dirs(work_dir):
+    dirs = _record_dirs(work_dir)
+    if dirs:  # records' traces name tensor intrinsics, registered by this import (13-20 s: only when there are records)
+        import tvm.s_tir.tensor_intrin  # noqa: F401
+    for d in dirs:
         db = ms.database.JSONDatabase(path_workload=str(d / RECORD_FILES[0]),
                                       path_tuning_record=str(d / RECORD_FILES[1]), allow_missing=True)
         for rec in db.get_all_tuning_records():

@@ -10,9 +10,9 @@ reason ``LocalBuilder`` restarts its pool: worker memory grows with use).  Build
 """
 from __future__ import annotations
 
-__all__ = ["warm_builder"]
+import functools
 
-_CLASS: list = []
+__all__ = ["warm_builder"]
 
 
 def _import_intrinsics() -> None:  # the pool's initializer: runs once per worker process
@@ -25,9 +25,8 @@ def _build_one(args):
     return _worker_func(*args)
 
 
-def _builder_class():
-    if _CLASS:
-        return _CLASS[0]
+@functools.cache
+def _builder_class():  # defined on first use: TVM is an optional dependency
     from tvm.ir.utils import derived_object
     from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
     from tvm.s_tir.meta_schedule.builder.local_builder import _serialize_params
@@ -58,7 +57,6 @@ def _builder_class():
         def shutdown(self) -> None:
             self.pool.shutdown()
 
-    _CLASS.append(WarmBuilder)
     return WarmBuilder
 
 
